@@ -1,0 +1,25 @@
+"""Shared fixtures. Every test gets its own data root; nothing touches the network or the user's home."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config):  # runs before test modules import prefect or mlflow
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture
+def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh TOWERFLOW_DATA_ROOT for one test."""
+    root = tmp_path / "towerflow"
+    monkeypatch.setenv("TOWERFLOW_DATA_ROOT", str(root))
+    monkeypatch.delenv("TOWERFLOW_SOURCE_URI", raising=False)
+    monkeypatch.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
+    return root

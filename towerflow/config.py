@@ -1,0 +1,166 @@
+"""One typed settings object for the environment, and typed configs for every stage.
+
+Settings come from the environment (prefix ``TOWERFLOW_``); stage configs are pydantic models passed as flow
+parameters so the Prefect UI shows them, and can be loaded from a YAML/JSON file (``--config FILE``).
+Nothing here touches the disk or a server at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where things live. Every field can be set as ``TOWERFLOW_<NAME>`` (e.g. ``TOWERFLOW_DATA_ROOT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TOWERFLOW_", extra="ignore")
+
+    data_root: Path = Field(Path(".towerflow"), description="Root for sources, snapshots, releases, stores.")
+    source_uri: str | None = Field(None, description="Event source (local path or fsspec URL); default <data_root>/source.")
+    mlflow_tracking_uri: str | None = Field(None, description="Default sqlite:///<data_root>/mlflow.db.")
+    prefect_api_url: str | None = Field(None, description="None runs flows on Prefect's ephemeral API.")
+    experiment_name: str = "towerflow"
+    registered_model: str = Field("towerflow-retrieval", description="MLflow registered model holding releases.")
+
+    @property
+    def source(self) -> str:
+        return self.source_uri or str(self.data_root / "source")
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_root / "snapshots"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.data_root / "releases"
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-run intermediate results (examples, checkpoints) that let a failed run resume."""
+        return self.data_root / "work"
+
+    @property
+    def user_states_path(self) -> Path:
+        return self.data_root / "user_states.sqlite"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.data_root / 'mlflow.db').resolve()}"
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldConfig(_Config):
+    """Size and shape of the synthetic world (the embedded default source and the test bed)."""
+
+    n_users: int = Field(2_000, ge=1)
+    n_items: int = Field(3_000, ge=10, description="Catalog size on the first day.")
+    n_topics: int = Field(20, ge=2)
+    days: int = Field(14, ge=1)
+    events_per_day: int = Field(20_000, ge=1)
+    new_items_per_day: int = Field(50, ge=0)
+    interests_per_user: int = Field(3, ge=1)
+    drift_per_day: float = Field(0.05, ge=0, le=1, description="Chance a user swaps one interest each day.")
+    popularity_exponent: float = Field(1.1, gt=0, description="Zipf exponent of item popularity in a topic.")
+    start: date = date(2026, 1, 1)
+    seed: int = 0
+
+
+class ExamplesConfig(_Config):
+    max_seq_len: int = Field(32, ge=1, description="Last L actions fed to the history encoder.")
+    holdout_days: int = Field(1, ge=1, description="The last N days of the window are held out.")
+    split: Literal["time", "leave_one_out"] = "time"
+    max_holdout_users: int | None = Field(5_000, description="Cap on holdout examples scored (one per user).")
+
+
+class AugmentConfig(_Config):
+    pseudo_context_prob: float = Field(0.5, ge=0, le=1, description="Chance a context-less row gets a pseudo-context.")
+    seed: int = 0
+
+
+class ModelConfig(_Config):
+    dim: int = Field(64, ge=4, description="Output embedding size of both towers.")
+    d_model: int = Field(64, ge=4)
+    n_heads: int = Field(2, ge=1)
+    n_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    context_dropout: float = Field(0.5, ge=0, lt=1, description="High dropout on the context input (DESIGN 4).")
+    latest_tokens: int = Field(1, ge=1, description="Latest tokens concatenated with the max-pool (TransAct).")
+    use_context: bool = True
+    gap_buckets: int = Field(16, ge=2)
+
+
+class TrainConfig(_Config):
+    model: ModelConfig = ModelConfig()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.05, gt=0)
+    logq: bool = True
+    mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
+    patience: int = Field(2, ge=1, description="Epochs without holdout improvement before stopping.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(_Config):
+    ks: tuple[int, ...] = (10, 50, 100)
+    short_history_max: int = Field(5, description="Users with at most this many past actions form a slice.")
+
+
+class GateConfig(_Config):
+    """Thresholds of every gate (DESIGN.md section 5)."""
+
+    max_volume_drop: float = Field(10.0, gt=1, description="Fail when events fall by more than this factor.")
+    positive_rate_range: tuple[float, float] = (0.01, 0.99)
+    metric: str = "recall@10"
+    max_regression: float = Field(0.02, ge=0, description="Allowed absolute drop vs champion.")
+    min_lift_over_popularity: float = Field(0.0, description="Candidate must beat popularity by this (absolute).")
+    max_mean_cosine: float = Field(0.9, description="Collapse bound: mean cosine of random item pairs.")
+    min_index_recall: float = Field(0.95, ge=0, le=1)
+    max_release_latency_ms: float = Field(200.0, gt=0)
+
+
+class IndexConfig(_Config):
+    kind: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    flat_max_items: int = Field(50_000, description="auto: exact Flat up to this many items, HNSW beyond.")
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int | None = None
+    pq_m: int = 16
+    nprobe: int = 32
+    recall_k: int = 100
+    recall_sample: int = 500
+
+
+class RetrainConfig(_Config):
+    """Everything a retrain run needs besides the window; the flow's parameters."""
+
+    examples: ExamplesConfig = ExamplesConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gates: GateConfig = GateConfig()
+    index: IndexConfig = IndexConfig()
+    promote: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RetrainConfig:
+        """Load from YAML or JSON; unknown keys are an error that names them."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        return cls.model_validate(data)

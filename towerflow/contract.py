@@ -1,0 +1,127 @@
+"""The event contract (DESIGN.md section 3): what every source, importer and stage agrees on.
+
+Three tables:
+
+- ``events``: one row per user action, Parquet partitioned by day (``events/dt=YYYY-MM-DD/*.parquet``).
+- ``users``: one row per user; ``user_id`` and ``signup_ts`` plus any number of string demographic columns
+  (``country``, ``age_bucket``, ``gender``, ``occupation`` ...). The model embeds every extra string column.
+- ``items``: one row per item; ``item_id``, ``category`` (primary topic or genre), ``genres`` (``|``-joined, may be
+  null), ``title``, ``created_ts``, optional ``features`` (a fixed-length list of floats) and extra columns
+  (``year`` for MovieLens) that are kept but not required.
+
+Ids are int64. Importers of string ids factorize them and keep the mapping beside the tables.
+Timestamps are UTC, microsecond precision.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+from towerflow.errors import TowerflowError
+
+ACTIONS: tuple[str, ...] = ("impression", "click", "save", "conversion", "skip", "hide")
+POSITIVE_ACTIONS: tuple[str, ...] = ("click", "save", "conversion")
+NEGATIVE_ACTIONS: tuple[str, ...] = ("skip", "hide")
+SURFACES: tuple[str, ...] = ("homefeed", "related", "search")
+
+TS_TYPE = pa.timestamp("us", tz="UTC")
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+        pa.field("surface", pa.string(), nullable=False),
+        pa.field("context_item_id", pa.int64(), nullable=True),
+        pa.field("query", pa.string(), nullable=True),
+    ]
+)
+
+USERS_REQUIRED = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("signup_ts", TS_TYPE, nullable=True),
+    ]
+)
+
+ITEMS_REQUIRED = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("genres", pa.string(), nullable=True),
+        pa.field("title", pa.string(), nullable=True),
+        pa.field("created_ts", TS_TYPE, nullable=True),
+    ]
+)
+
+TABLES = ("events", "users", "items")
+NULLABLE_STRINGS = ("query", "genres", "title")
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "events": tuple(EVENTS_SCHEMA.names),
+    "users": tuple(USERS_REQUIRED.names),
+    "items": tuple(ITEMS_REQUIRED.names),
+}
+
+
+class ContractError(TowerflowError, ValueError):
+    """A table does not follow the event contract. The message names the table (or file) and the problem."""
+
+
+def demographic_columns(users: pd.DataFrame) -> list[str]:
+    """The user profile fields the model embeds: every column except the id and the signup time."""
+    return [c for c in users.columns if c not in ("user_id", "signup_ts")]
+
+
+def check_columns(df: pd.DataFrame, table: str, where: str = "") -> None:
+    """Raise ContractError naming the missing columns of ``table`` (``where`` names the file, if any)."""
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in df.columns]
+    if missing:
+        place = f" in {where}" if where else ""
+        raise ContractError(
+            f"{table}{place}: missing required column(s) {missing}; have {list(df.columns)}"
+        )
+
+
+def _to_utc(series: pd.Series, table: str, column: str, where: str) -> pd.Series:
+    try:
+        out = pd.to_datetime(series, utc=True)
+    except (ValueError, TypeError) as exc:
+        place = f" in {where}" if where else ""
+        raise ContractError(f"{table}.{column}{place}: unparseable timestamps ({exc})") from exc
+    return out.astype("datetime64[us, UTC]")
+
+
+def conform(df: pd.DataFrame, table: str, where: str = "") -> pd.DataFrame:
+    """Return ``df`` with the contract's columns first, in contract dtypes; extra columns are kept after them.
+
+    Raises ContractError for missing columns, unparseable timestamps or ids that are not integers.
+    """
+    check_columns(df, table, where)
+    df = df.copy()
+    place = f" in {where}" if where else ""
+    for col in REQUIRED_COLUMNS[table]:
+        if col.endswith("_ts") or col == "ts":
+            df[col] = _to_utc(df[col], table, col, where)
+        elif col.endswith("_id") and col != "event_id":
+            nullable = col == "context_item_id"
+            try:
+                df[col] = df[col].astype("Int64" if nullable else "int64")
+            except (ValueError, TypeError) as exc:
+                raise ContractError(f"{table}.{col}{place}: ids must be integers ({exc})") from exc
+        elif col in NULLABLE_STRINGS:
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+        else:
+            df[col] = df[col].astype("str")
+    extra = [c for c in df.columns if c not in REQUIRED_COLUMNS[table]]
+    return df[list(REQUIRED_COLUMNS[table]) + extra]
+
+
+def arrow_schema(df: pd.DataFrame, table: str) -> pa.Schema:
+    """The Arrow schema for writing a conformed ``table``: contract fields first, inferred extras after."""
+    base = {"events": EVENTS_SCHEMA, "users": USERS_REQUIRED, "items": ITEMS_REQUIRED}[table]
+    extras = [c for c in df.columns if c not in base.names]
+    inferred = pa.Schema.from_pandas(df[extras], preserve_index=False) if extras else pa.schema([])
+    return pa.schema(list(base) + list(inferred))

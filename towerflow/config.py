@@ -79,10 +79,15 @@ class ExamplesConfig(_Config):
     holdout_days: int = Field(1, ge=1, description="The last N days of the window are held out.")
     split: Literal["time", "leave_one_out"] = "time"
     max_holdout_users: int | None = Field(5_000, description="Cap on holdout examples scored (one per user).")
+    validation: bool = Field(False, description="Also cut a validation split before the holdout, for early stopping.")
+    gap_buckets: int = Field(16, ge=2, description="Time-gap buckets; must equal ModelConfig.gap_buckets.")
+    max_genres: int = Field(4, ge=1, description="Genres kept per item.")
+    seed: int = Field(0, description="Seed of the holdout-user sample when capped.")
 
 
 class AugmentConfig(_Config):
     pseudo_context_prob: float = Field(0.5, ge=0, le=1, description="Chance a context-less row gets a pseudo-context.")
+    session_gap_s: int = Field(1800, ge=1, description="Co-engagements within this many seconds share a session.")
     seed: int = 0
 
 

@@ -68,7 +68,10 @@ class ParquetSource:
         for p in self.fs.ls(events, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("dt="):
-                out.append(date.fromisoformat(name[3:]))
+                try:
+                    out.append(date.fromisoformat(name[3:]))
+                except ValueError as exc:
+                    raise SourceError(f"{p}: partition name is not dt=YYYY-MM-DD ({exc})") from exc
         return sorted(out)
 
     def _day_files(self, day: date) -> list[str]:

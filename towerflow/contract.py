@@ -86,10 +86,14 @@ def check_columns(df: pd.DataFrame, table: str, where: str = "") -> None:
 
 
 def _to_utc(series: pd.Series, table: str, column: str, where: str) -> pd.Series:
+    place = f" in {where}" if where else ""
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        # epoch numbers are ambiguous (s? ms? ns?): importers convert them with their known unit
+        raise ContractError(f"{table}.{column}{place}: timestamps must be datetimes or ISO-8601 strings, got numbers")
     try:
-        out = pd.to_datetime(series, utc=True)
+        kind = {} if pd.api.types.is_datetime64_any_dtype(series) else {"format": "ISO8601"}
+        out = pd.to_datetime(series, utc=True, **kind)
     except (ValueError, TypeError) as exc:
-        place = f" in {where}" if where else ""
         raise ContractError(f"{table}.{column}{place}: unparseable timestamps ({exc})") from exc
     return out.astype("datetime64[us, UTC]")
 

@@ -70,6 +70,7 @@ class WorldConfig(_Config):
     interests_per_user: int = Field(3, ge=1)
     drift_per_day: float = Field(0.05, ge=0, le=1, description="Chance a user swaps one interest each day.")
     popularity_exponent: float = Field(1.1, gt=0, description="Zipf exponent of item popularity in a topic.")
+    feature_dim: int = Field(8, ge=0, description="Length of the items' dense feature vector (0: none).")
     start: date = date(2026, 1, 1)
     seed: int = 0
 

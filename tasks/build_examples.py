@@ -133,7 +133,7 @@ class Vocab:
 
 
 def _sorted_strings(values: pd.Series) -> list[str]:
-    return sorted({str(v) for v in values.dropna().tolist()})
+    return sorted(values.dropna().astype("str").unique().tolist())
 
 
 def build_vocab(users: pd.DataFrame, items: pd.DataFrame) -> Vocab:
@@ -158,9 +158,8 @@ def build_vocab(users: pd.DataFrame, items: pd.DataFrame) -> Vocab:
 
 def _codes(values: pd.Series, categories: list[str]) -> np.ndarray:
     """1-based codes of ``values`` in ``categories``; 0 for null or unknown."""
-    strs = values.astype(object).where(values.notna(), None)
-    strs = strs.map(lambda v: None if v is None else str(v))
-    return pd.Categorical(strs, categories=categories).codes.astype(np.int64) + 1
+    # astype("str") keeps nulls null (pandas 3), and spells values exactly as _sorted_strings does
+    return pd.Categorical(values.astype("str"), categories=categories).codes.astype(np.int64) + 1
 
 
 def item_features(items: pd.DataFrame, vocab: Vocab, max_genres: int = 4) -> ItemFeatures:
@@ -469,7 +468,9 @@ class _HistoryIndex:
         n = len(ev.ts_us)
         is_hist = np.isin(ev.action, [ACTION_INDEX[a] for a in HISTORY_ACTIONS])
         # Within a user, rank by distinct timestamp (strict: same-ts events are not "before") or by position.
-        self.rank = np.unique(ev.ts_us, return_inverse=True)[1].astype(np.int64) if strict_time else np.arange(n)
+        # ev.ts_us is sorted, so the dense rank of distinct timestamps is a running count of changes.
+        self.rank = np.concatenate([[0], np.cumsum(np.diff(ev.ts_us) != 0)]) if strict_time else np.arange(n)
+        self.rank = self.rank.astype(np.int64)
         self.scale = np.int64(n + 1)
         h = np.flatnonzero(is_hist)
         self.h = h[np.argsort(ev.user[h], kind="stable")]  # stable: time order kept inside each user

@@ -1,0 +1,163 @@
+"""Synthetic pseudo-context (Pinterest ads retrieval): teach the context layer on rows that have no real context.
+
+Most positive actions happen on surfaces without a viewed item (homefeed, search), so few training rows exercise the
+context input. For a row with no real context, with probability ``pseudo_context_prob``, we set its context to an
+item related to its target (the positive conversion / engagement event), found in this order:
+
+1. session: another item the same user engaged with positively within ``session_gap_s`` seconds of the target
+   (before or after; one drawn at random among the nearest few);
+2. co-engagement: the item most often co-engaged in a session with the target, over every user;
+3. content: the target's nearest content neighbour, an item of the same category, nearest by cosine of the dense
+   features when the catalog has them, else drawn at random from the category.
+
+The pseudo-context is never the target itself. Only positive events of the training split are used (the training
+rows themselves), so no holdout event can leak into training through a pseudo-context, whatever the split.
+Deterministic for a given seed. Rows with real context are never touched, and histories are never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from models.batch import ItemFeatures
+from tasks.build_examples import SequenceExamples
+from towerflow.config import AugmentConfig
+
+SESSION_NEIGHBOURS = 4  # positive events looked at on each side of the target in the user's timeline
+
+
+@dataclass(frozen=True)
+class AugmentStats:
+    """What ``augment_context`` did; ``n_session + n_cooccur + n_content`` rows got a pseudo-context."""
+
+    n_rows: int
+    n_eligible: int  # rows without real context
+    n_drawn: int  # eligible rows drawn with probability p
+    n_session: int
+    n_cooccur: int
+    n_content: int
+    n_none: int  # drawn, but no related item was found
+
+    @property
+    def n_augmented(self) -> int:
+        return self.n_session + self.n_cooccur + self.n_content
+
+    @property
+    def rate(self) -> float:
+        """Share of eligible rows that got a pseudo-context (about p when related items are found)."""
+        return self.n_augmented / self.n_eligible if self.n_eligible else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.__dict__, "n_augmented": self.n_augmented, "rate": self.rate}
+
+
+def _session_candidates(train: SequenceExamples, gap_s: int) -> np.ndarray:
+    """(n, 2K) candidate items per row: the same user's nearby positives in the session, 0 where not valid."""
+    order = np.lexsort((train.ts, train.user_idx))
+    user, ts, item = train.user_idx[order], train.ts[order], train.target_items[order]
+    n, k = len(order), SESSION_NEIGHBOURS
+    offsets = np.concatenate([np.arange(-k, 0), np.arange(1, k + 1)])
+    pos = np.arange(n)[:, None] + offsets[None, :]  # (n, 2K) in user/time order
+    inside = (pos >= 0) & (pos < n)
+    pos = np.clip(pos, 0, max(n - 1, 0))
+    valid = (
+        inside
+        & (user[pos] == user[:, None])
+        & (user[:, None] > 0)  # index 0 pools every unknown user: not one session
+        & (np.abs(ts[pos] - ts[:, None]) <= gap_s)
+        & (item[pos] != item[:, None])
+    )
+    cand = np.zeros((n, 2 * k), dtype=np.int64)
+    cand[order] = np.where(valid, item[pos], 0)  # back to the rows' own order
+    return cand
+
+
+def _most_coengaged(targets: np.ndarray, cand: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items + 1,) for each item, the item most often co-engaged with it in a session (0 when none)."""
+    m = np.int64(n_items + 1)
+    a = np.broadcast_to(targets[:, None], cand.shape)[cand > 0]
+    b = cand[cand > 0]
+    pairs, counts = np.unique(a * m + b, return_counts=True)
+    best = np.zeros(n_items + 1, dtype=np.int64)
+    if len(pairs):
+        # sort by (source, count desc, partner asc); the first row of each source is its best partner
+        src, dst = pairs // m, pairs % m
+        o = np.lexsort((dst, -counts, src))
+        first = np.unique(src[o], return_index=True)[1]
+        best[src[o][first]] = dst[o][first]
+    return best
+
+
+def _content_neighbours(targets: np.ndarray, item_feats: ItemFeatures, rng: np.random.Generator) -> np.ndarray:
+    """For each target, an item of the same category (nearest by dense cosine when present); 0 when none."""
+    category = item_feats.category.numpy()
+    dense = None
+    if item_feats.dense is not None:
+        dense = item_feats.dense.numpy().astype(np.float32)
+        dense = dense / np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-12)
+    out = np.zeros(len(targets), dtype=np.int64)
+    for c in np.unique(category[targets]):
+        if c == 0:
+            continue  # unknown category: no content relation
+        members = np.flatnonzero(category == c)
+        members = members[members > 0]
+        rows = np.flatnonzero(category[targets] == c)
+        if len(members) < 2:
+            continue
+        t = targets[rows]
+        if dense is not None:
+            sims = dense[t] @ dense[members].T  # (rows, members) cosine
+            sims[t[:, None] == members[None, :]] = -np.inf
+            out[rows] = members[np.argmax(sims, axis=1)]
+        else:
+            # uniform over the category without the target: draw among len - 1 slots and skip the target's own
+            draw = rng.integers(0, len(members) - 1, size=len(rows))
+            self_pos = np.searchsorted(members, t)
+            out[rows] = members[draw + (draw >= self_pos)]
+    return out
+
+
+def augment_context(
+    train: SequenceExamples, item_feats: ItemFeatures, config: AugmentConfig | None = None
+) -> tuple[SequenceExamples, AugmentStats]:
+    """A new ``train`` where drawn context-less rows carry a pseudo-context item, and what was done.
+
+    Only ``context_items`` is a new array; the other arrays are shared with ``train`` (neither is modified).
+
+    item_feats: the catalog (category (n_items + 1,), optional dense (n_items + 1, D)) for the content fallback.
+    """
+    config = config or AugmentConfig()
+    rng = np.random.default_rng(config.seed)
+    n_items = item_feats.category.shape[0] - 1
+    eligible = train.context_items == 0
+    drawn = eligible & (rng.random(len(train)) < config.pseudo_context_prob)
+    rows = np.flatnonzero(drawn)
+    targets = train.target_items[rows]
+
+    cand = _session_candidates(train, config.session_gap_s)
+    # session: one valid candidate at random (random keys, invalid ones pushed below every valid one)
+    keys = np.where(cand[rows] > 0, rng.random(cand[rows].shape), -1.0)
+    session = cand[rows, np.argmax(keys, axis=1)] if len(rows) else np.zeros(0, dtype=np.int64)
+    session = np.where(keys.max(axis=1, initial=-1.0) >= 0, session, 0)
+
+    cooccur = _most_coengaged(train.target_items, cand, n_items)[targets]
+    cooccur = np.where((session == 0) & (cooccur != targets), cooccur, 0)
+    need = (session == 0) & (cooccur == 0)
+    content = np.zeros(len(rows), dtype=np.int64)
+    content[need] = _content_neighbours(targets[need], item_feats, rng)
+
+    chosen = np.where(session > 0, session, np.where(cooccur > 0, cooccur, content))
+    context = train.context_items.copy()
+    context[rows] = chosen
+    stats = AugmentStats(
+        n_rows=len(train),
+        n_eligible=int(eligible.sum()),
+        n_drawn=len(rows),
+        n_session=int((session > 0).sum()),
+        n_cooccur=int((cooccur > 0).sum()),
+        n_content=int((need & (content > 0)).sum()),
+        n_none=int((chosen == 0).sum()),
+    )
+    return replace(train, context_items=context), stats

@@ -126,14 +126,30 @@ class EvalConfig(_Config):
 class GateConfig(_Config):
     """Thresholds of every gate (DESIGN.md section 5)."""
 
-    max_volume_drop: float = Field(10.0, gt=1, description="Fail when events fall by more than this factor.")
-    positive_rate_range: tuple[float, float] = (0.01, 0.99)
-    metric: str = "recall@10"
+    max_volume_drop: float = Field(
+        10.0, gt=1, description="Data: fail when events per day fall by this factor or more vs the previous snapshot."
+    )
+    max_volume_growth: float = Field(
+        10.0, gt=1, description="Data: fail when events per day grow by this factor or more (double ingestion)."
+    )
+    positive_rate_range: tuple[float, float] = Field(
+        (0.01, 0.99), description="Data: absolute bounds on the share of click/save/conversion events."
+    )
+    max_positive_rate_ratio: float = Field(
+        2.0, gt=1, description="Data: fail when the positive rate moves by more than this factor vs the previous snapshot."
+    )
+    metric: str = Field("recall@10", description="Model: the primary metric, gated vs champion and popularity.")
+    secondary_metrics: tuple[str, ...] = Field(
+        ("ndcg@10",), description="Model: further metrics that may not regress vs champion."
+    )
     max_regression: float = Field(0.02, ge=0, description="Allowed absolute drop vs champion.")
+    lift_baseline: str = Field("popularity", description="Model: the baseline the candidate must beat.")
     min_lift_over_popularity: float = Field(0.0, description="Candidate must beat popularity by this (absolute).")
     max_mean_cosine: float = Field(0.9, description="Collapse bound: mean cosine of random item pairs.")
-    min_index_recall: float = Field(0.95, ge=0, le=1)
-    max_release_latency_ms: float = Field(200.0, gt=0)
+    norm_tolerance: float = Field(1e-3, gt=0, description="Embeddings: allowed |norm - 1| of L2-normalised vectors.")
+    collapse_pairs: int = Field(10_000, ge=1, description="Embeddings: random item pairs sampled for the collapse check.")
+    min_index_recall: float = Field(0.95, ge=0, le=1, description="Index: ANN Recall@K vs exact search.")
+    max_release_latency_ms: float = Field(200.0, gt=0, description="Release: p99 latency of sample queries.")
 
 
 class IndexConfig(_Config):

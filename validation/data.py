@@ -1,0 +1,293 @@
+"""Data gate: a Great Expectations 1.x suite over one extracted snapshot (events, users, items).
+
+Checks (one ``Check`` each, named ``<table>.<what>``): required columns present, column types, not-null keys,
+``action`` in ACTIONS and ``surface`` in SURFACES, timestamps inside ``[window_start, window_end)`` and not after
+``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set), and
+events-per-day and positive-rate bounds relative to the previous snapshot (an empty window always fails).
+
+A column that is missing or has the wrong dtype fails its own check; the value checks that need it are left out
+rather than crashing GX. Two checks run on derived columns added to a copy of the events: ``_is_positive`` (0/1,
+its mean is the positive rate) and ``_unknown_<col>`` (the id where the join with users/items found nothing, else
+null; GX expects it to be null, so its report lists the unknown ids). GX is imported inside the function (it costs
+~4 s) and one ephemeral context is built per call. The raw GX results come back as JSON for an MLflow artifact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from towerflow.config import GateConfig
+from towerflow.contract import ACTIONS, POSITIVE_ACTIONS, REQUIRED_COLUMNS, SURFACES
+from towerflow.errors import TowerflowError
+from validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
+
+# GX type names per contract column. GX compares ``dtype.type``: "int64" accepts int64 and Int64, "Timestamp"
+# accepts tz-aware datetimes only, "str" accepts pandas 3's ``str`` dtype and object columns holding strings.
+COLUMN_TYPES: dict[str, dict[str, str]] = {
+    "events": {
+        "event_id": "str", "user_id": "int64", "item_id": "int64", "action": "str", "ts": "Timestamp",
+        "surface": "str", "context_item_id": "int64", "query": "str",
+    },
+    "users": {"user_id": "int64", "signup_ts": "Timestamp"},
+    "items": {"item_id": "int64", "category": "str", "genres": "str", "title": "str", "created_ts": "Timestamp"},
+}
+NOT_NULL: dict[str, tuple[str, ...]] = {
+    "events": ("event_id", "user_id", "item_id", "action", "ts", "surface"),
+    "users": ("user_id",),
+    "items": ("item_id", "category"),
+}
+UNIQUE = {"events": "event_id", "users": "user_id", "items": "item_id"}
+POSITIVE_COL = "_is_positive"  # derived 0/1 column whose mean is the positive rate
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    """Volume and positive rate of a snapshot that passed, kept to bound the next one."""
+
+    row_count: int
+    positive_rate: float
+    window_days: float
+
+    @property
+    def events_per_day(self) -> float:
+        return self.row_count / self.window_days
+
+    def to_dict(self) -> dict:
+        return {"row_count": self.row_count, "positive_rate": self.positive_rate, "window_days": self.window_days}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SnapshotStats:
+        return cls(int(d["row_count"]), float(d["positive_rate"]), float(d["window_days"]))
+
+
+@dataclass
+class DataGateResult(GateResult):
+    """The data gate's checks plus the raw GX results (``{table: validation result JSON}``) and this snapshot's stats."""
+
+    gx_results: dict = field(default_factory=dict)
+    stats: SnapshotStats | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["stats"] = jsonable(self.stats.to_dict()) if self.stats else None
+        return out
+
+
+@dataclass
+class _Spec:
+    """One expectation and how to word its result: ``what`` completes "N of M rows <what>"."""
+
+    table: str
+    name: str
+    expectation: Any
+    what: str = ""
+    rows_as_examples: bool = False  # for null checks the offending value is None: show row numbers instead
+
+
+def _utc(ts: datetime | pd.Timestamp) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
+
+
+def _matches(series: pd.Series, type_: str) -> bool:
+    """Whether GX's type check will accept ``series`` (mirrors its ``dtype.type`` comparison)."""
+    kind = series.dtype.type
+    if type_ == "int64":
+        return kind is np.int64
+    if type_ == "Timestamp":
+        return kind is pd.Timestamp
+    return kind is str or series.dtype == object
+
+
+def _round(x: float) -> float:
+    return round(x, 9)  # float noise from per-day scaling must not move an integer bound
+
+
+def _volume_bounds(previous: SnapshotStats | None, days: float, config: GateConfig) -> tuple[int, int | None, str]:
+    if previous is None or previous.row_count == 0:
+        return 1, None, "no previous snapshot: only an empty window fails"
+    expected = previous.events_per_day * days
+    lo = max(1, math.floor(_round(expected / config.max_volume_drop)) + 1)
+    hi = max(lo, math.ceil(_round(expected * config.max_volume_growth)) - 1)
+    note = (
+        f"previous snapshot {previous.events_per_day:.1f}/day -> {expected:.0f} expected over {days:g} days; "
+        f"a {config.max_volume_drop:g}x drop or {config.max_volume_growth:g}x growth fails"
+    )
+    return lo, hi, note
+
+
+def _rate_bounds(previous: SnapshotStats | None, config: GateConfig) -> tuple[float, float, str]:
+    lo, hi = config.positive_rate_range
+    if previous is None or not previous.positive_rate > 0:
+        return lo, hi, "absolute bounds only (no previous rate)"
+    r = config.max_positive_rate_ratio
+    note = f"previous rate {previous.positive_rate:.4f}, at most {r:g}x change"
+    return max(lo, previous.positive_rate / r), min(hi, previous.positive_rate * r), note
+
+
+def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timestamp, now: pd.Timestamp,
+           previous: SnapshotStats | None, config: GateConfig, days: float) -> tuple[list[_Spec], dict[str, pd.Series]]:
+    """The expectations to run, and the derived columns (name -> series) the events frame needs for them."""
+    import great_expectations.expectations as gxe
+
+    specs: list[_Spec] = []
+    usable: dict[str, set[str]] = {}
+    for table, df in frames.items():
+        required = list(REQUIRED_COLUMNS[table])
+        specs.append(_Spec(table, f"{table}.columns", gxe.ExpectTableColumnsToMatchSet(column_set=required, exact_match=False)))
+        present = [c for c in required if c in df.columns]
+        for col in present:
+            type_ = COLUMN_TYPES[table][col]
+            specs.append(_Spec(table, f"{table}.{col} type", gxe.ExpectColumnValuesToBeOfType(column=col, type_=type_),
+                               f"not of type {type_}"))
+        usable[table] = {c for c in present if _matches(df[c], COLUMN_TYPES[table][c])}
+        for col in NOT_NULL[table]:
+            if col in df.columns:
+                specs.append(_Spec(table, f"{table}.{col} not null", gxe.ExpectColumnValuesToNotBeNull(column=col),
+                                   "null", rows_as_examples=True))
+        key = UNIQUE[table]
+        if key in df.columns:
+            specs.append(_Spec(table, f"{table}.{key} unique", gxe.ExpectColumnValuesToBeUnique(column=key), "duplicated"))
+        if table != "events":
+            specs.append(_Spec(table, f"{table}.row count", gxe.ExpectTableRowCountToBeBetween(min_value=1)))
+
+    ev, ok = frames["events"], usable["events"]
+    derived: dict[str, pd.Series] = {}
+    if "action" in ok:
+        specs.append(_Spec("events", "events.action in ACTIONS",
+                           gxe.ExpectColumnValuesToBeInSet(column="action", value_set=list(ACTIONS)), f"not in {list(ACTIONS)}"))
+    if "surface" in ok:
+        specs.append(_Spec("events", "events.surface in SURFACES",
+                           gxe.ExpectColumnValuesToBeInSet(column="surface", value_set=list(SURFACES)), f"not in {list(SURFACES)}"))
+    if "ts" in ok:
+        specs.append(_Spec("events", "events.ts inside window", gxe.ExpectColumnValuesToBeBetween(
+            column="ts", min_value=start.to_pydatetime(), max_value=end.to_pydatetime(), strict_max=True),
+            f"outside [{start.isoformat()}, {end.isoformat()})"))
+        specs.append(_Spec("events", "events.ts not in future", gxe.ExpectColumnValuesToBeBetween(
+            column="ts", max_value=now.to_pydatetime()), f"after now ({now.isoformat()})"))
+    for col, table, ref in (("user_id", "users", "user_id"), ("item_id", "items", "item_id"),
+                            ("context_item_id", "items", "item_id")):
+        if col in ok and ref in usable[table]:
+            # The join runs in pandas and GX counts and reports what it left: an in-set expectation holding every
+            # id is re-serialized by GX on each access to its config (8 s at 6k ids, minutes at 100k).
+            values = ev[col].astype("Int64")
+            unknown = f"_unknown_{col}"
+            derived[unknown] = values.where(values.notna() & ~values.isin(frames[table][ref]))
+            specs.append(_Spec("events", f"events.{col} in {table}", gxe.ExpectColumnValuesToBeNull(column=unknown),
+                               f"unknown to {table}.{ref}"))
+    lo, hi, _ = _volume_bounds(previous, days, config)
+    specs.append(_Spec("events", "events.row count", gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi)))
+    if "action" in ok and len(ev):
+        derived[POSITIVE_COL] = ev["action"].isin(POSITIVE_ACTIONS).astype("int64")
+        rlo, rhi, _ = _rate_bounds(previous, config)
+        specs.append(_Spec("events", "events.positive rate",
+                           gxe.ExpectColumnMeanToBeBetween(column=POSITIVE_COL, min_value=rlo, max_value=rhi)))
+    return specs, derived
+
+
+def _exception_message(info: dict) -> str | None:
+    """GX nests exception info per metric when a metric failed to compute; find the first message."""
+    if not info:
+        return None
+    if info.get("raised_exception"):
+        return info.get("exception_message") or "unknown error"
+    for v in info.values():
+        if isinstance(v, dict) and v.get("raised_exception"):
+            return v.get("exception_message") or "unknown error"
+    return None
+
+
+def _to_check(spec: _Spec, r: Any, notes: dict[str, str]) -> Check:
+    res, kw = r.result or {}, r.expectation_config.kwargs
+    error = _exception_message(r.exception_info)
+    if error:
+        return Check(spec.name, False, detail=f"could not evaluate: {error}")
+    ok = bool(r.success)
+    if "unexpected_count" in res and "element_count" in res:  # column map expectation
+        n_bad, n = int(res["unexpected_count"]), int(res["element_count"])
+        if spec.rows_as_examples:
+            examples = list(res.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES]
+            detail = f"{n_bad} of {n} rows {spec.what}" + (f" (rows {examples})" if examples else "")
+            return Check(spec.name, ok, n_bad, 0, detail)
+        counts = res.get("partial_unexpected_counts") or []
+        examples = [c["value"] for c in counts][:MAX_EXAMPLES] or list(res.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
+        return Check(spec.name, ok, n_bad, 0, f"{n_bad} of {n} rows {spec.what}", jsonable(examples))
+    observed = res.get("observed_value")
+    etype = r.expectation_config.type
+    if etype == "expect_table_columns_to_match_set":
+        missing = sorted(((res.get("details") or {}).get("mismatched") or {}).get("missing") or [])
+        return Check(spec.name, ok, missing, sorted(kw["column_set"]),
+                     f"missing {missing}" if missing else "all required columns present")
+    if etype == "expect_column_values_to_be_of_type":
+        return Check(spec.name, ok, observed, kw["type_"], f"dtype {observed}, expected {kw['type_']}")
+    lo, hi = kw.get("min_value"), kw.get("max_value")
+    bounds = f"[{_num(lo)}, {_num(hi) if hi is not None else 'inf'}]"
+    if etype == "expect_table_row_count_to_be_between":
+        empty = "empty window" if spec.table == "events" else "empty table"
+        detail = empty if observed == 0 else f"{observed} rows, allowed {bounds}"
+        note = notes.get(spec.name)
+        return Check(spec.name, ok, observed, bounds, detail + (f"; {note}" if note else ""))
+    note = notes.get(spec.name, "")
+    return Check(spec.name, ok, observed, bounds, f"{_num(observed)}, allowed {bounds}" + (f"; {note}" if note else ""))
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float | np.floating) else str(x)
+
+
+def validate_snapshot(
+    events: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    window_start: datetime | pd.Timestamp,
+    window_end: datetime | pd.Timestamp,
+    previous: SnapshotStats | None,
+    config: GateConfig,
+    now: datetime | pd.Timestamp | None = None,
+) -> DataGateResult:
+    """Run the data suite on a snapshot whose events should lie in ``[window_start, window_end)``.
+
+    ``previous`` is the stats of the last snapshot that passed (None on the first run: only an empty window fails
+    the volume check). ``now`` defaults to the current UTC time. Naive datetimes are taken as UTC.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    start, end = _utc(window_start), _utc(window_end)
+    if end <= start:
+        raise TowerflowError(f"data gate: window end {end} is not after window start {start}")
+    now_ts = _utc(now) if now is not None else pd.Timestamp.now(tz="UTC")
+    days = (end - start).total_seconds() / 86_400
+    frames = {"events": events, "users": users, "items": items}
+    specs, derived = _specs(frames, start, end, now_ts, previous, config, days)
+    frames["events"] = events = events.assign(**derived)  # a new frame: the caller's snapshot is left as it was
+    notes = {"events.row count": _volume_bounds(previous, days, config)[2],
+             "events.positive rate": _rate_bounds(previous, config)[2]}
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep flow logs clean
+    source = ctx.data_sources.add_pandas("snapshot")
+    checks: list[Check] = []
+    gx_results: dict[str, dict] = {}
+    for table, df in frames.items():
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
+        mine = [s for s in specs if s.table == table]
+        for s in mine:
+            s.expectation.meta = {"check": s.name}  # how results find their way back to the check
+        # Expectations given to the constructor are stored once; add_expectation re-serializes the suite each time.
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"towerflow-{table}", expectations=[s.expectation for s in mine]))
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=f"towerflow-{table}"))
+        run = vd.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
+        gx_results[table] = jsonable(run.to_json_dict())
+        done = {r.expectation_config.meta["check"]: r for r in run.results}
+        checks += [_to_check(s, done[s.name], notes) for s in mine]
+
+    rate = float(events[POSITIVE_COL].mean()) if POSITIVE_COL in events.columns and len(events) else float("nan")
+    stats = SnapshotStats(len(events), rate, days)
+    return DataGateResult("data", checks, gx_results=gx_results, stats=stats)

@@ -35,10 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ml = isub.add_parser("movielens", help="MovieLens 100K (u.data), RecBole atomic (.inter) or 1M (::) layout")
     ml.add_argument("path", help="directory holding the MovieLens files")
     ml.add_argument("--out", help="source URI to write (default: <data_root>/source)")
+    ml.add_argument("--force", action="store_true", help="replace what is already at the output")
     ml.set_defaults(handler=_import_movielens)
     it = isub.add_parser("interactions", help="generic user,item[,timestamp][,rating|action] CSV or Parquet")
     it.add_argument("file", help="CSV or Parquet file")
     it.add_argument("--out", help="source URI to write (default: <data_root>/source)")
+    it.add_argument("--force", action="store_true", help="replace what is already at the output")
     it.set_defaults(handler=_import_interactions)
 
     x = dsub.add_parser("extract", help="snapshot the window [as_of - lookback_days, as_of)")
@@ -67,7 +69,7 @@ def _import_movielens(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
     from towerflow.data.movielens import import_movielens
 
-    print(import_movielens(args.path, args.out or Settings().source))
+    print(import_movielens(args.path, args.out or Settings().source, overwrite=args.force))
     return 0
 
 
@@ -75,7 +77,7 @@ def _import_interactions(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
     from towerflow.data.interactions import import_interactions
 
-    print(import_interactions(args.file, args.out or Settings().source))
+    print(import_interactions(args.file, args.out or Settings().source, overwrite=args.force))
     return 0
 
 

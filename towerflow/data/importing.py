@@ -1,0 +1,232 @@
+"""What the importers share: strict column parsing with errors that name the file and line, content-based event
+ids, the import summary, and an all-or-nothing writer (the source appears complete or not at all).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from towerflow.contract import ACTIONS, ContractError
+from towerflow.data.source import ParquetSink
+from towerflow.progress import progress
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What an importer wrote. ``action_counts`` follows the order of ``towerflow.contract.ACTIONS``."""
+
+    layout: str
+    source: str
+    out_uri: str
+    n_events: int
+    n_users: int
+    n_items: int
+    n_days: int
+    first_ts: datetime
+    last_ts: datetime
+    action_counts: tuple[tuple[str, int], ...]
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        actions = " · ".join(f"{a} {n:,}" for a, n in self.action_counts)
+        lines = [
+            f"imported {self.layout} from {self.source} -> {self.out_uri}",
+            f"  events {self.n_events:,}   users {self.n_users:,}   items {self.n_items:,}   days {self.n_days:,}",
+            f"  time   {self.first_ts:%Y-%m-%d %H:%M:%S} .. {self.last_ts:%Y-%m-%d %H:%M:%S} UTC",
+            f"  actions {actions}",
+            *(f"  note   {n}" for n in self.notes),
+            f"  took {self.seconds:.1f}s",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- parsing helpers: every error names file and line
+
+
+def require_file(path: str) -> str:
+    """Return ``path`` if it is a readable, non-empty file; else a ContractError naming it."""
+    if not os.path.exists(path):
+        raise ContractError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):
+        raise ContractError(f"{path}: not a file")
+    if os.path.getsize(path) == 0:
+        raise ContractError(f"{path}: empty file")
+    return path
+
+
+def _first_bad(series: pd.Series, bad: pd.Series, first_line: int) -> str:
+    pos = int(bad.to_numpy().nonzero()[0][0])
+    return f"line {pos + first_line}: {series.iloc[pos]!r}"
+
+
+def parse_ints(series: pd.Series, where: str, column: str, first_line: int) -> pd.Series:
+    """Strings (or numbers) -> int64; a value that is not a whole number is an error naming its line.
+
+    ``first_line`` is the file line of the first data row (1 without a header, 2 with one).
+    """
+    if not pd.api.types.is_float_dtype(series.dtype):  # astype would truncate 1.5 to 1
+        try:  # fast path; the slow one below only runs to find and quote the bad line
+            return series.astype("int64")
+        except (ValueError, TypeError):
+            pass
+    num = pd.to_numeric(series, errors="coerce")
+    bad = num.isna() | (num != num.round())
+    if bad.any():
+        raise ContractError(f"{where}: {column} must be integers; {_first_bad(series, bad, first_line)}")
+    return num.astype("int64")
+
+
+def parse_unix_seconds(series: pd.Series, where: str, column: str, first_line: int) -> pd.Series:
+    """Seconds since the Unix epoch (strings or numbers) -> UTC timestamps (us)."""
+    try:
+        num = series.astype("float64")
+    except (ValueError, TypeError):
+        num = pd.to_numeric(series, errors="coerce")
+    bad = num.isna()
+    if bad.any():
+        raise ContractError(f"{where}: unparseable timestamps in {column}; {_first_bad(series, bad, first_line)}")
+    try:
+        ts = pd.to_datetime(num, unit="s", utc=True)
+    except (OverflowError, ValueError) as exc:  # OutOfBoundsDatetime is a ValueError
+        raise ContractError(
+            f"{where}: timestamps in {column} out of range ({exc}); numbers must be seconds since 1970-01-01 UTC"
+        ) from exc
+    return ts.astype("datetime64[us, UTC]")
+
+
+def check_actions(actions: pd.Series, where: str, first_line: int) -> pd.Series:
+    """Actions must be one of ACTIONS, exactly (no case folding: a typo should fail, not import as something)."""
+    bad = ~actions.isin(ACTIONS)
+    if bad.any():
+        unknown = sorted({str(a) for a in actions[bad].unique()})
+        raise ContractError(
+            f"{where}: unknown action(s) {unknown} (allowed: {list(ACTIONS)}); {_first_bad(actions, bad, first_line)}"
+        )
+    return actions.astype("str")
+
+
+def event_ids(user_id: pd.Series, item_id: pd.Series, ts: pd.Series) -> pd.Series:
+    """``"<user>-<item>-<unix seconds>"``, with ``-1``, ``-2`` ... appended to repeats so ids stay unique.
+
+    Content-based rather than row numbers so re-importing the same data gives the same ids.
+    """
+    secs = ts.astype("int64") // 1_000_000
+    keys = pd.DataFrame({"u": user_id, "i": item_id, "s": secs})
+    base = keys.u.astype("str") + "-" + keys.i.astype("str") + "-" + keys.s.astype("str")
+    if keys.duplicated().any():  # checked on the integers: grouping 1M strings costs seconds
+        rep = keys.groupby(["u", "i", "s"], sort=False).cumcount()
+        base = base.where(rep == 0, base + "-" + rep.astype("str"))
+    return base
+
+
+def events_frame(user_id: pd.Series, item_id: pd.Series, action: pd.Series, ts: pd.Series) -> pd.DataFrame:
+    """Contract events on the ``homefeed`` surface without context (imported data has no request context)."""
+    # reset_index rather than to_numpy: a tz-aware column would become an object array of Timestamps
+    cols = {"user_id": user_id, "item_id": item_id, "action": action, "ts": ts.astype("datetime64[us, UTC]")}
+    df = pd.DataFrame({k: v.reset_index(drop=True) for k, v in cols.items()})
+    df = df.sort_values(["ts", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+    df.insert(0, "event_id", event_ids(df.user_id, df.item_id, df.ts))
+    df["surface"] = "homefeed"
+    df["context_item_id"] = pd.Series(pd.NA, index=df.index, dtype="Int64")
+    df["query"] = None
+    return df
+
+
+def check_references(events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, where: str) -> None:
+    """Every event's user and item must exist in the users and items tables."""
+    for col, table in (("user_id", users), ("item_id", items)):
+        missing = sorted(int(x) for x in set(events[col].unique()) - set(table[col]))
+        if missing:
+            raise ContractError(
+                f"{where}: {len(missing)} {col}(s) in the events are not in the {col[:4]}s file, e.g. {missing[:5]}"
+            )
+
+
+# ---------------------------------------------------------------- writing: all or nothing
+
+
+def _exists_nonempty(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    return fs.exists(root) and (not fs.isdir(root) or bool(fs.ls(root, detail=False)))
+
+
+def check_out(out_uri: str, overwrite: bool) -> None:
+    """Fail before any work when ``out_uri`` holds something and replacing it was not asked for."""
+    fs, root = fsspec.core.url_to_fs(out_uri)
+    if not overwrite and _exists_nonempty(fs, root):
+        raise ContractError(f"{out_uri}: already exists and is not empty; choose another output or overwrite it")
+
+
+def write_source(
+    out_uri: str,
+    events: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    extra: dict[str, pd.DataFrame] | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write a Parquet source (events partitioned by day) beside ``out_uri``, then move it into place.
+
+    ``extra`` maps relative paths (``id_map/users.parquet``) to plain tables written as they are. On any failure
+    the temporary directory is removed, so no partial source is ever left. Returns the number of day partitions.
+    """
+    check_out(out_uri, overwrite)
+    out_uri = str(out_uri).rstrip("/")
+    tmp_uri = f"{out_uri}.tmp-{uuid.uuid4().hex[:8]}"
+    sink = ParquetSink(tmp_uri)
+    fs, final = fsspec.core.url_to_fs(out_uri)
+    try:
+        day = events.ts.dt.floor("D")
+        groups = list(events.groupby(day, sort=True))
+        for d, g in progress(groups, desc="write event days"):
+            sink.write_events_day(d.date(), g)
+        sink.write_users(users)
+        sink.write_items(items)
+        for rel, df in (extra or {}).items():
+            path = f"{sink.root}/{rel}"
+            sink.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with sink.fs.open(path, "wb") as f:
+                pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f, compression="zstd")
+        _publish(fs, sink.root, final, overwrite)
+    except BaseException:
+        if sink.fs.exists(sink.root):
+            sink.fs.rm(sink.root, recursive=True)
+        raise
+    return len(groups)
+
+
+def _publish(fs: fsspec.AbstractFileSystem, tmp: str, final: str, overwrite: bool) -> None:
+    # A rename is atomic on a local disk; the old source is moved aside first because moving onto an existing
+    # directory would nest the new one inside it.
+    if fs.exists(final):
+        if not overwrite and _exists_nonempty(fs, final):
+            raise ContractError(f"{final}: appeared while importing; not replacing it")
+        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        fs.mv(final, old, recursive=True)
+        fs.mv(tmp, final, recursive=True)
+        fs.rm(old, recursive=True)
+    else:
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(tmp, final, recursive=True)
+
+
+def summarize(
+    layout: str, source: str, out_uri: str, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
+    n_days: int, seconds: float, notes: tuple[str, ...] = (),
+) -> ImportSummary:
+    counts = events.action.value_counts()
+    return ImportSummary(
+        layout=layout, source=source, out_uri=out_uri, n_events=len(events), n_users=len(users),
+        n_items=len(items), n_days=n_days, first_ts=events.ts.min().to_pydatetime(),
+        last_ts=events.ts.max().to_pydatetime(),
+        action_counts=tuple((a, int(counts.get(a, 0))) for a in ACTIONS if counts.get(a, 0)),
+        seconds=seconds, notes=notes,
+    )

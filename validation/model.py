@@ -69,7 +69,30 @@ def _metric_table(candidate: Metrics, champion: Metrics | None, baselines: Mappi
 
 
 def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.4f}"
+    if v is None:
+        return ""
+    return f"{v:.0f}" if v > 1 and v == int(v) else f"{v:.4f}"  # counts such as "n" read as counts
+
+
+def slices_by_name(
+    candidate: Mapping[str, Metrics],
+    champion: Mapping[str, Metrics] | None,
+    baselines: Mapping[str, Mapping[str, Metrics]],
+    overall: str = "all",
+) -> dict[str, dict[str, Metrics]]:
+    """Turn per-model slice metrics (``{slice: metrics}`` each, as the evaluator returns them) into ``gate_model``'s
+    ``{slice: {"candidate": ..., "champion": ..., "<baseline>": ...}}``. The ``overall`` slice is dropped: the
+    overall metrics are gated already."""
+    out: dict[str, dict[str, Metrics]] = {}
+    for name, metrics in candidate.items():
+        if name == overall:
+            continue
+        row: dict[str, Metrics] = {"candidate": metrics}
+        if champion is not None and name in champion:
+            row["champion"] = champion[name]
+        row.update({b: per_slice[name] for b, per_slice in baselines.items() if name in per_slice})
+        out[name] = row
+    return out
 
 
 def gate_model(

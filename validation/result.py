@@ -27,6 +27,9 @@ class GateFailed(TowerflowError):
         self.result = result
         super().__init__(result.failure_message())
 
+    def __reduce__(self):  # unpickling (Prefect states, Dask workers) must rebuild from the result, not the message
+        return (type(self), (self.result,))
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with numpy scalars, arrays, timestamps and tuples turned into plain JSON types."""

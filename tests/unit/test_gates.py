@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from towerflow.config import GateConfig
 from towerflow.errors import TowerflowError
 from validation.embeddings import check_embeddings
 from validation.index import check_index_recall
-from validation.model import gate_model
+from validation.model import gate_model, slices_by_name
 from validation.release import check_release
 from validation.result import Check, GateFailed, GateResult
 
@@ -57,6 +58,8 @@ def test_result_reports_blocking_failures_and_warnings():
     assert isinstance(info.value, TowerflowError)
     assert str(info.value) == "demo gate failed: 1 of 2 checks\n  - rows: 3 rows bad, e.g. ['x|y', 7]"
     assert info.value.result is result
+    copy = pickle.loads(pickle.dumps(info.value))  # Prefect and Dask move exceptions between processes
+    assert str(copy) == str(info.value) and copy.result.failed_checks[0].name == "rows"
 
 
 def test_warnings_alone_do_not_fail_a_gate():
@@ -123,6 +126,22 @@ def test_slices_and_weak_baselines_are_reported_without_blocking():
     md = result.to_markdown()
     assert "| slice related | recall@10 | 0.3000 | 0.4000 |  |  |" in md
     assert "| overall | recall@10 | 0.2600 | 0.2500 | 0.1000 | 0.0100 |" in md
+
+
+def test_slices_by_name_transposes_the_evaluator_output():
+    cand = {"all": {"recall@10": 0.3}, "surface=related": {"recall@10": 0.4, "n": 120.0}}
+    champ = {"all": {"recall@10": 0.2}, "surface=related": {"recall@10": 0.5}}
+    base = {"popularity": {"all": {"recall@10": 0.1}, "surface=related": {"recall@10": 0.05}}}
+    slices = slices_by_name(cand, champ, base)
+    assert slices == {
+        "surface=related": {
+            "candidate": {"recall@10": 0.4, "n": 120.0},
+            "champion": {"recall@10": 0.5},
+            "popularity": {"recall@10": 0.05},
+        }
+    }
+    result = gate_model(cand["all"] | {"ndcg@10": 0.1}, None, {"popularity": base["popularity"]["all"]}, slices, GateConfig())
+    assert "| slice surface=related | n | 120 |  |  |" in result.to_markdown()
 
 
 # ---------------------------------------------------------------- embedding health

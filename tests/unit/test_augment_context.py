@@ -1,0 +1,105 @@
+"""Pseudo-context: which rows get one, which item it is, the rate, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.batch import ItemFeatures
+from tasks.augment_context import augment_context
+from tasks.build_examples import SequenceExamples
+from towerflow.config import AugmentConfig
+
+
+def _train(users, ts, targets, context) -> SequenceExamples:
+    n = len(targets)
+    h = np.zeros((n, 2), dtype=np.int64)
+    return SequenceExamples(
+        user_idx=np.array(users),
+        hist_items=h,
+        hist_actions=h.copy(),
+        hist_gaps=h.copy(),
+        context_items=np.array(context),
+        surface=np.zeros(n, dtype=np.int64),
+        target_items=np.array(targets),
+        ts=np.array(ts),
+    )
+
+
+def _feats(category, dense=None) -> ItemFeatures:
+    cat = torch.tensor(category)
+    return ItemFeatures(
+        category=cat,
+        genres=torch.zeros(len(category), 1, dtype=torch.long),
+        dense=None if dense is None else torch.tensor(dense, dtype=torch.float32),
+    )
+
+
+# items 1..9; row 0 padding. categories: 1, 2, 4, 9 -> 1; 3, 5 -> 2; 6, 7, 8 -> 3
+CATEGORY = [0, 1, 1, 2, 1, 2, 3, 3, 3, 1]
+DENSE = [[0, 0], [0, 1], [0, 1], [1, 1], [0, 1], [1, 1], [1, 0], [0, 1], [1, 0.1], [1, 0]]
+TRAIN = _train(
+    users=[1, 1, 1, 1, 2, 2, 0, 0],
+    ts=[0, 60, 70, 10_000, 0, 100, 0, 1],
+    targets=[1, 2, 4, 3, 3, 5, 6, 7],
+    context=[0, 0, 9, 0, 0, 0, 0, 0],  # row 2 has real context
+)
+
+
+def test_every_fallback_with_p_one():
+    out, stats = augment_context(TRAIN, _feats(CATEGORY, DENSE), AugmentConfig(pseudo_context_prob=1.0))
+    ctx = out.context_items
+    assert ctx[0] in (2, 4) and ctx[1] in (1, 4)  # session: same user within 30 min (row 2 counts as a positive)
+    assert ctx[2] == 9  # real context untouched
+    assert ctx[3] == 5  # no session at t=10000: item 3 was co-engaged with 5 in user 2's session
+    assert ctx[4] == 5 and ctx[5] == 3  # user 2's session
+    # user index 0 pools unknown users, never a session; item 6 has no co-engagement: the nearest item of its
+    # category by cosine is 8 ([1, 0.1]); item 9 ([1, 0]) is closer but in another category. Item 7 -> 8 too.
+    assert ctx[6] == 8 and ctx[7] == 8
+    assert stats.n_eligible == 7 and stats.n_drawn == 7
+    assert (stats.n_session, stats.n_cooccur, stats.n_content, stats.n_none) == (4, 1, 2, 0)
+    assert stats.rate == 1.0
+    assert TRAIN.context_items.tolist() == [0, 0, 9, 0, 0, 0, 0, 0]  # the input is not modified
+
+
+def test_content_fallback_without_dense_features_stays_in_category_and_never_picks_the_target():
+    feats = _feats(CATEGORY)
+    picks = set()
+    for seed in range(40):
+        out, _ = augment_context(TRAIN, feats, AugmentConfig(pseudo_context_prob=1.0, seed=seed))
+        assert out.context_items[6] in (7, 8) and out.context_items[7] in (6, 8)
+        picks.add(int(out.context_items[6]))
+    assert picks == {7, 8}
+
+
+def test_item_alone_in_its_category_gets_no_pseudo_context():
+    train = _train(users=[0], ts=[0], targets=[1], context=[0])
+    out, stats = augment_context(train, _feats([0, 1, 2]), AugmentConfig(pseudo_context_prob=1.0))
+    assert out.context_items.tolist() == [0] and stats.n_none == 1 and stats.n_augmented == 0
+
+
+def test_probability_zero_changes_nothing():
+    out, stats = augment_context(TRAIN, _feats(CATEGORY, DENSE), AugmentConfig(pseudo_context_prob=0.0))
+    assert out.context_items.tolist() == TRAIN.context_items.tolist() and stats.n_drawn == 0
+
+
+def test_rate_is_about_p_only_context_less_rows_change_and_seeds_are_deterministic():
+    n_users = 10_000
+    users = np.repeat(np.arange(1, n_users + 1), 2)
+    targets = np.tile([1, 2], n_users)
+    ts = np.tile([0, 10], n_users)
+    context = np.where(np.arange(2 * n_users) % 4 == 0, 3, 0)  # a quarter of rows have real context
+    train = _train(users, ts, targets, context)
+    cfg = AugmentConfig(pseudo_context_prob=0.3, seed=5)
+    out, stats = augment_context(train, _feats([0, 1, 1, 1]), cfg)
+    eligible = context == 0
+    changed = out.context_items != context
+    assert not changed[~eligible].any()
+    assert stats.n_eligible == 15_000 and stats.n_augmented == changed.sum()
+    assert stats.rate == pytest.approx(0.3, abs=0.02)  # 15k Bernoulli(0.3) draws: sd 0.004
+    assert (out.context_items[changed] != targets[changed]).all()
+    again, _ = augment_context(train, _feats([0, 1, 1, 1]), cfg)
+    other, _ = augment_context(train, _feats([0, 1, 1, 1]), AugmentConfig(pseudo_context_prob=0.3, seed=6))
+    assert np.array_equal(again.context_items, out.context_items)
+    assert not np.array_equal(other.context_items, out.context_items)

@@ -26,6 +26,7 @@ from tasks.build_examples import SequenceExamples
 from towerflow.config import AugmentConfig
 
 SESSION_NEIGHBOURS = 4  # positive events looked at on each side of the target in the user's timeline
+SIMS_BUDGET = 1 << 24  # floats per block of content similarities
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,15 @@ def _content_neighbours(targets: np.ndarray, item_feats: ItemFeatures, rng: np.r
             continue
         t = targets[rows]
         if dense is not None:
-            sims = dense[t] @ dense[members].T  # (rows, members) cosine
-            sims[t[:, None] == members[None, :]] = -np.inf
-            out[rows] = members[np.argmax(sims, axis=1)]
+            uniq, inverse = np.unique(t, return_inverse=True)
+            best = np.zeros(len(uniq), dtype=np.int64)
+            step = max(1, SIMS_BUDGET // len(members))  # bounded (step, members) similarity blocks
+            for lo in range(0, len(uniq), step):
+                u = uniq[lo : lo + step]
+                sims = dense[u] @ dense[members].T  # cosine
+                sims[u[:, None] == members[None, :]] = -np.inf
+                best[lo : lo + step] = members[np.argmax(sims, axis=1)]
+            out[rows] = best[inverse]
         else:
             # uniform over the category without the target: draw among len - 1 slots and skip the target's own
             draw = rng.integers(0, len(members) - 1, size=len(rows))

@@ -40,27 +40,42 @@ def _feats(category, dense=None) -> ItemFeatures:
 CATEGORY = [0, 1, 1, 2, 1, 2, 3, 3, 3, 1]
 DENSE = [[0, 0], [0, 1], [0, 1], [1, 1], [0, 1], [1, 1], [1, 0], [0, 1], [1, 0.1], [1, 0]]
 TRAIN = _train(
-    users=[1, 1, 1, 1, 2, 2, 0, 0],
-    ts=[0, 60, 70, 10_000, 0, 100, 0, 1],
-    targets=[1, 2, 4, 3, 3, 5, 6, 7],
-    context=[0, 0, 9, 0, 0, 0, 0, 0],  # row 2 has real context
+    users=[1, 1, 1, 1, 2, 2, 3, 3, 3, 0, 0],
+    ts=[0, 60, 70, 10_000, 0, 100, 0, 50, 5_000, 0, 1],
+    targets=[1, 2, 4, 3, 3, 5, 1, 2, 3, 6, 7],
+    context=[0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0],  # row 2 has real context
 )
+# Session pairs (target, partner) within 30 min, counted over rows: (1,2) x2 (users 1 and 3), (2,1) x2, and once
+# each (1,4) (2,4) (4,1) (4,2) (3,5) (5,3). Only pairs seen in 2 sessions count as corroborated.
 
 
 def test_every_fallback_with_p_one():
     out, stats = augment_context(TRAIN, _feats(CATEGORY, DENSE), AugmentConfig(pseudo_context_prob=1.0))
-    ctx = out.context_items
-    assert ctx[0] in (2, 4) and ctx[1] in (1, 4)  # session: same user within 30 min (row 2 counts as a positive)
+    ctx = out.context_items.tolist()
+    assert ctx[0] == 2 and ctx[1] == 1 and ctx[6] == 2 and ctx[7] == 1  # corroborated session partners
     assert ctx[2] == 9  # real context untouched
-    assert ctx[3] == 5  # no session at t=10000: item 3 was co-engaged with 5 in user 2's session
-    assert ctx[4] == 5 and ctx[5] == 3  # user 2's session
+    # item 3 at t=10000 has no session; 3 and 5 share one session only (uncorroborated): the most co-engaged item
+    assert ctx[3] == 5 and ctx[4] == 5 and ctx[5] == 3 and ctx[8] == 5
     # user index 0 pools unknown users, never a session; item 6 has no co-engagement: the nearest item of its
     # category by cosine is 8 ([1, 0.1]); item 9 ([1, 0]) is closer but in another category. Item 7 -> 8 too.
-    assert ctx[6] == 8 and ctx[7] == 8
-    assert stats.n_eligible == 7 and stats.n_drawn == 7
-    assert (stats.n_session, stats.n_cooccur, stats.n_content, stats.n_none) == (4, 1, 2, 0)
+    assert ctx[9] == 8 and ctx[10] == 8
+    assert stats.n_eligible == 10 and stats.n_drawn == 10
+    assert (stats.n_session, stats.n_cooccur, stats.n_content, stats.n_none) == (4, 4, 2, 0)
     assert stats.rate == 1.0
-    assert TRAIN.context_items.tolist() == [0, 0, 9, 0, 0, 0, 0, 0]  # the input is not modified
+    assert TRAIN.context_items.tolist() == [0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0]  # the input is not modified
+
+
+@pytest.mark.parametrize(("n_with_2", "want"), [(5, 2), (3, 3)])
+def test_session_partner_is_the_best_supported_then_the_previous_engagement(n_with_2, want):
+    # users 10.. co-engage items 1 and 2, users 30.. items 1 and 3; user 50 engages 3, 1, 2 within a minute.
+    # The row of item 1 (user 50) sees 3 before and 2 after: 2 wins with more support, 3 (previous) on a tie.
+    sessions = [(10 + u, [1, 2]) for u in range(n_with_2)] + [(30 + u, [1, 3]) for u in range(3)] + [(50, [3, 1, 2])]
+    users = [u for u, items in sessions for _ in items]
+    ts = [10 * i for _, items in sessions for i in range(len(items))]
+    targets = [i for _, items in sessions for i in items]
+    train = _train(users, ts, targets, [0] * len(users))
+    out, _ = augment_context(train, _feats([0, 1, 1, 1]), AugmentConfig(pseudo_context_prob=1.0))
+    assert out.context_items[-2] == want
 
 
 def test_content_fallback_without_dense_features_stays_in_category_and_never_picks_the_target():
@@ -68,8 +83,8 @@ def test_content_fallback_without_dense_features_stays_in_category_and_never_pic
     picks = set()
     for seed in range(40):
         out, _ = augment_context(TRAIN, feats, AugmentConfig(pseudo_context_prob=1.0, seed=seed))
-        assert out.context_items[6] in (7, 8) and out.context_items[7] in (6, 8)
-        picks.add(int(out.context_items[6]))
+        assert out.context_items[9] in (7, 8) and out.context_items[10] in (6, 8)
+        picks.add(int(out.context_items[9]))
     assert picks == {7, 8}
 
 

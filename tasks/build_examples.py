@@ -326,8 +326,13 @@ class SeenItems:
         return cls(indptr, indices.astype(np.int64))
 
     def take(self, idx) -> SeenItems:
+        """The rows ``idx`` (an index array or boolean mask) as a new object."""
         idx = np.arange(len(self))[idx]
-        return SeenItems.from_lists([self.row(int(r)) for r in idx])
+        lengths = self.indptr[idx + 1] - self.indptr[idx]
+        indptr = np.zeros(len(idx) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum(lengths)
+        offsets = np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths)
+        return SeenItems(indptr, self.indices[np.repeat(self.indptr[idx], lengths) + offsets])
 
 
 @dataclass

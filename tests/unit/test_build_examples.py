@@ -329,3 +329,5 @@ def test_sequence_examples_reject_misaligned_arrays_and_seen_items_take_rows():
         SequenceExamples(**{**e.__dict__, "ts": np.zeros(2, dtype=np.int64)})
     seen = SeenItems.from_lists([[3, 1, 3], [], [2]])
     assert seen.indptr.tolist() == [0, 2, 2, 3] and seen.take(np.array([2, 0])).indices.tolist() == [2, 1, 3]
+    masked = seen.take(np.array([True, True, False]))
+    assert masked.indptr.tolist() == [0, 2, 2] and masked.indices.tolist() == [1, 3]

@@ -102,6 +102,9 @@ class ModelConfig(_Config):
     latest_tokens: int = Field(1, ge=1, description="Latest tokens concatenated with the max-pool (TransAct).")
     use_context: bool = True
     gap_buckets: int = Field(16, ge=2)
+    hidden: int = Field(128, ge=4, description="Hidden width of the tower MLPs.")
+    id_dropout: float = Field(0.1, ge=0, lt=1, description="Chance an item's id embedding is dropped in training.")
+    max_seq_len: int = Field(64, ge=1, description="Longest history the position table covers.")
 
 
 class TrainConfig(_Config):

@@ -1,0 +1,166 @@
+"""The user tower, split in two so serving can be hybrid (DESIGN.md sections 4 and 7).
+
+- ``encode_history`` (offline, cacheable): the last L actions as tokens = item vector + action-type embedding +
+  time-gap bucket embedding + learned position; pre-norm Transformer encoder blocks; pooled as max-pool over
+  valid tokens concatenated with the latest ``latest_tokens`` tokens (TransAct). Output ``h`` (b, history_dim).
+- ``combine`` (online, per request): the context layer. The viewed item and the surface, demographic embeddings,
+  and ``h`` -> MLP -> unit vector ``u`` (b, dim).
+
+Rows with no history at all (new users) get ``h = 0``, so serving can use zeros for a user it has never seen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.batch import N_ACTIONS, N_SURFACES, FeatureSizes
+from models.item_tower import ItemTower
+from models.layers import EncoderBlock, FastDropout, mlp
+from towerflow.config import ModelConfig
+from towerflow.errors import TowerflowError
+
+
+class UserTowerInputError(TowerflowError, ValueError):
+    """A batch does not fit the user tower: shapes, history length, or an id outside its vocabulary."""
+
+
+class UserTower(nn.Module):
+    """History encoder + context layer. Shares ``item_tower`` to represent history and context items."""
+
+    def __init__(self, sizes: FeatureSizes, cfg: ModelConfig, item_tower: ItemTower):
+        super().__init__()
+        self.sizes, self.cfg = sizes, cfg
+        d = cfg.d_model
+        # Shared with TwoTower: history and context items are embedded by the tower that embeds candidates.
+        self.item_tower = item_tower
+        self.hist_item_proj = nn.Linear(cfg.dim, d)
+        self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(cfg.gap_buckets, d)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # position 0 = the latest action
+        self.token_drop = FastDropout(cfg.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.history_dim = (1 + cfg.latest_tokens) * d
+
+        if cfg.use_context:
+            self.context_item_proj = nn.Linear(cfg.dim, d)
+            self.no_context = nn.Parameter(torch.zeros(d))
+            self.surface_emb = nn.Embedding(N_SURFACES, d)
+        self.demo_embs = nn.ModuleList(nn.Embedding(c + 1, d) for c in sizes.demographic_cardinalities)
+        in_dim = self.history_dim + (2 * d if cfg.use_context else 0) + d * len(self.demo_embs)
+        self.mlp = mlp(in_dim, cfg.hidden, cfg.dim, cfg.dropout)
+
+    def encode_history(
+        self,
+        hist_items: torch.Tensor,
+        hist_actions: torch.Tensor,
+        hist_gaps: torch.Tensor,
+        hist_vecs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode left-padded histories (b, L) long -> h (b, history_dim).
+
+        ``hist_items == 0`` marks padding. ``hist_vecs`` (b, L, dim) are the item tower's vectors for
+        ``hist_items`` when the caller already has them (TwoTower computes the item tower once per batch over
+        the unique items); otherwise they are computed here.
+        """
+        b, seq_len = hist_items.shape
+        if hist_actions.shape != (b, seq_len) or hist_gaps.shape != (b, seq_len):
+            raise UserTowerInputError(
+                f"hist_items {tuple(hist_items.shape)}, hist_actions {tuple(hist_actions.shape)} and "
+                f"hist_gaps {tuple(hist_gaps.shape)} must have the same (b, L) shape"
+            )
+        if not 1 <= seq_len <= self.cfg.max_seq_len:
+            raise UserTowerInputError(
+                f"history length {seq_len} is outside [1, max_seq_len={self.cfg.max_seq_len}]"
+            )
+        _check_range("hist_gaps (time-gap buckets)", hist_gaps, self.cfg.gap_buckets)
+        _check_range("hist_actions", hist_actions, N_ACTIONS)
+        if hist_vecs is None:
+            hist_vecs = _unique_item_vectors(self.item_tower, hist_items)
+        pad = hist_items == 0  # (b, L) True = padding
+        # Positions count back from the latest action (left padding puts it in the last column), so one table
+        # serves every history length up to max_seq_len.
+        pos = torch.arange(seq_len - 1, -1, -1, device=hist_items.device)
+        x = self.hist_item_proj(hist_vecs) + self.action_emb(hist_actions) + self.gap_emb(hist_gaps)
+        x = self.token_drop(x + self.pos_emb(pos))  # (b, L, d)
+
+        # A row with every key masked makes attention 0/0 = NaN; let such rows (new users) attend to their last
+        # slot and discard what comes out below.
+        empty = pad.all(dim=1)  # (b,)
+        attend = ~pad
+        attend[:, -1] |= empty
+        for block in self.blocks:
+            x = block(x, attend)  # (b, L, d)
+        x = self.ln_out(x)
+        x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+
+        pooled = x.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(dim=1)  # (b, d)
+        pooled = pooled.masked_fill(empty.unsqueeze(-1), 0.0)
+        k = self.cfg.latest_tokens
+        latest = x[:, -k:, :]  # (b, min(k, L), d); padded slots are already 0
+        if seq_len < k:
+            latest = F.pad(latest, (0, 0, k - seq_len, 0))
+        return torch.cat([pooled, latest.reshape(b, k * x.shape[-1])], dim=-1)  # (b, (1 + k) d)
+
+    def combine(
+        self,
+        h: torch.Tensor,
+        context_items: torch.Tensor,
+        surface: torch.Tensor,
+        user_feats: torch.Tensor,
+        context_vecs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The context layer: h (b, history_dim), context_items (b,), surface (b,), user_feats (b, F) -> u (b, dim).
+
+        ``context_items == 0`` means no viewed item: a learned no-context vector stands in. In training the
+        viewed item is replaced by that vector with probability ``context_dropout`` (the surface, always known
+        at request time, is kept). With ``use_context=False`` the context arguments are ignored.
+        ``context_vecs`` (b, dim) are the item tower's vectors for ``context_items`` if already computed.
+        """
+        if user_feats.dim() != 2 or user_feats.shape[1] != len(self.demo_embs):
+            raise UserTowerInputError(
+                f"user_feats must be (b, {len(self.demo_embs)}), got shape {tuple(user_feats.shape)}"
+            )
+        if h.dim() != 2 or h.shape[1] != self.history_dim:
+            raise UserTowerInputError(f"h must be (b, {self.history_dim}), got shape {tuple(h.shape)}")
+        for i, card in enumerate(self.sizes.demographic_cardinalities):
+            _check_range(f"user_feats[:, {i}]", user_feats[:, i], card + 1)
+        parts = [h]
+        if self.cfg.use_context:
+            _check_range("surface", surface, N_SURFACES)
+            if context_vecs is None:
+                context_vecs = _unique_item_vectors(self.item_tower, context_items)
+            use = context_items > 0
+            if self.training and self.cfg.context_dropout > 0:
+                use = use & (torch.rand(use.shape, device=use.device) >= self.cfg.context_dropout)
+            ctx = torch.where(use.unsqueeze(-1), self.context_item_proj(context_vecs), self.no_context)
+            parts += [ctx, self.surface_emb(surface)]
+        parts += [emb(user_feats[:, i]) for i, emb in enumerate(self.demo_embs)]
+        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
+
+    def forward(
+        self,
+        hist_items: torch.Tensor,
+        hist_actions: torch.Tensor,
+        hist_gaps: torch.Tensor,
+        context_items: torch.Tensor,
+        surface: torch.Tensor,
+        user_feats: torch.Tensor,
+    ) -> torch.Tensor:
+        """encode_history then combine -> u (b, dim)."""
+        h = self.encode_history(hist_items, hist_actions, hist_gaps)
+        return self.combine(h, context_items, surface, user_feats)
+
+
+def _check_range(name: str, t: torch.Tensor, end: int) -> None:
+    """Raise UserTowerInputError unless every value of t is in [0, end) (instead of an opaque index error)."""
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= end):
+        raise UserTowerInputError(f"{name} must be in [0, {end}), got [{int(t.min())}, {int(t.max())}]")
+
+
+def _unique_item_vectors(item_tower: ItemTower, idx: torch.Tensor) -> torch.Tensor:
+    """item_tower over the unique indices of idx (...), gathered back -> (..., dim)."""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    return item_tower(uniq)[inverse]

@@ -116,7 +116,11 @@ class TrainConfig(_Config):
     temperature: float = Field(0.05, gt=0)
     logq: bool = True
     mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
-    patience: int = Field(2, ge=1, description="Epochs without holdout improvement before stopping.")
+    patience: int = Field(2, ge=1, description="Epochs without improvement before stopping.")
+    early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
+    q_estimator: Literal["exact", "streaming"] = Field(
+        "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -160,9 +164,16 @@ class IndexConfig(_Config):
     flat_max_items: int = Field(50_000, description="auto: exact Flat up to this many items, HNSW beyond.")
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
-    ivf_nlist: int | None = None
-    pq_m: int = 16
+    hnsw_ef_construction: int = Field(80, ge=1)
+    ivf_nlist: int | None = Field(None, description="IVF lists; default about 4 * sqrt(n_items).")
+    pq_m: int = Field(16, description="PQ sub-quantizers; must divide the embedding dim.")
+    pq_nbits: int = Field(8, ge=1, le=16, description="Bits per PQ code.")
+    refine: Literal["none", "sq8", "flat"] = Field(
+        "sq8", description="ivfpq: re-rank k * refine_k_factor PQ candidates with SQ8 or exact vectors.")
+    refine_k_factor: int = Field(4, ge=1)
+    train_sample: int = Field(100_000, ge=1, description="ivfpq: vectors sampled to train the quantizers.")
     nprobe: int = 32
+    seed: int = 0
     recall_k: int = 100
     recall_sample: int = 500
 

@@ -1,0 +1,65 @@
+"""The retrain flow: one window of events in, one gated, promoted release out (DESIGN.md section 2).
+
+    extract -> validate_data -> build_examples -> augment_context -> train -> evaluate -> gate_model
+            -> embed_items -> build_index -> gate_release -> promote
+
+The flow body only chains stages; every stage is a thin task in flows/retrain_tasks.py over a pure function.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from flows import retrain_tasks as t
+from towerflow.config import RetrainConfig, Settings
+
+
+class RetrainResult(BaseModel):
+    status: str = Field(description="promoted | not_promoted | already_champion")
+    release_id: str | None = None
+    snapshot_id: str
+    model_version: str | None = None
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = {}
+    previous_champion: str | None = None
+
+
+def window_end(as_of: date | datetime | None) -> datetime:
+    """as_of as a UTC datetime; a date means midnight UTC at its start; None means today."""
+    if as_of is None:
+        as_of = datetime.now(UTC).date()
+    if isinstance(as_of, datetime):
+        return as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+    return datetime.combine(as_of, time.min, tzinfo=UTC)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    as_of: date | None = None,
+    lookback_days: int = 7,
+    config: RetrainConfig = RetrainConfig(),  # noqa: B008 - pydantic default shown in the Prefect UI
+    source_uri: str | None = None,
+) -> RetrainResult:
+    """Retrain on ``[as_of - lookback_days, as_of)`` and promote the release if every gate passes."""
+    settings = Settings()
+    end = window_end(as_of)
+    run = t.start_tracking(settings, end, lookback_days, config)
+
+    snapshot = t.extract(settings, source_uri, end, lookback_days)
+    t.validate_data(settings, snapshot, config.gates, run)
+    examples = t.build_examples(settings, snapshot, config.examples)
+    examples = t.augment_context(examples, config.augment)
+    trained = t.train(settings, examples, config.train, run)
+    evaluation = t.evaluate(settings, snapshot, examples, trained, config.eval, run)
+    t.gate_model(evaluation, config.gates, run)
+    embeddings = t.embed_items(trained, examples, config.gates, run)
+    index = t.build_index(embeddings, config.index, config.gates, run)
+    release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
+    t.gate_release(settings, release, examples, config.gates, run)
+    result = t.promote(settings, release, evaluation, run, config.promote)
+
+    get_run_logger().info(f"retrain finished: {result.status} {result.release_id}")
+    return result

@@ -1,0 +1,382 @@
+"""The retrain flow's stages as thin Prefect tasks: I/O, MLflow logging and UI artifacts around pure functions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger
+from prefect.context import get_run_context
+
+from flows.stages import cached, content_key, publish_gate, publish_table, stage
+from towerflow.config import (
+    AugmentConfig,
+    EvalConfig,
+    ExamplesConfig,
+    GateConfig,
+    IndexConfig,
+    RetrainConfig,
+    Settings,
+    TrainConfig,
+)
+
+PROMOTE_LIMIT = "towerflow-promote"
+
+
+@dataclass
+class Tracking:
+    """The MLflow run that records this flow run (params, per-epoch metrics, gate reports, the release)."""
+
+    run_id: str
+    tracking_uri: str
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(datetime.now().timestamp() * 1000)
+        batch = [Metric(_metric_name(prefix + k), float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and np.isfinite(v)]
+        if batch:
+            self.client().log_batch(self.run_id, metrics=batch)
+
+    def log_dict(self, data: dict, path: str) -> None:
+        self.client().log_dict(self.run_id, data, path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client().set_tag(self.run_id, k, str(v))
+
+
+def _metric_name(name: str) -> str:
+    # MLflow names allow alphanumerics, _ - . space : / only
+    return name.replace("@", "_at_").replace("=", "_")
+
+
+@stage("start_tracking")
+def start_tracking(settings: Settings, end: datetime, lookback_days: int, config: RetrainConfig) -> Tracking:
+    from infra.tracking import get_or_create_experiment, tracking_client
+
+    client = tracking_client(settings)
+    experiment_id = get_or_create_experiment(settings, client)
+    ctx = get_run_context()
+    flow_run = getattr(ctx, "flow_run", None) or getattr(getattr(ctx, "task_run", None), "flow_run", None)
+    tags = {"towerflow.as_of": end.isoformat(), "towerflow.lookback_days": str(lookback_days)}
+    if flow_run is not None:
+        tags["prefect.flow_run_id"] = str(flow_run.id)
+    run = client.create_run(experiment_id, run_name=f"retrain-{end:%Y%m%d}", tags=tags)
+    tracking = Tracking(run.info.run_id, settings.tracking_uri)
+    flat = _flatten(config.model_dump(mode="json"))
+    for k, v in flat.items():
+        client.log_param(run.info.run_id, k, v)
+    get_run_logger().info(f"MLflow run {run.info.run_id} in experiment '{settings.experiment_name}'")
+    return tracking
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+    return out
+
+
+@stage("extract", io_retries=2)
+def extract(settings: Settings, source_uri: str | None, end: datetime, lookback_days: int):
+    from tasks.extract import extract as extract_snapshot
+    from towerflow.data.source import ParquetSource
+
+    snapshot = extract_snapshot(ParquetSource(source_uri or settings.source), end, lookback_days, settings.snapshots_dir)
+    get_run_logger().info(str(snapshot))
+    return snapshot
+
+
+@stage("validate_data")
+def validate_data(settings: Settings, snapshot, gates: GateConfig, tracking: Tracking) -> None:
+    from validation.data import SnapshotStats, validate_snapshot
+
+    stats_file = settings.data_root / "gates" / "last_data_stats.json"
+    previous = SnapshotStats.from_dict(json.loads(stats_file.read_text())) if stats_file.exists() else None
+    start, end = snapshot.window
+    result = validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start, end, previous, gates)
+    tracking.log_dict(result.to_dict(), "gates/data_gate.json")
+    tracking.log_dict(result.gx_results, "gates/great_expectations.json")
+    tracking.set_tags({"towerflow.snapshot_id": snapshot.snapshot_id, "towerflow.gate.data": result.passed})
+    publish_gate(result, "data-gate")
+    stats_file.parent.mkdir(parents=True, exist_ok=True)
+    stats_file.write_text(json.dumps(result.stats.to_dict()))
+
+
+@stage("build_examples")
+def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
+    from tasks.build_examples import Examples
+    from tasks.build_examples import build_examples as build
+
+    directory = settings.work_dir / "examples" / content_key(snapshot.snapshot_id, config.model_dump(mode="json"))
+
+    def compute(tmp: Path) -> None:
+        build(snapshot.events(), snapshot.users(), snapshot.items(), snapshot.window[1], config).save(tmp / "examples")
+
+    examples = cached(directory, compute, lambda d: Examples.load(d / "examples"), "build_examples")
+    get_run_logger().info(f"examples: {len(examples.train):,} train, {len(examples.holdout):,} holdout")
+    return examples
+
+
+@stage("augment_context")
+def augment_context(examples, config: AugmentConfig):
+    from tasks.augment_context import augment_context as augment
+
+    augmented, stats = augment(examples.train, examples.item_feats, config)
+    get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
+                          f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,})")
+    examples.train = augmented
+    return examples
+
+
+@stage("train")
+def train(settings: Settings, examples, config: TrainConfig, tracking: Tracking):
+    from tasks.train import TrainResult
+    from tasks.train import train as fit
+
+    key = content_key(examples.meta, len(examples.train), int(examples.train.target_items.sum()),
+                      int(examples.train.context_items.sum()), config.model_dump(mode="json"))
+    directory = settings.work_dir / "train" / key
+
+    def on_epoch(stats) -> None:
+        tracking.log_metrics({"loss": stats.loss, "examples_per_s": stats.examples_per_s,
+                              **{f"valid.{k}": v for k, v in stats.metrics.items()}}, step=stats.epoch)
+
+    fresh = []
+
+    def compute(tmp: Path) -> None:
+        fresh.append(True)
+        fit(examples, config, checkpoint_dir=directory.with_name(key + ".ckpt"), on_epoch=on_epoch).save(tmp)
+
+    result = cached(directory, compute, TrainResult.load, "train")
+    if not fresh:  # resumed: the epochs were logged by the run that trained; copy them into this run
+        for stats in result.history:
+            on_epoch(stats)
+    tracking.set_tags({"towerflow.train_key": key, "towerflow.best_epoch": result.best_epoch})
+    tracking.log_metrics({"train_seconds": result.seconds, "train_examples_per_s": result.examples_per_s})
+    return result
+
+
+@dataclass
+class Evaluation:
+    candidate: dict[str, float]
+    slices: dict[str, dict[str, float]]
+    baselines: dict[str, dict[str, float]]
+    baseline_slices: dict[str, dict[str, dict[str, float]]]
+    champion: dict[str, float] | None
+    champion_slices: dict[str, dict[str, float]] | None
+    champion_version: int | None
+    champion_release: str | None
+
+
+def _champion(settings: Settings):
+    """The current champion release, or None when nothing was promoted yet."""
+    from infra.releases import ReleaseNotFoundError, load_release
+
+    try:
+        return load_release(settings)
+    except ReleaseNotFoundError:
+        return None
+
+
+@stage("evaluate")
+def evaluate(settings: Settings, snapshot, examples, trained, config: EvalConfig, tracking: Tracking) -> Evaluation:
+    from tasks.build_examples import Vocab, user_features
+    from tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
+    from tasks.scoring import model_ranks, remap_examples
+
+    ks, short = config.ks, config.short_history_max
+    ranks = model_ranks(trained.model, examples.holdout, examples.user_feats, examples.holdout_seen)
+    base = baseline_ranks(examples)
+    ev = Evaluation(
+        candidate=metrics_from_ranks(ranks, ks), slices=evaluate_slices(ranks, examples.holdout, ks, short),
+        baselines={n: metrics_from_ranks(r, ks) for n, r in base.items()},
+        baseline_slices={n: evaluate_slices(r, examples.holdout, ks, short) for n, r in base.items()},
+        champion=None, champion_slices=None, champion_version=None, champion_release=None)
+
+    champion = _champion(settings)
+    if champion is not None:  # the champion scored on the SAME holdout, through its own vocabulary
+        vocab = Vocab.from_json((champion.vocab_dir / "vocab.json").read_text())
+        seq, seen = remap_examples(examples.holdout, examples.holdout_seen, examples.vocab, vocab)
+        c_ranks = model_ranks(champion.model, seq, user_features(snapshot.users(), vocab), seen)
+        ev.champion, ev.champion_slices = metrics_from_ranks(c_ranks, ks), evaluate_slices(c_ranks, seq, ks, short)
+        ev.champion_version, ev.champion_release = champion.version, champion.release_id
+
+    tracking.log_metrics(ev.candidate, "holdout.")
+    for name, m in ev.baselines.items():
+        tracking.log_metrics(m, f"baseline.{name}.")
+    if ev.champion:
+        tracking.log_metrics(ev.champion, "champion.")
+    for name, m in ev.slices.items():
+        tracking.log_metrics(m, f"slice.{name}.")
+    rows = [{"model": "candidate", **_rounded(ev.candidate)}]
+    if ev.champion:
+        rows.append({"model": f"champion ({ev.champion_release})", **_rounded(ev.champion)})
+    rows += [{"model": name, **_rounded(m)} for name, m in ev.baselines.items()]
+    publish_table(rows, "metrics", "holdout metrics: candidate vs champion vs baselines")
+    tracking.log_dict({"candidate": ev.candidate, "slices": ev.slices, "baselines": ev.baselines,
+                       "champion": ev.champion, "champion_release": ev.champion_release}, "evaluation.json")
+    _log_recall_plot(ev, ks, tracking)
+    return ev
+
+
+def _rounded(m: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in m.items() if k != "n"}
+
+
+def _log_recall_plot(ev: Evaluation, ks, tracking: Tracking) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    curves = {"candidate": ev.candidate, **({"champion": ev.champion} if ev.champion else {}), **ev.baselines}
+    for name, m in curves.items():
+        ax.plot(list(ks), [m[f"recall@{k}"] for k in ks], marker="o", label=name)
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K (holdout)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tracking.client().log_figure(tracking.run_id, fig, "plots/recall_at_k.png")
+    plt.close(fig)
+
+
+@stage("gate_model")
+def gate_model(ev: Evaluation, gates: GateConfig, tracking: Tracking) -> None:
+    from validation.model import gate_model as judge
+    from validation.model import slices_by_name
+
+    slices = slices_by_name(ev.slices, ev.champion_slices, ev.baseline_slices)
+    result = judge(ev.candidate, ev.champion, ev.baselines, slices, gates)
+    tracking.log_dict(result.to_dict(), "gates/model_gate.json")
+    tracking.set_tags({"towerflow.gate.model": result.passed})
+    publish_gate(result, "model-gate")
+
+
+@stage("embed_items")
+def embed_items(trained, examples, gates: GateConfig, tracking: Tracking):
+    from infra.releases import new_release_id
+    from tasks.embed_items import embed_items as embed
+    from validation.embeddings import check_embeddings
+
+    vocab = examples.vocab
+    emb = embed(trained.model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids, new_release_id(),
+                model_version=tracking.run_id)
+    result = check_embeddings(emb.vectors, gates, seed=0)
+    tracking.set_tags({"towerflow.gate.embeddings": result.passed, "towerflow.release_id": emb.release_id})
+    publish_gate(result, "embedding-gate")
+    return emb
+
+
+@stage("build_index")
+def build_index(emb, config: IndexConfig, gates: GateConfig, tracking: Tracking):
+    from tasks.build_index import build_index as build
+    from validation.index import check_index_recall
+
+    index = build(emb, config)
+    rng = np.random.default_rng(0)
+    queries = emb.vectors[rng.choice(emb.n_items, size=min(config.recall_sample, emb.n_items), replace=False)]
+    queries = queries + rng.normal(0, 0.05, queries.shape).astype(np.float32)  # near, not equal to, items
+    result = check_index_recall(index.search, emb.vectors, queries, min(config.recall_k, emb.n_items), gates,
+                                item_ids=emb.item_ids)
+    tracking.log_metrics({"index_build_s": index.build_seconds, "index_items": emb.n_items})
+    publish_gate(result, "index-gate")
+    return index
+
+
+@stage("assemble_release")
+def assemble_release(settings: Settings, snapshot, examples, trained, emb, index, ev: Evaluation,
+                     config: RetrainConfig, tracking: Tracking):
+    import tempfile
+
+    from infra.releases import write_release
+    from models.two_tower import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tower = save_model(trained.model, Path(tmp) / "user_tower")
+        vocab = Path(tmp) / "vocab.json"
+        vocab.write_text(examples.vocab.to_json())
+        manifest = write_release(settings.releases_dir, release_id=emb.release_id, user_tower_dir=tower,
+                                 embeddings=emb, index=index, config=config, snapshot_id=snapshot.snapshot_id,
+                                 metrics={k: v for k, v in ev.candidate.items() if k != "n"},
+                                 q_table=trained.model.log_q.numpy(), vocab=vocab)
+    get_run_logger().info(f"release {manifest.release_id} written to {manifest.path}")
+    return manifest
+
+
+@stage("gate_release")
+def gate_release(settings: Settings, manifest, examples, gates: GateConfig, tracking: Tracking) -> None:
+    from infra.releases import load_release_dir
+    from serving.retrieval import answer
+    from validation.release import check_release
+
+    release = load_release_dir(manifest.path)  # exactly as serving loads it: verify every checksum and id
+    holdout = examples.holdout
+    rows = np.arange(min(50, len(holdout)))
+    k = min(10, len(release.item_ids))
+
+    def answer_one(sample: dict) -> dict:
+        return answer(release, holdout.to_batch(np.array([sample["row"]]), examples.user_feats), sample["k"])[0]
+
+    result = check_release(answer_one, [{"row": int(r), "k": k} for r in rows], manifest.release_id, gates)
+    tracking.set_tags({"towerflow.gate.release": result.passed})
+    publish_gate(result, "release-gate")
+
+
+@stage("promote", io_retries=2)
+def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do_promote: bool):
+    from flows.retrain import RetrainResult
+    from infra.tracking import ensure_store
+    from tasks.promote import promote as flip
+    from tasks.promote import register_release
+
+    ensure_store(settings)
+    version = register_release(manifest.path, tracking.run_id, settings)
+    metrics = {k: v for k, v in ev.candidate.items() if k != "n"}
+    base = {"release_id": manifest.release_id, "snapshot_id": manifest.snapshot_id, "model_version": str(version),
+            "mlflow_run_id": tracking.run_id, "metrics": metrics, "previous_champion": ev.champion_release}
+    if not do_promote:
+        publish_release_card(manifest, version, "registered, not promoted (promote=false)", tracking)
+        return RetrainResult(status="not_promoted", **base)
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:  # must exist before use, or concurrency() silently skips it
+        client.upsert_global_concurrency_limit_by_name(PROMOTE_LIMIT, limit=1)
+    # a global limit of 1 (created by the flow) so two retrains never promote at once; the registry-side lock
+    # and compare-and-set in tasks/promote.py back it up for promotions from outside Prefect
+    with concurrency(PROMOTE_LIMIT, occupy=1, strict=True):
+        result = flip(version, settings, expected_champion=ev.champion_version)
+    get_run_logger().info(str(result))
+    tracking.set_tags({"towerflow.promoted": True})
+    publish_release_card(manifest, version, str(result), tracking)
+    return RetrainResult(status="promoted" if result.changed else "already_champion", **base)
+
+
+def publish_release_card(manifest, version: int, status: str, tracking: Tracking) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = [f"# Release {manifest.release_id}", "", f"**{status}**", "",
+             "| field | value |", "| --- | --- |",
+             f"| registered model version | {version} |", f"| snapshot | {manifest.snapshot_id} |",
+             f"| MLflow run | {tracking.tracking_uri} run `{tracking.run_id}` |"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(manifest.metrics.items())]
+    lines += ["", "| artifact | sha256 |", "| --- | --- |"]
+    lines += [f"| {f} | `{h[:16]}` |" for f, h in sorted(manifest.files.items())]
+    create_markdown_artifact(markdown="\n".join(lines), key="release-card", description=status)

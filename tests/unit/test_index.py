@@ -1,0 +1,178 @@
+"""Item embedding and the FAISS index: batching, id mapping, recall against exact search, sidecar round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.build_index import (
+    IndexArtifact,
+    IndexBuildError,
+    build_index,
+    choose_kind,
+    exact_search,
+    measure,
+)
+from tasks.embed_items import EmbeddingError, ItemEmbeddings, embed_items
+from towerflow.config import GateConfig, IndexConfig
+
+RID = "r-20260101T000000-abcdef"
+
+
+def clustered(n: int, d: int, n_clusters: int, seed: int, noise: float = 0.5) -> np.ndarray:
+    """Unit vectors around random cluster centres: the shape item embeddings of a trained model have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d))
+    x = centres[rng.integers(0, n_clusters, n)] + noise * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def catalog() -> ItemEmbeddings:
+    """3000 clustered items in 32 dims with ids 10_000, 10_007, ... (never positions)."""
+    vectors = clustered(3000, 32, 30, seed=0)
+    return ItemEmbeddings(RID, 10_000 + 7 * np.arange(3000, dtype=np.int64), vectors, "model-1")
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return clustered(200, 32, 30, seed=1, noise=0.7)
+
+
+def test_embed_items_batches_into_one_matrix_without_grad():
+    table = torch.nn.Embedding(11, 2)  # a real item tower stand-in: row i = (i, 2i)
+    with torch.no_grad():
+        table.weight.copy_(torch.stack([torch.arange(11.0), 2 * torch.arange(11.0)], dim=1))
+    seen: list[int] = []
+
+    def encode(idx: torch.Tensor) -> torch.Tensor:
+        assert not torch.is_grad_enabled()
+        seen.append(len(idx))
+        return table(idx)
+
+    item_index = np.arange(1, 11)  # vocabulary rows 1..10 (0 is padding)
+    item_ids = np.arange(1, 11) * 100  # real ids 100..1000
+    emb = embed_items(encode, item_index, item_ids, RID, batch_size=4, model_version="m")
+    assert seen == [4, 4, 2]  # 10 items in batches of 4
+    assert emb.vectors.dtype == np.float32 and emb.vectors.shape == (10, 2)
+    assert emb.item_ids.dtype == np.int64 and emb.item_ids.tolist() == list(range(100, 1001, 100))
+    np.testing.assert_array_equal(emb.vectors[2], [3.0, 6.0])  # item index 3 -> (3, 6)
+    np.testing.assert_array_equal(emb.vectors[9], [10.0, 20.0])
+    assert (emb.release_id, emb.model_version) == (RID, "m")
+    assert not table.weight.grad  # nothing was traced
+
+
+def test_embed_items_rejects_bad_input():
+    def encode(idx):
+        return torch.zeros(len(idx), 3)
+
+    with pytest.raises(EmbeddingError, match="duplicates"):
+        embed_items(encode, np.arange(3), np.array([5, 5, 6]), RID)
+    with pytest.raises(EmbeddingError, match="empty"):
+        embed_items(encode, np.arange(0), np.arange(0), RID)
+    with pytest.raises(EmbeddingError, match=r"expected \(batch, dim\)"):
+        embed_items(lambda idx: torch.zeros(len(idx)), np.arange(3), np.arange(3), RID)
+
+
+def test_embeddings_save_load_round_trip_and_refuse_changed_files(tmp_path, catalog):
+    catalog.save(tmp_path)
+    meta = json.loads((tmp_path / "item_embeddings.json").read_text())
+    assert meta["release_id"] == RID and (meta["n_items"], meta["dim"]) == (3000, 32)
+    back = ItemEmbeddings.load(tmp_path, mmap=True)
+    np.testing.assert_array_equal(back.vectors, catalog.vectors)
+    assert back.content_sha256() == catalog.content_sha256()
+    changed = catalog.vectors.copy()
+    changed[5, 0] += 1e-3
+    np.save(tmp_path / "item_embeddings.npy", changed)
+    with pytest.raises(EmbeddingError, match="content hash"):
+        ItemEmbeddings.load(tmp_path)
+
+
+def test_flat_index_scores_by_inner_product_and_answers_real_ids():
+    # Worked by hand: query (1, 0) scores 1.0, 0.6, 0.0, -1.0 against the four items below.
+    vectors = np.array([[0, 1], [1, 0], [-1, 0], [0.6, 0.8]], dtype=np.float32)
+    emb = ItemEmbeddings(RID, np.array([501, 502, 503, 504]), vectors)
+    art = build_index(emb, IndexConfig())
+    assert art.kind == "flat" and art.factory == "IDMap2,Flat"
+    scores, ids = art.search(np.array([[1.0, 0.0]]), 4)
+    assert ids.tolist() == [[502, 504, 501, 503]]
+    np.testing.assert_allclose(scores, [[1.0, 0.6, 0.0, -1.0]], atol=1e-6)
+    _, ids = art.search(np.array([[1.0, 0.0]]), 6)  # more than the catalog: padded with -1
+    assert ids[0, 4:].tolist() == [-1, -1]
+
+
+def test_auto_picks_flat_then_hnsw_and_checks_pq_shape():
+    config = IndexConfig(flat_max_items=1000)
+    assert choose_kind(1000, config) == "flat"
+    assert choose_kind(1001, config) == "hnsw"
+    assert choose_kind(10, IndexConfig(kind="ivfpq")) == "ivfpq"
+    emb = ItemEmbeddings(RID, np.arange(300), clustered(300, 30, 5, seed=2))
+    with pytest.raises(IndexBuildError, match="pq_m=16 must divide the embedding dim 30"):
+        build_index(emb, IndexConfig(kind="ivfpq"))
+    bad = emb.vectors.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(IndexBuildError, match="first item id 7"):
+        build_index(ItemEmbeddings(RID, np.arange(300), bad), IndexConfig())
+
+
+def test_flat_recall_is_exactly_one(catalog, queries):
+    art = build_index(catalog, IndexConfig())
+    m = measure(art, catalog, queries, k=50)
+    assert m.kind == "flat" and m.recall_at_k == 1.0
+    assert 0 < m.p50_ms <= m.p99_ms and m.n_queries == 200
+
+
+@pytest.mark.parametrize(
+    ("config", "factory", "k", "min_recall"),
+    [
+        (IndexConfig(flat_max_items=1000), "IDMap2,HNSW32", 10, GateConfig().min_index_recall),
+        (IndexConfig(kind="ivfpq", pq_m=8), "IDMap2,IVF219,PQ8x8,Refine(SQ8)", 10, GateConfig().min_index_recall),
+        # PQ codes alone (no re-ranking) lose precision: a lower bar, but ids must still be mapped.
+        (IndexConfig(kind="ivfpq", pq_m=16, pq_nbits=4, refine="none", ivf_nlist=64, nprobe=16),
+         "IVF64,PQ16x4", 50, 0.70),
+    ],
+    ids=["hnsw", "ivfpq-refine", "ivfpq"],
+)
+def test_ann_reaches_recall_with_real_ids(catalog, queries, config, factory, k, min_recall):
+    art = build_index(catalog, config)
+    assert art.factory == factory  # nlist = round(4 * sqrt(3000)) = 219 by default
+    m = measure(art, catalog, queries, k=k)
+    assert m.recall_at_k >= min_recall, m
+    # ids are the catalog's ids, not positions: an item's own vector finds the item itself at the top
+    _, ids = art.search(catalog.vectors[[0, 1234, 2999]], k)
+    assert set(ids.ravel().tolist()) <= set(catalog.item_ids.tolist())
+    if art.kind == "hnsw" or "Refine" in art.factory:  # exact re-ranking / graph: the item itself ranks first
+        assert ids[:, 0].tolist() == [10_000, 10_000 + 7 * 1234, 10_000 + 7 * 2999]
+    truth = exact_search(catalog, queries[:1], k)
+    assert truth.min() >= 10_000
+
+
+def test_index_save_load_keeps_sidecar_params_and_refuses_changed_file(tmp_path, catalog, queries):
+    art = build_index(catalog, IndexConfig(flat_max_items=1000, hnsw_ef_search=77))
+    art.save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert {k: meta[k] for k in ("release_id", "model_version", "n_items", "dim", "kind")} == {
+        "release_id": RID, "model_version": "model-1", "n_items": 3000, "dim": 32, "kind": "hnsw"}
+    assert meta["params"] == {"hnsw_m": 32, "ef_construction": 80, "ef_search": 77}
+    assert meta["embeddings_sha256"] == catalog.content_sha256() and len(meta["index_sha256"]) == 64
+    assert meta["metric"] == "inner_product" and meta["build_seconds"] > 0
+    back = IndexArtifact.load(tmp_path)
+    assert np.array_equal(back.search(queries, 10)[1], art.search(queries, 10)[1])
+    import faiss
+
+    assert faiss.downcast_index(back.index.index).hnsw.efSearch == 77
+    raw = bytearray((tmp_path / "index.faiss").read_bytes())
+    raw[-5] ^= 0xFF
+    (tmp_path / "index.faiss").write_bytes(bytes(raw))
+    with pytest.raises(IndexBuildError, match="does not match the sha256"):
+        IndexArtifact.load(tmp_path)
+
+
+def test_measure_refuses_embeddings_of_another_release(catalog, queries):
+    art = build_index(catalog, IndexConfig())
+    other = ItemEmbeddings("r-20260102T000000-000000", catalog.item_ids, catalog.vectors)
+    with pytest.raises(IndexBuildError, match="not built from these embeddings"):
+        measure(art, other, queries, 10)

@@ -104,3 +104,45 @@ def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path
                      return_state=True)
     assert again.is_failed()  # the empty day fails again; the done day is not redone
     assert _ledger(data_root).entries() == [done]  # same row, same finished_at: Jan 2 was skipped
+
+
+@pytest.mark.flow
+@pytest.mark.usefixtures("prefect_harness")
+def test_backfill_with_retrain_promotes_through_the_retrain_subflow_once(data_root: Path):
+    from flows.backfill import backfill
+    from infra.releases import load_release
+    from towerflow.config import (
+        EvalConfig,
+        ExamplesConfig,
+        GateConfig,
+        ModelConfig,
+        RetrainConfig,
+        Settings,
+        TrainConfig,
+        WorldConfig,
+    )
+    from towerflow.data.synthetic import generate_world
+
+    generate_world(str(data_root / "source"), WorldConfig(n_users=150, n_items=200, n_topics=5, days=4,
+                                                          events_per_day=1_500, new_items_per_day=5, seed=1))
+    config = RetrainConfig(
+        examples=ExamplesConfig(max_seq_len=8),
+        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128, epochs=2),
+        eval=EvalConfig(short_history_max=3),
+        gates=GateConfig(min_lift_over_popularity=-1.0),  # orchestration under test, not a 2-epoch model's quality
+        promote=False,  # the backfill's promote parameter, not the config's, decides
+    )
+    day = date(2026, 1, 5)  # window [Jan 1, Jan 5): the world's four days
+
+    first = backfill(start=day, end=day, lookback_days=4, retrain=True, promote=True, config=config)
+    [outcome] = first.days
+    assert (outcome.status, outcome.retrain_status) == ("ran", "promoted")
+    assert outcome.release_id and outcome.snapshot_id.startswith("20260105-4d-")
+    assert load_release(Settings()).release_id == outcome.release_id  # the champion is the backfilled release
+    [entry] = _ledger(data_root).entries()
+    assert (entry.work, entry.release_id, entry.retrain_status) == ("retrain+promote", outcome.release_id, "promoted")
+
+    # Asking for less (retrain without promote) or the same is already done: nothing is retrained.
+    again = backfill(start=day, end=day, lookback_days=4, retrain=True, promote=False, config=config)
+    assert again.skipped == [day] and again.days[0].release_id == outcome.release_id
+    assert _ledger(data_root).entries() == [entry]

@@ -88,6 +88,29 @@ def item_log_q(examples: Examples, config: TrainConfig) -> torch.Tensor:
     return est.table(n)
 
 
+def batch_loss(
+    model: TwoTower, u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor, config: TrainConfig,
+    batch_size: int,
+) -> torch.Tensor:
+    """In-batch softmax loss with logQ (and ``config.mixed_negatives``) of u (b, d) against v (b, d) -> scalar.
+
+    ``target_items`` (b,) are v's item indices. ``batch_size`` is the number of in-batch candidates q is scaled
+    to: the batch of this process, or the global batch when u and v were gathered across DDP ranks.
+    """
+    n_items = model.sizes.n_items
+    # q per draw -> expected copies among b in-batch candidates (same unit as the uniform negatives)
+    log_q = model.log_q[target_items] + math.log(batch_size) if config.logq else None
+    neg = {}
+    if config.mixed_negatives:
+        device = u.device
+        neg_ids = torch.randint(1, n_items + 1, (config.mixed_negatives,), device=device)
+        neg_lq = torch.full((config.mixed_negatives,), mixed_negatives_log_q(config.mixed_negatives, n_items),
+                            device=device)
+        neg = {"neg_v": model.item_vectors(neg_ids), "neg_ids": neg_ids,
+               "neg_log_q": neg_lq if config.logq else None}
+    return in_batch_softmax_loss(u, v, target_items, log_q, config.temperature, **neg)
+
+
 def train(
     examples: Examples,
     config: TrainConfig,
@@ -127,8 +150,6 @@ def train(
         say(f"resuming training after epoch {state['epoch']} from {ckpt}")
 
     t_start = time.perf_counter()
-    n_items = examples.vocab.n_items
-    log_b = math.log(config.batch_size)
     for epoch in range(start_epoch, config.epochs + 1):
         if epoch - best_epoch > config.patience and best_epoch > 0:
             break
@@ -142,16 +163,7 @@ def train(
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             batch = examples.train.to_batch(idx, examples.user_feats).to(device)
             u, v = model(batch)
-            # q per draw -> expected copies among b in-batch candidates (same unit as the uniform negatives)
-            log_q = model.log_q[batch.target_items] + log_b if config.logq else None
-            neg = {}
-            if config.mixed_negatives:
-                neg_ids = torch.randint(1, n_items + 1, (config.mixed_negatives,), device=device)
-                neg_lq = torch.full((config.mixed_negatives,), mixed_negatives_log_q(config.mixed_negatives, n_items),
-                                    device=device)
-                neg = {"neg_v": model.item_vectors(neg_ids), "neg_ids": neg_ids,
-                       "neg_log_q": neg_lq if config.logq else None}
-            loss = in_batch_softmax_loss(u, v, batch.target_items, log_q, config.temperature, **neg)
+            loss = batch_loss(model, u, v, batch.target_items, config, config.batch_size)
             if not torch.isfinite(loss):
                 raise TrainError(f"loss became {loss.item()} at epoch {epoch}, batch {i}; lower the learning rate")
             opt.zero_grad(set_to_none=True)

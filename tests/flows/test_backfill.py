@@ -51,13 +51,13 @@ def test_work_levels_cover_lower_levels_only(tmp_path: Path):
 
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
-def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, source: str):
+def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, tiny_source: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.backfill import backfill
 
-    first = backfill(start=JAN[2], end=JAN[3], lookback_days=2, retrain=False, source_uri=source)
+    first = backfill(start=JAN[2], end=JAN[3], lookback_days=2, retrain=False, source_uri=tiny_source)
     assert first.ran == [JAN[2], JAN[3]] and first.skipped == [] and first.failed == []
     assert [d.events for d in first.days] == [3, 5]
     ids = [d.snapshot_id for d in first.days]
@@ -68,13 +68,13 @@ def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, so
         (JAN[2], "extract", 2, ids[0]), (JAN[3], "extract", 2, ids[1])]
     first_done = {e.day: e.finished_at for e in ledger.entries()}
 
-    again = backfill(start=JAN[2], end=JAN[4], lookback_days=2, retrain=False, source_uri=source)
+    again = backfill(start=JAN[2], end=JAN[4], lookback_days=2, retrain=False, source_uri=tiny_source)
     assert again.skipped == [JAN[2], JAN[3]] and again.ran == [JAN[4]]
     assert [d.snapshot_id for d in again.days[:2]] == ids  # skipped days report what the ledger holds
     assert again.days[2].events == 7
     assert {e.day: e.finished_at for e in ledger.entries()}[JAN[2]] == first_done[JAN[2]]
 
-    forced = backfill(start=JAN[2], end=JAN[3], lookback_days=2, retrain=False, force=True, source_uri=source)
+    forced = backfill(start=JAN[2], end=JAN[3], lookback_days=2, retrain=False, force=True, source_uri=tiny_source)
     assert forced.ran == [JAN[2], JAN[3]] and forced.skipped == []
     assert [d.snapshot_id for d in forced.days] == ids  # extraction is idempotent: same inputs, same snapshot
     assert all(e.finished_at > first_done[e.day] for e in ledger.entries() if e.day in first_done)
@@ -89,18 +89,19 @@ def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, so
 
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
-def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path, source: str):
+def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path, tiny_source: str):
     from flows.backfill import backfill
 
     # lookback 1: Jan 1's window [Dec 31, Jan 1) is empty and fails; Jan 2's window [Jan 1, Jan 2) has 1 event.
-    state = backfill(start=JAN[0], end=JAN[1], lookback_days=1, retrain=False, source_uri=source, return_state=True)
+    state = backfill(start=JAN[0], end=JAN[1], lookback_days=1, retrain=False, source_uri=tiny_source,
+                     return_state=True)
     assert state.is_failed()
     with pytest.raises(BackfillError, match=r"1 of 2 day\(s\) failed: 2026-01-01"):
         state.result()
     [done] = _ledger(data_root).entries()
     assert (done.day, done.work) == (JAN[1], "extract")
 
-    again = backfill(start=JAN[0], end=JAN[1], lookback_days=1, retrain=False, source_uri=source,
+    again = backfill(start=JAN[0], end=JAN[1], lookback_days=1, retrain=False, source_uri=tiny_source,
                      return_state=True)
     assert again.is_failed()  # the empty day fails again; the done day is not redone
     assert _ledger(data_root).entries() == [done]  # same row, same finished_at: Jan 2 was skipped

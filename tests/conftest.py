@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,18 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("TOWERFLOW_SOURCE_URI", raising=False)
     monkeypatch.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect API (its own SQLite database) and PREFECT_HOME for every flow test of the session.
+
+    Request it with ``pytestmark = pytest.mark.usefixtures("prefect_harness")``; tests that only call ``.fn()`` or
+    pure functions should not, so they do not pay for it.
+    """
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,8 +1,7 @@
-"""Flow-test fixtures: one Prefect test harness for the whole session (entering it costs ~18 s)."""
+"""Flow-test fixtures (the session-wide Prefect test harness, ``prefect_harness``, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -10,21 +9,6 @@ import pandas as pd
 import pytest
 
 from towerflow.data.source import ParquetSink
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A temporary Prefect API (its own SQLite database) and PREFECT_HOME for every flow test of the session.
-
-    Request it with ``pytestmark = pytest.mark.usefixtures("prefect_harness")``; tests that only call ``.fn()`` or
-    pure functions should not, so they do not pay for it.
-    """
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), \
-            prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ class RetrainResult(BaseModel):
     model_version: str | None = None
     mlflow_run_id: str | None = None
     metrics: dict[str, float] = {}
+    comparison: dict[str, dict[str, float]] = Field({}, description="holdout metrics of candidate, champion, baselines")
     previous_champion: str | None = None
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 from prefect import get_run_logger
 from prefect.context import get_run_context
 
@@ -334,7 +335,14 @@ def gate_release(settings: Settings, manifest, examples, gates: GateConfig, trac
     def answer_one(sample: dict) -> dict:
         return answer(release, holdout.to_batch(np.array([sample["row"]]), examples.user_feats), sample["k"])[0]
 
-    result = check_release(answer_one, [{"row": int(r), "k": k} for r in rows], manifest.release_id, gates)
+    # one request at a time is tiny work: intra-op threads only add hand-off cost (and spin on a busy box);
+    # serving workers run single-threaded for the same reason
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = check_release(answer_one, [{"row": int(r), "k": k} for r in rows], manifest.release_id, gates)
+    finally:
+        torch.set_num_threads(threads)
     tracking.set_tags({"towerflow.gate.release": result.passed})
     publish_gate(result, "release-gate")
 
@@ -349,8 +357,11 @@ def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do
     ensure_store(settings)
     version = register_release(manifest.path, tracking.run_id, settings)
     metrics = {k: v for k, v in ev.candidate.items() if k != "n"}
+    comparison = {"candidate": metrics, **({f"champion {ev.champion_release}": ev.champion} if ev.champion else {}),
+                  **ev.baselines}
     base = {"release_id": manifest.release_id, "snapshot_id": manifest.snapshot_id, "model_version": str(version),
-            "mlflow_run_id": tracking.run_id, "metrics": metrics, "previous_champion": ev.champion_release}
+            "mlflow_run_id": tracking.run_id, "metrics": metrics, "previous_champion": ev.champion_release,
+            "comparison": comparison}
     if not do_promote:
         publish_release_card(manifest, version, "registered, not promoted (promote=false)", tracking)
         return RetrainResult(status="not_promoted", **base)

@@ -63,19 +63,23 @@ def remap_examples(
     Items ``dst`` never saw become 0 (padding in histories, no context, an unreachable target: an honest miss).
     """
 
+    def remap(a: np.ndarray, src_ids: np.ndarray, lookup) -> np.ndarray:
+        flat = a.reshape(-1)
+        ids = np.where(flat > 0, src_ids[np.maximum(flat, 1) - 1], -1)
+        return np.where(flat > 0, lookup(ids), 0).astype(np.int64).reshape(a.shape)
+
     def items(a: np.ndarray) -> np.ndarray:
-        ids = np.where(a > 0, src.item_ids[np.maximum(a, 1) - 1], -1)
-        return np.where(a > 0, dst.item_index(ids), 0).astype(np.int64)
+        return remap(a, src.item_ids, dst.item_index)
 
     def users(a: np.ndarray) -> np.ndarray:
-        ids = np.where(a > 0, src.user_ids[np.maximum(a, 1) - 1], -1)
-        return np.where(a > 0, dst.user_index(ids), 0).astype(np.int64)
+        return remap(a, src.user_ids, dst.user_index)
 
+    hist = items(seq.hist_items)
     out = SequenceExamples(
         user_idx=users(seq.user_idx),
-        hist_items=items(seq.hist_items),
-        hist_actions=np.where(items(seq.hist_items) > 0, seq.hist_actions, 0),
-        hist_gaps=np.where(items(seq.hist_items) > 0, seq.hist_gaps, 0),
+        hist_items=hist,
+        hist_actions=np.where(hist > 0, seq.hist_actions, 0),
+        hist_gaps=np.where(hist > 0, seq.hist_gaps, 0),
         context_items=items(seq.context_items),
         surface=seq.surface.copy(),
         target_items=items(seq.target_items),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 GROUPS = ("data", "retrain", "backfill", "release", "serve", "stack")
@@ -33,7 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Defaults for a laptop run, set when the CLI runs (not at import); the user's own values win.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # a fresh ephemeral API migrates its database first (~18 s, more on a busy machine)
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -1,0 +1,161 @@
+"""The retrain flow end to end on a tiny world: real Prefect (test harness), real MLflow (SQLite), real FAISS.
+
+One module-scoped data root holds a promoted champion; later tests try to replace it with bad data or a worse
+model and prove it keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from towerflow.config import (
+    EvalConfig,
+    ExamplesConfig,
+    GateConfig,
+    ModelConfig,
+    RetrainConfig,
+    Settings,
+    TrainConfig,
+    WorldConfig,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+AS_OF, LOOKBACK = date(2026, 1, 5), 4
+WORLD = WorldConfig(n_users=150, n_items=200, n_topics=5, days=4, events_per_day=1_500, new_items_per_day=5, seed=1)
+
+
+def small_config(**train) -> RetrainConfig:
+    return RetrainConfig(
+        examples=ExamplesConfig(max_seq_len=8),
+        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128,
+                          **{"epochs": 3, "lr": 5e-3, **train}),
+        eval=EvalConfig(short_history_max=3),
+        # the e2e test checks orchestration, not quality: a 3-epoch toy model need not beat popularity
+        gates=GateConfig(min_lift_over_popularity=-1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    from towerflow.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("retrain") / "towerflow"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOWERFLOW_DATA_ROOT", str(root))
+        mp.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("TOWERFLOW_SOURCE_URI", raising=False)
+        generate_world(str(root / "source"), WORLD)
+        yield Settings()
+
+
+@pytest.fixture(scope="module")
+def champion(world: Settings):
+    from flows.retrain import retrain
+
+    return retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config())
+
+
+def _champion_release(settings: Settings) -> str:
+    from infra.releases import load_release
+
+    return load_release(settings).release_id
+
+
+def test_promotes_one_release_whose_tower_and_index_share_its_id(world: Settings, champion):
+    assert champion.status == "promoted"
+    release_dir = world.releases_dir / champion.release_id
+    manifest = json.loads((release_dir / "release.json").read_text())
+    assert manifest["release_id"] == champion.release_id
+    assert json.loads((release_dir / "user_tower.json").read_text())["release_id"] == champion.release_id
+    assert json.loads((release_dir / "index.json").read_text())["release_id"] == champion.release_id
+    assert json.loads((release_dir / "item_embeddings.json").read_text())["release_id"] == champion.release_id
+    assert _champion_release(world) == champion.release_id
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(world.tracking_uri).get_run(champion.mlflow_run_id)
+    assert run.data.tags["towerflow.release_id"] == champion.release_id
+    assert run.data.tags["towerflow.snapshot_id"] == champion.snapshot_id
+    assert "holdout.recall_at_10" in run.data.metrics and "loss" in run.data.metrics
+    assert run.data.params["train.epochs"] == "3"
+    assert 0.0 <= champion.metrics["recall@10"] <= 1.0
+    assert {"candidate", "popularity", "cooccurrence"} <= set(champion.comparison)
+
+
+def test_bad_data_stops_before_promotion_and_champion_keeps_serving(world: Settings, champion, tmp_path):
+    from flows.retrain import retrain
+    from flows.stages import StageFailed
+    from towerflow.data.source import ParquetSink, ParquetSource
+
+    # a copy of the source whose last day has an action outside the contract's set
+    src, bad = ParquetSource(world.source), tmp_path / "bad-source"
+    sink = ParquetSink(str(bad))
+    sink.write_users(src.read_users())
+    sink.write_items(src.read_items())
+    for day in src.days():
+        start = pd.Timestamp(day, tz="UTC")
+        events = src.read_events(start.to_pydatetime(), (start + pd.Timedelta(days=1)).to_pydatetime())
+        if day == src.days()[-1]:
+            events.loc[events.index[:3], "action"] = "like"
+        sink.write_events_day(day, events)
+
+    with pytest.raises(StageFailed, match=r"(?s)stage 'validate_data' failed: .*action.*3 of .* e\.g\. \['like'\]"):
+        retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config(), source_uri=str(bad))
+    assert _champion_release(world) == champion.release_id
+
+
+def test_worse_model_than_champion_is_not_promoted(world: Settings, champion):
+    from flows.retrain import retrain
+    from flows.stages import StageFailed
+
+    # one epoch at a learning rate that cannot move the weights: far below the champion on the same holdout
+    with pytest.raises(StageFailed, match=r"(?s)stage 'gate_model' failed: .*recall@10 vs champion"):
+        retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config(epochs=1, lr=1e-7))
+    assert _champion_release(world) == champion.release_id
+
+
+def test_killed_after_training_resumes_without_retraining(world: Settings, champion, tmp_path):
+    """SIGKILL a real retrain process once its training output is published; the rerun reuses it."""
+    from flows.retrain import retrain
+
+    config = small_config(seed=7)  # a new train key: this run trains from scratch
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    train_dir = world.work_dir / "train"
+    before = set(train_dir.iterdir())
+    env = {**os.environ, "TOWERFLOW_DATA_ROOT": str(world.data_root), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": "", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "towerflow.cli", "retrain", "--as-of", AS_OF.isoformat(),
+         "--lookback-days", str(LOOKBACK), "--config", str(config_file)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 420
+        done: list[Path] = []
+        while not done and time.monotonic() < deadline and proc.poll() is None:
+            done = [d for d in set(train_dir.iterdir()) - before if (d / "_SUCCESS").exists()]
+            time.sleep(0.05)
+        assert done, "the subprocess never finished training"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    trained = done[0]
+    stamp = (trained / "train.json").stat().st_mtime_ns
+    assert _champion_release(world) == champion.release_id  # killed before promotion: champion untouched
+
+    result = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config)
+    assert (trained / "train.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert result.status == "promoted"
+    assert _champion_release(world) == result.release_id != champion.release_id

@@ -1,0 +1,54 @@
+"""``towerflow retrain``: run the retrain flow here (Prefect's ephemeral API, or PREFECT_API_URL when set)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain", help="extract, validate, train, gate and promote one release",
+        description="Retrain on the window [as_of - lookback_days, as_of): extract -> validate_data -> "
+                    "build_examples -> augment_context -> train -> evaluate -> gate_model -> embed_items -> "
+                    "build_index -> gate_release -> promote. Exits 1 naming the stage when a stage or gate fails; "
+                    "the champion release is then untouched. A rerun with the same inputs resumes after the last "
+                    "finished stage.",
+    )
+    p.add_argument("--as-of", type=date.fromisoformat, help="end of the window (exclusive), YYYY-MM-DD; default today")
+    p.add_argument("--lookback-days", type=int, default=7, help="window length in days (default 7)")
+    p.add_argument("--config", help="RetrainConfig as YAML or JSON (see towerflow/config.py)")
+    p.add_argument("--source", help="source URI (default: <data_root>/source)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_retrain)
+
+
+def load_config(path: str | None, epochs: int | None = None, promote: bool = True):
+    from towerflow.config import RetrainConfig
+
+    config = RetrainConfig.from_file(path) if path else RetrainConfig()
+    if epochs is not None:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+    if not promote:
+        config = config.model_copy(update={"promote": False})
+    return config
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+    from towerflow.commands.backfill import _api
+    from towerflow.config import Settings
+    from towerflow.report import print_result
+
+    settings = Settings()
+    config = load_config(args.config, args.epochs, promote=not args.no_promote)
+    with _api(settings):
+        result = retrain(as_of=args.as_of, lookback_days=args.lookback_days, config=config, source_uri=args.source)
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        print_result(result, settings)
+    return 0

@@ -83,7 +83,6 @@ def _import_interactions(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from tasks.extract import extract
-
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource
 

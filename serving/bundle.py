@@ -1,0 +1,105 @@
+"""Everything a request needs from one release, swapped as ONE object: towers, index, vocabulary, profiles.
+
+A ``ServingBundle`` is immutable once built. The service holds the current one in a single attribute; a request
+reads that attribute once and uses only what it got, so the user tower, the index, the vocabulary (item ids <->
+indices of THIS release) and the profile codes it uses always belong to one release, whatever swaps meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import torch
+
+from infra.releases import LoadedRelease, ReleaseIntegrityError
+from serving.retrieval import answer, context_batch
+from tasks.build_examples import Vocab, user_features
+from towerflow.config import ExamplesConfig
+
+
+@dataclass(frozen=True)
+class UserProfiles:
+    """Demographic value codes of every user of the users table, in one release's value vocabulary."""
+
+    user_ids: np.ndarray  # (n,) int64, sorted
+    feats: np.ndarray  # (n + 1, F) int64; row 0 = unknown user (all codes 0)
+
+    @classmethod
+    def build(cls, users: pd.DataFrame | None, vocab: Vocab) -> UserProfiles:
+        """Codes for every user of ``users`` (also users who signed up after the release was trained)."""
+        if users is None or users.empty:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros((1, len(vocab.demographic_fields)), dtype=np.int64))
+        users = users.drop_duplicates("user_id", keep="last")
+        everyone = Vocab(vocab.item_ids, np.sort(users["user_id"].to_numpy(dtype=np.int64)), vocab.categories,
+                         vocab.genres, vocab.demographic_fields, vocab.demographic_values)
+        return cls(everyone.user_ids, user_features(users, everyone))
+
+    def of(self, user_ids: np.ndarray) -> np.ndarray:
+        """(b,) raw user ids -> (b, F) codes; unknown users get zeros."""
+        ids = np.asarray(user_ids, dtype=np.int64)
+        if len(self.user_ids) == 0:
+            return self.feats[np.zeros(len(ids), dtype=np.int64)]
+        pos = np.searchsorted(self.user_ids, ids)
+        found = (pos < len(self.user_ids)) & (self.user_ids[np.minimum(pos, len(self.user_ids) - 1)] == ids)
+        return self.feats[np.where(found, pos + 1, 0)]
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    release: LoadedRelease
+    vocab: Vocab
+    profiles: UserProfiles
+    item_order: np.ndarray  # (n,) positions of release.item_ids in sorted order (item id -> row of item_vectors)
+    popular_ids: np.ndarray  # (n,) item ids, most popular first (the release's q table)
+    popular_scores: np.ndarray  # (n,) their sampling probability q
+    max_seq_len: int  # the history length the release was trained with
+    gap_buckets: int
+    loaded_at: datetime
+
+    @property
+    def release_id(self) -> str:
+        return self.release.release_id
+
+    @property
+    def history_dim(self) -> int:
+        return int(self.release.model.history_dim)
+
+    def item_row(self, item_id: int) -> int | None:
+        """Row of ``item_id`` in the release's item vectors, or None when the release has no such item."""
+        ids = self.release.item_ids
+        p = int(np.searchsorted(ids, item_id, sorter=self.item_order))
+        if p < len(ids) and int(ids[self.item_order[p]]) == item_id:
+            return int(self.item_order[p])
+        return None
+
+
+def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingBundle:
+    """Wrap a loaded, verified release for serving; answers one query to warm it up (and prove it answers)."""
+    if release.vocab_dir is None or not (release.vocab_dir / "vocab.json").is_file():
+        raise ReleaseIntegrityError(f"release {release.release_id} has no vocab/vocab.json: serving cannot map "
+                                    "item and user ids to the tower's indices")
+    vocab = Vocab.from_json((release.vocab_dir / "vocab.json").read_text())
+    model = release.model
+    if model.sizes.n_items != vocab.n_items:
+        raise ReleaseIntegrityError(f"release {release.release_id}: the user tower knows {model.sizes.n_items} "
+                                    f"items, its vocabulary {vocab.n_items}")
+    examples = release.config.get("examples", {}) if isinstance(release.config, dict) else {}
+    max_seq_len = int(examples.get("max_seq_len", ExamplesConfig().max_seq_len))
+    if not 1 <= max_seq_len <= model.cfg.max_seq_len:
+        raise ReleaseIntegrityError(f"release {release.release_id}: history length {max_seq_len} does not fit the "
+                                    f"tower's position table ({model.cfg.max_seq_len})")
+    log_q = release.q_table if release.q_table is not None else np.zeros(vocab.n_items + 1)
+    order = np.argsort(-np.asarray(log_q[1:], dtype=np.float64), kind="stable")
+    bundle = ServingBundle(
+        release=release, vocab=vocab, profiles=UserProfiles.build(users, vocab),
+        item_order=np.argsort(release.item_ids, kind="stable"),
+        popular_ids=vocab.item_ids[order], popular_scores=np.exp(np.asarray(log_q[1:], dtype=np.float64))[order],
+        max_seq_len=max_seq_len, gap_buckets=int(model.cfg.gap_buckets), loaded_at=datetime.now(UTC),
+    )
+    b = context_batch(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                      torch.from_numpy(bundle.profiles.of(np.zeros(1, dtype=np.int64))))
+    answer(release, b, 1, h=torch.zeros((1, bundle.history_dim)))
+    return bundle

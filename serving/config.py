@@ -1,0 +1,31 @@
+"""The retrieval service's typed config (the environment itself comes from ``towerflow.config.Settings``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field("champion", description="Registry alias whose release is served and watched.")
+    poll_interval_s: float = Field(5.0, gt=0, description="How often the watcher re-reads the alias.")
+    mode: Literal["hybrid", "online"] = Field(
+        "hybrid", description="hybrid: stored history states h + live context; online: encode every history "
+                              "from recent events on each request (the reference path, and the benchmark's baseline).")
+    on_missing_state: Literal["recompute", "cold"] = Field(
+        "recompute", description="A user with no state FOR THE SERVED RELEASE (never refreshed, or refreshed for "
+                                 "another release): recompute h online from recent events, or answer as for an "
+                                 "unknown user (context neighbours / popularity).")
+    lookback_days: int = Field(7, ge=1, description="Window of recent events kept for the online path; use the "
+                                                    "refresh flow's lookback so both paths see the same history.")
+    as_of: datetime | None = Field(
+        None, description="Pin the serving clock (time-gap reference) for replays of past data; default: "
+                          "min(now, end of the source's last day).")
+    events_reload_s: float = Field(300.0, gt=0, description="How often recent events and profiles are re-read.")
+    max_k: int = Field(200, ge=1, description="Largest k a request may ask for.")
+    max_seen: int = Field(200, ge=0, description="Recent engaged items kept per user for exclude_seen.")
+    retry_failed_release_s: float = Field(60.0, ge=0, description="Wait before retrying a release that failed to load.")

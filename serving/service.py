@@ -1,0 +1,245 @@
+"""The retrieval service without its HTTP layer: release watching and hot swap, the hybrid path, cold users.
+
+Per request (``retrieve``): read the current ``ServingBundle`` ONCE; get the user's history state ``h`` for that
+bundle's release (the stored one, or computed from recent events), ``combine`` it with the live context, search
+the same release's index, drop items the user already engaged with, and name the release in the response.
+
+Version handshake: a stored state is used only if it was computed by the release being served (the store is
+asked for that release only, and the answer is checked again here); otherwise ``h`` is recomputed online from
+recent events, or the user is answered as an unknown one, as ``ServingConfig.on_missing_state`` says.
+
+Hot swap: a watcher thread re-reads the alias every ``poll_interval_s``; a new release is loaded, verified and
+warmed up beside the old one, then ``self._bundle`` is replaced by one assignment. Requests that started on the
+old bundle finish on it (they hold their own reference); the old one is freed when the last of them ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infra.releases import ReleaseNotFoundError, load_release, resolve_alias
+from serving.bundle import ServingBundle, UserProfiles, build_bundle
+from serving.config import ServingConfig
+from serving.history import build_histories
+from serving.recent_events import RecentEvents
+from serving.retrieval import answer, context_batch, encode_histories, search
+from serving.state_store import SQLiteUserStateStore, UserStateStore
+from serving.states import history_batch
+from tasks.build_examples import SURFACE_INDEX
+from towerflow.config import Settings
+from towerflow.data.source import EventSource, ParquetSource, SourceError
+from towerflow.errors import TowerflowError
+
+log = logging.getLogger("towerflow.serving")
+PATHS = ("state", "online", "context", "popularity")  # how a response's user vector was obtained
+
+
+class RequestError(TowerflowError):
+    """The request cannot be answered as asked (the HTTP layer answers 422 with this message)."""
+
+
+class ServiceNotReady(TowerflowError):
+    """No release is loaded yet (HTTP 503)."""
+
+
+class RetrievalService:
+    """Serves the release that ``config.alias`` points at; thread-safe for concurrent ``retrieve`` calls."""
+
+    def __init__(self, settings: Settings, config: ServingConfig | None = None, *,
+                 store: UserStateStore | None = None, source: EventSource | None = None,
+                 use_default_store: bool = True, use_default_source: bool = True):
+        self.settings, self.config = settings, config or ServingConfig()
+        if store is None and use_default_store and self.config.mode == "hybrid":
+            store = SQLiteUserStateStore(settings.user_states_path)
+        if source is None and use_default_source:
+            try:
+                source = ParquetSource(settings.source)
+            except SourceError:
+                log.warning("no event source at %s: no online histories, no profiles", settings.source)
+        self.store, self.source = store, source
+        self._bundle: ServingBundle | None = None
+        self._recent: RecentEvents | None = None
+        self._events_loaded_at = 0.0
+        self._client = None
+        self._write_lock = threading.Lock()  # one writer (watcher or a direct poll) at a time
+        self._failed: dict[int, float] = {}  # version -> monotonic time of its failed load
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.swaps = 0
+        self.last_error: dict[str, Any] | None = None
+        self.mismatched_states = 0  # states of another release handed back by the store (and not used)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def bundle(self) -> ServingBundle | None:
+        return self._bundle
+
+    def start(self, watch: bool = True) -> RetrievalService:
+        """Load recent events and the current release (if any), then start the watcher thread."""
+        self.reload_events()
+        try:
+            self.poll()
+        except ReleaseNotFoundError as exc:
+            log.warning("%s; serving 503 until a release is promoted", exc)
+        if watch and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, name="release-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.poll_interval_s):
+            try:
+                if time.monotonic() - self._events_loaded_at >= self.config.events_reload_s:
+                    self.reload_events()
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.warning("release watcher: %s", exc)
+                self.last_error = {"error": str(exc), "at": datetime.now(UTC).isoformat()}
+
+    def reload_events(self) -> None:
+        """Re-read recent events and the users table; refresh the current bundle's profiles from it."""
+        if self.source is None:
+            return
+        with self._write_lock:
+            as_of = self.config.as_of
+            if as_of is not None and as_of.tzinfo is None:
+                as_of = as_of.replace(tzinfo=UTC)
+            recent = RecentEvents.from_source(self.source, self.config.lookback_days, as_of)
+            self._recent = recent
+            self._events_loaded_at = time.monotonic()
+            if (b := self._bundle) is not None:
+                self._bundle = replace(b, profiles=UserProfiles.build(recent.users, b.vocab))
+            log.info("recent events: %d users, as of %s", len(recent), recent.as_of.isoformat())
+
+    def poll(self) -> str | None:
+        """One watcher step: if the alias moved, load the new release beside the current one and swap.
+
+        Returns the new release id, or None when nothing changed. A release that fails to load leaves the
+        current one serving (the error is kept in ``last_error``) and is retried after retry_failed_release_s.
+        """
+        from infra.tracking import tracking_client
+
+        with self._write_lock:
+            self._client = self._client or tracking_client(self.settings)
+            version = resolve_alias(self.settings, self.config.alias, self._client)
+            current = self._bundle
+            if current is not None and current.release.version == version:
+                return None
+            failed_at = self._failed.get(version)
+            if failed_at is not None and time.monotonic() - failed_at < self.config.retry_failed_release_s:
+                return None
+            t0 = time.perf_counter()
+            try:
+                release = load_release(self.settings, self.config.alias)
+                users = self._recent.users if self._recent is not None else None
+                bundle = build_bundle(release, users)
+            except Exception as exc:
+                self._failed[version] = time.monotonic()
+                self.last_error = {"version": version, "error": str(exc), "at": datetime.now(UTC).isoformat()}
+                log.error("release version %s failed to load, still serving %s: %s", version,
+                          current.release_id if current else "nothing", exc)
+                if current is None:
+                    raise
+                return None
+            self._bundle = bundle  # THE swap: towers, index, vocabulary and profiles change together
+            self.swaps += current is not None
+            self._failed.pop(version, None)
+            log.info("serving release %s (version %s) after %.2fs%s", bundle.release_id, bundle.release.version,
+                     time.perf_counter() - t0, f"; was {current.release_id}" if current else "")
+            return bundle.release_id
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def retrieve(self, user_id: int, item_id: int | None = None, surface: str = "homefeed", k: int = 10,
+                 exclude_seen: bool = True) -> dict[str, Any]:
+        """-> {release, version, path, items: [{item_id, score}]}; raises RequestError / ServiceNotReady."""
+        b = self._bundle  # read ONCE: everything below uses this release only
+        if b is None:
+            raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
+        if not 1 <= k <= self.config.max_k:
+            raise RequestError(f"k must be between 1 and {self.config.max_k}, got {k}")
+        if surface not in SURFACE_INDEX:
+            raise RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {surface!r}")
+        context = 0
+        if item_id is not None:
+            context = int(b.vocab.item_index(np.array([item_id], dtype=np.int64))[0])
+            if context == 0:
+                raise RequestError(f"context.item_id {item_id} is not in the catalog of release {b.release_id} "
+                                   f"({b.vocab.n_items} items)")
+        h, seen, path = self._history(b, int(user_id))
+        exclude = set(seen.tolist()) if exclude_seen else set()
+        if item_id is not None:
+            exclude.add(int(item_id))  # never answer "related to X" with X itself
+        if h is not None:
+            batch = context_batch(torch.tensor([context]), torch.tensor([SURFACE_INDEX[surface]]),
+                                  torch.from_numpy(b.profiles.of(np.array([user_id], dtype=np.int64))))
+            out = answer(b.release, batch, k, [exclude], h=torch.tensor(h).reshape(1, -1))[0]
+        elif item_id is not None and (row := b.item_row(int(item_id))) is not None:
+            path = "context"  # an unknown user viewing an item: the item's neighbours in this release's index
+            out = search(b.release, np.asarray(b.release.item_vectors[row:row + 1], dtype=np.float32), k,
+                         [exclude])[0]
+        else:
+            path = "popularity"
+            items = [{"item_id": int(i), "score": float(s)}
+                     for i, s in zip(b.popular_ids, b.popular_scores, strict=True) if int(i) not in exclude]
+            out = {"release": b.release_id, "items": items[:k]}
+        return {**out, "version": b.release.version, "path": path}
+
+    def _history(self, b: ServingBundle, user_id: int) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+        """(h (history_dim,) or None, seen item ids, path) for the release of ``b`` only."""
+        none = np.zeros(0, dtype=np.int64)
+        if self.config.mode == "hybrid" and self.store is not None:
+            state = self.store.get([user_id], b.release_id).get(user_id)
+            if state is not None:
+                if state.release_id == b.release_id and state.h.shape == (b.history_dim,):
+                    return state.h, state.seen_items, "state"
+                self.mismatched_states += 1  # a store that ignores the release key: never pair h with this tower
+                log.warning("state of user %s from release %s (dim %d) not used with release %s", user_id,
+                            state.release_id, state.h.size, b.release_id)
+            if self.config.on_missing_state == "cold":
+                return None, none, None
+        recent = self._recent
+        if recent is None:
+            return None, none, None
+        hist = build_histories(recent.get([user_id]), b.vocab, recent.as_of_us, b.max_seq_len, b.gap_buckets,
+                               self.config.max_seen)
+        if len(hist) == 0:
+            return None, none, None
+        h = encode_histories(b.release, history_batch(hist, [0]))[0].numpy()
+        return h, hist.seen[0], "online"
+
+    def status(self) -> dict[str, Any]:
+        b, recent = self._bundle, self._recent
+        out: dict[str, Any] = {"alias": self.config.alias, "mode": self.config.mode,
+                               "on_missing_state": self.config.on_missing_state, "swaps": self.swaps,
+                               "mismatched_states": self.mismatched_states, "last_error": self.last_error,
+                               "events_as_of": recent.as_of.isoformat() if recent else None,
+                               "recent_users": len(recent) if recent else 0}
+        if b is not None:
+            m = b.release.manifest
+            out |= {"release": b.release_id, "version": b.release.version, "model_version": m.model_version,
+                    "created_at": m.created_at, "snapshot_id": m.snapshot_id, "loaded_at": b.loaded_at.isoformat(),
+                    "n_items": int(len(b.release.item_ids)), "dim": int(b.release.item_vectors.shape[1]),
+                    "index": b.release.index_meta.get("kind", m.index.get("kind")),
+                    "history_dim": b.history_dim, "max_seq_len": b.max_seq_len,
+                    "path": str(Path(b.release.path))}
+        else:
+            out["release"] = None
+        return out

@@ -1,0 +1,105 @@
+"""One tiny world with two real releases for every serving test (the retrain flow, MLflow on SQLite, FAISS).
+
+Version 1 (``other``) is registered but not promoted; version 2 (``champion``) is the champion, and the
+refresh-user-states flow has stored its history states. Tests that move the champion put it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from towerflow.config import (
+    EvalConfig,
+    ExamplesConfig,
+    GateConfig,
+    ModelConfig,
+    RetrainConfig,
+    Settings,
+    TrainConfig,
+    WorldConfig,
+)
+
+AS_OF, LOOKBACK = date(2026, 1, 5), 4
+HORIZON = datetime(2026, 1, 5, tzinfo=UTC)  # the end of the world's last day: the serving clock
+WORLD = WorldConfig(n_users=150, n_items=200, n_topics=5, days=4, events_per_day=1_500, new_items_per_day=5, seed=1)
+
+
+def small_config(seed: int = 0, promote: bool = True) -> RetrainConfig:
+    return RetrainConfig(
+        examples=ExamplesConfig(max_seq_len=8),
+        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128, epochs=1,
+                          seed=seed),
+        eval=EvalConfig(short_history_max=3),
+        # these tests check serving, not quality: a 1-epoch toy model need not beat anything
+        gates=GateConfig(min_lift_over_popularity=-1.0, max_regression=1.0),
+        promote=promote,
+    )
+
+
+@dataclass
+class ServedWorld:
+    root: Path
+    settings: Settings
+    champion: object  # flows.retrain.RetrainResult of the champion (version 2)
+    other: object  # RetrainResult of the registered, not promoted release (version 1)
+    refresh: object  # flows.refresh_user_states.RefreshResult for the champion
+
+    def env(self, mp: pytest.MonkeyPatch) -> None:
+        """Point Settings() (and so the flows and the CLI) at this world."""
+        mp.setenv("TOWERFLOW_DATA_ROOT", str(self.root))
+        mp.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("TOWERFLOW_SOURCE_URI", raising=False)
+        mp.delenv("TOWERFLOW_REGISTERED_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def served(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedWorld]:
+    from flows.refresh_user_states import refresh_user_states
+    from flows.retrain import retrain
+    from towerflow.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("serving") / "towerflow"
+    world = ServedWorld(root, None, None, None, None)
+    with pytest.MonkeyPatch.context() as mp:
+        world.env(mp)
+        world.settings = Settings()
+        generate_world(str(root / "source"), WORLD)
+        # registered first without promotion, so neither run is gated against a champion
+        world.other = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config(seed=1, promote=False))
+        world.champion = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config())
+        world.refresh = refresh_user_states()
+    assert (world.other.status, world.other.model_version) == ("not_promoted", "1")
+    assert (world.champion.status, world.champion.model_version) == ("promoted", "2")
+    yield world
+
+
+@pytest.fixture(scope="session")
+def world_events(served: ServedWorld):
+    """The world's events (all four days) as the source holds them."""
+    from datetime import timedelta
+
+    from towerflow.data.source import ParquetSource
+
+    return ParquetSource(served.settings.source).read_events(HORIZON - timedelta(days=7), HORIZON)
+
+
+@pytest.fixture(scope="session")
+def champion_release(served: ServedWorld):
+    from infra.releases import load_release
+
+    return load_release(served.settings)
+
+
+def service_for(served: ServedWorld, **config):
+    """A started RetrievalService on the world (no watcher), the serving clock at the world's horizon."""
+    from serving.config import ServingConfig
+    from serving.service import RetrievalService
+
+    store = config.pop("store", None)
+    svc = RetrievalService(served.settings, ServingConfig(**config), store=store)
+    return svc.start(watch=False)

@@ -1,0 +1,180 @@
+"""The HTTP API on a real release: answers, the hybrid path against the full online path, cold users, bad
+requests, and the version handshake (a state of another release is never paired with the served tower)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.state_store import InMemoryUserStateStore, SQLiteUserStateStore, UserState
+from tests.serving.conftest import HORIZON, service_for
+
+
+@pytest.fixture(scope="module")
+def hybrid(served):
+    svc = service_for(served)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def online(served):
+    svc = service_for(served, mode="online")
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(hybrid):
+    with TestClient(create_app(service=hybrid)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def users(served) -> list[int]:
+    """Users with a stored state, with at least 3 seen items."""
+    store = SQLiteUserStateStore(served.settings.user_states_path)
+    states = store.get(list(range(0, 1000)), served.champion.release_id)
+    return [u for u, s in sorted(states.items()) if len(s.seen_items) >= 3][:8]
+
+
+@pytest.fixture(scope="module")
+def items(hybrid) -> list[int]:
+    return [int(i) for i in hybrid.bundle.vocab.item_ids[[0, 7, 42, 99]]]
+
+
+def test_healthz_and_release(client, served):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["release"] == served.champion.release_id
+    info = client.get("/release").json()
+    assert info["release"] == served.champion.release_id and info["version"] == 2
+    assert info["n_items"] == len(client.app.state.service.bundle.vocab.item_ids)
+    assert info["mode"] == "hybrid" and info["events_as_of"] == HORIZON.isoformat() and info["swaps"] == 0
+
+
+def test_retrieve_uses_the_stored_state_and_names_its_release(client, served, users, items):
+    store = SQLiteUserStateStore(served.settings.user_states_path)
+    seen = set(store.get([users[0]], served.champion.release_id)[users[0]].seen_items.tolist())
+    r = client.post("/retrieve", json={"user_id": users[0], "context": {"item_id": items[1], "surface": "related"},
+                                       "k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["release"] == served.champion.release_id and body["version"] == 2 and body["path"] == "state"
+    ids, scores = [i["item_id"] for i in body["items"]], [i["score"] for i in body["items"]]
+    assert len(ids) == len(set(ids)) == 7 and scores == sorted(scores, reverse=True)
+    assert not set(ids) & seen and items[1] not in ids  # seen items and the viewed item itself are dropped
+
+
+def test_hybrid_path_equals_the_full_online_path(hybrid, online, users, items):
+    for u in users:
+        for ctx, surface in ((None, "homefeed"), (items[0], "related"), (items[2], "search")):
+            a, b = hybrid.retrieve(u, ctx, surface, k=10), online.retrieve(u, ctx, surface, k=10)
+            assert (a["path"], b["path"]) == ("state", "online")
+            assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+            np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]],
+                                       rtol=0, atol=1e-5)
+
+
+def test_exclude_seen_drops_exactly_the_seen_items(client, served, users):
+    store = SQLiteUserStateStore(served.settings.user_states_path)
+    seen = set(store.get([users[1]], served.champion.release_id)[users[1]].seen_items.tolist())
+    k = 5
+    kept = client.post("/retrieve", json={"user_id": users[1], "k": k}).json()["items"]
+    every = client.post("/retrieve", json={"user_id": users[1], "k": k + len(seen),
+                                           "exclude_seen": False}).json()["items"]
+    assert [i for i in every if i["item_id"] not in seen][:k] == kept
+
+
+def test_unknown_user_gets_the_context_items_neighbours(client, hybrid, items):
+    r = client.post("/retrieve", json={"user_id": 10**15, "context": {"item_id": items[3], "surface": "related"},
+                                       "k": 4}).json()
+    assert r["path"] == "context"
+    release = hybrid.bundle.release
+    row = int(np.flatnonzero(release.item_ids == items[3])[0])
+    v = np.asarray(release.item_vectors, dtype=np.float64)
+    cos = v @ v[row]  # exact cosine: the vectors are unit length
+    cos[row] = -np.inf  # never the viewed item itself
+    top = np.argsort(-cos, kind="stable")[:4]
+    assert [i["item_id"] for i in r["items"]] == release.item_ids[top].tolist()
+    np.testing.assert_allclose([i["score"] for i in r["items"]], cos[top], atol=1e-5)
+
+
+def test_unknown_user_without_context_gets_the_most_popular_items(client, hybrid):
+    r = client.post("/retrieve", json={"user_id": -5, "k": 3}).json()
+    assert r["path"] == "popularity"
+    log_q = hybrid.bundle.release.q_table  # log q of item index i at position i; 0 is padding
+    top = np.argsort(-log_q[1:], kind="stable")[:3]
+    assert [i["item_id"] for i in r["items"]] == hybrid.bundle.vocab.item_ids[top].tolist()
+    np.testing.assert_allclose([i["score"] for i in r["items"]], np.exp(log_q[1:][top]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ('{"user_id": 1, "k": ', 400, "malformed JSON body"),
+    ("[1, 2]", 422, "Input should be a valid dictionary"),
+    ({"k": 5}, 422, "user_id: Field required"),
+    ({"user_id": "12"}, 422, "user_id: Input should be a valid integer"),
+    ({"user_id": 1.5}, 422, "user_id: Input should be a valid integer"),
+    ({"user_id": 2**70}, 422, "user_id: Input should be less than or equal to"),
+    ({"user_id": 1, "k": 0}, 422, "k: Input should be greater than or equal to 1"),
+    ({"user_id": 1, "k": 201}, 422, "k must be between 1 and 200, got 201"),
+    ({"user_id": 1, "k": "10"}, 422, "k: Input should be a valid integer"),
+    ({"user_id": 1, "context": {"surface": "moon"}}, 422, "context.surface: Input should be 'homefeed'"),
+    ({"user_id": 1, "context": {"item_id": 987654321}}, 422, "context.item_id 987654321 is not in the catalog"),
+    ({"user_id": 1, "context": "related"}, 422, "context: Input should be a valid dictionary"),
+    ({"user_id": 1, "exclude_seen": "yes"}, 422, "exclude_seen: Input should be a valid boolean"),
+    ({"user_id": 1, "kk": 3}, 422, "kk: Extra inputs are not permitted"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem(client, body, status, message):
+    r = (client.post("/retrieve", content=body, headers={"content-type": "application/json"})
+         if isinstance(body, str) else client.post("/retrieve", json=body))
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200  # and the service goes on
+
+
+def _garbage(user: int, release: str, dim: int) -> UserState:
+    return UserState(user, release, np.full(dim, 7.0, dtype=np.float32), HORIZON, HORIZON, np.zeros(0))
+
+
+def test_a_state_of_another_release_is_never_used(served, online, users, items):
+    champ, other = served.champion.release_id, served.other.release_id
+    dim = online.bundle.history_dim
+    store = InMemoryUserStateStore()
+    store.put([_garbage(users[0], other, dim),  # refreshed with another release: recomputed online
+               _garbage(users[1], champ, dim + 1)])  # the right id but not this tower's size
+    svc = service_for(served, store=store)
+    try:
+        for u in users[:2]:
+            got, ref = svc.retrieve(u, items[0], "related", k=8), online.retrieve(u, items[0], "related", k=8)
+            assert got["path"] == "online" and got["release"] == champ
+            assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in ref["items"]]
+    finally:
+        svc.close()
+
+    cold = service_for(served, store=store, on_missing_state="cold")
+    try:  # by config, a user without a state of the served release is answered as an unknown user
+        assert cold.retrieve(users[0], items[0], "related", k=3)["path"] == "context"
+        assert cold.retrieve(users[0], None, "homefeed", k=3)["path"] == "popularity"
+    finally:
+        cold.close()
+
+
+class _StoreIgnoringReleases(InMemoryUserStateStore):
+    """A faulty store (say, a cache keyed by user only): it hands back whatever state it has."""
+
+    def get(self, user_ids, release_id):
+        return {int(u): s for (_, su), s in self._states.items() for u in user_ids if su == int(u)}
+
+
+def test_the_service_checks_the_release_of_every_state_it_is_handed(served, online, users):
+    store = _StoreIgnoringReleases()
+    store.put([_garbage(users[2], served.other.release_id, online.bundle.history_dim)])
+    svc = service_for(served, store=store)
+    try:
+        got, ref = svc.retrieve(users[2], k=6), online.retrieve(users[2], k=6)
+        assert got["path"] == "online" and svc.mismatched_states == 1
+        assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in ref["items"]]
+    finally:
+        svc.close()

@@ -1,0 +1,121 @@
+"""Histories at a point in time: hand-worked values, and equality with the histories training sees."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.history import EventArrays, build_histories, from_us, source_horizon, to_us
+from tasks.build_examples import Vocab
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _events(rows: list[tuple]) -> pd.DataFrame:
+    """rows of (event_id, user_id, item_id, action, seconds after T0)."""
+    return pd.DataFrame({
+        "event_id": [r[0] for r in rows], "user_id": [r[1] for r in rows], "item_id": [r[2] for r in rows],
+        "action": [r[3] for r in rows], "ts": [T0 + timedelta(seconds=r[4]) for r in rows],
+        "surface": ["homefeed"] * len(rows), "context_item_id": [None] * len(rows), "query": [None] * len(rows),
+    })
+
+
+def _vocab(items: list[int]) -> Vocab:
+    return Vocab(np.array(items), np.array([7, 8]), ["c"], [], [], [])
+
+
+def test_last_actions_before_as_of_left_padded_with_gap_buckets_worked_by_hand():
+    events = _events([
+        ("e1", 7, 10, "click", 100),
+        ("e2", 7, 20, "impression", 200),  # impressions are not history
+        ("e3", 7, 30, "skip", 300),  # negative actions are
+        ("e4", 7, 99, "save", 400),  # item 99 is not in the release's vocabulary: dropped
+        ("e5", 7, 10, "click", 500),
+        ("e6", 7, 20, "click", 600),  # at as_of: not strictly before, not seen
+        ("e7", 8, 20, "impression", 50),  # user 8 has no history action: not in the result
+    ])
+    hist = build_histories(EventArrays.from_events(events), _vocab([10, 20, 30]), to_us(T0 + timedelta(seconds=600)),
+                           max_seq_len=4, gap_buckets=16)
+    assert hist.user_id.tolist() == [7]
+    # item indices: 10 -> 1, 30 -> 3; actions: click 2, skip 5 (0 = padding)
+    assert hist.hist_items.tolist() == [[0, 1, 3, 1]]
+    assert hist.hist_actions.tolist() == [[0, 2, 5, 2]]
+    # gap buckets 1 + floor(log2(1 + s) / 2): 500 s -> 1 + floor(8.97 / 2) = 5, 300 s -> 5, 100 s -> 1 + 3 = 4
+    assert hist.hist_gaps.tolist() == [[0, 5, 5, 4]]
+    assert from_us(hist.last_event_us[0]) == T0 + timedelta(seconds=500)
+    assert hist.seen[0].tolist() == [10, 30]  # distinct, most recent first
+
+
+def test_keeps_only_the_latest_L_and_caps_seen():
+    events = _events([(f"e{i}", 7, 10 + i % 5, "click", i) for i in range(12)])
+    hist = build_histories(EventArrays.from_events(events), _vocab([10, 11, 12, 13, 14]), to_us(T0 + timedelta(1)),
+                           max_seq_len=3, gap_buckets=16, max_seen=2)
+    # the last three clicks are at 9, 10, 11 s: items 14, 10, 11 -> indices 5, 1, 2
+    assert hist.hist_items.tolist() == [[5, 1, 2]]
+    assert hist.seen[0].tolist() == [11, 10]
+
+
+def test_same_timestamp_ties_follow_event_id_whatever_the_row_order():
+    rows = [("b", 7, 20, "click", 10), ("a", 7, 10, "click", 10)]
+    as_of = to_us(T0 + timedelta(seconds=20))
+    fwd = build_histories(EventArrays.from_events(_events(rows)), _vocab([10, 20]), as_of, 2, 16)
+    rev = build_histories(EventArrays.from_events(_events(rows[::-1])), _vocab([10, 20]), as_of, 2, 16)
+    assert fwd.hist_items.tolist() == rev.hist_items.tolist() == [[1, 2]]  # "a" (item 10) first
+
+
+def test_empty_and_unknown_action():
+    hist = build_histories(EventArrays.empty(), _vocab([10]), to_us(T0), 4, 16)
+    assert len(hist) == 0 and hist.hist_items.shape == (0, 4) and hist.seen == []
+    with pytest.raises(Exception, match="like"):
+        EventArrays.from_events(_events([("e", 7, 10, "like", 0)]))
+
+
+def test_source_horizon_is_the_end_of_the_last_day_unless_that_is_in_the_future():
+    from datetime import date
+
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert source_horizon([date(2026, 1, 3), date(2026, 1, 4)], now) == datetime(2026, 1, 5, tzinfo=UTC)
+    assert source_horizon([date(2026, 3, 1)], now) == now
+    assert source_horizon([], now) == now
+
+
+def test_histories_equal_those_build_examples_gives_the_holdout(tmp_path):
+    """For every holdout example, the history at its target's time is exactly the example's history."""
+    from tasks.build_examples import build_examples
+    from towerflow.config import ExamplesConfig, WorldConfig
+    from towerflow.data.source import ParquetSource
+    from towerflow.data.synthetic import generate_world
+
+    generate_world(str(tmp_path), WorldConfig(n_users=60, n_items=80, n_topics=4, days=3, events_per_day=800,
+                                              new_items_per_day=3, seed=4))
+    src = ParquetSource(str(tmp_path))
+    end = datetime(2026, 1, 4, tzinfo=UTC)
+    events = src.read_events(end - timedelta(days=3), end).sort_values(["ts", "event_id"], ignore_index=True)
+    cfg = ExamplesConfig(max_seq_len=6)
+    ex = build_examples(events, src.read_users(), src.read_items(), end, cfg)
+    ho = ex.holdout
+    assert len(ho) > 20 and (ho.history_length() > 0).sum() > 20
+
+    arrays = EventArrays.from_events(events)
+    ts_us = pd.DatetimeIndex(events["ts"]).as_unit("us").asi8
+    positive = events["action"].isin(["click", "save", "conversion"]).to_numpy()
+    boundary = to_us(end - timedelta(days=cfg.holdout_days))
+    for r in range(len(ho)):
+        user = int(ex.vocab.user_ids[ho.user_idx[r] - 1])
+        # the holdout target is the user's first positive in the holdout day
+        t = ts_us[positive & (events["user_id"].to_numpy() == user) & (ts_us >= boundary)].min()
+        hist = build_histories(arrays.take(arrays.user_id == user), ex.vocab, int(t), cfg.max_seq_len,
+                               cfg.gap_buckets)
+        if ho.history_length()[r] == 0:
+            assert len(hist) == 0
+            continue
+        assert hist.user_id.tolist() == [user]
+        np.testing.assert_array_equal(hist.hist_items[0], ho.hist_items[r])
+        np.testing.assert_array_equal(hist.hist_actions[0], ho.hist_actions[r])
+        np.testing.assert_array_equal(hist.hist_gaps[0], ho.hist_gaps[r])
+        # exclude_seen drops what evaluation excludes: every item acted on before the target
+        seen_idx = ex.vocab.item_index(hist.seen[0])
+        assert sorted(seen_idx.tolist()) == sorted(ex.holdout_seen.row(r).tolist())

@@ -1,0 +1,116 @@
+"""``towerflow serve``: run the retrieval service, ask it one query in-process, or refresh the user states.
+
+    towerflow serve [--host 127.0.0.1] [--port 8000]          the HTTP service (serving/app.py) under uvicorn
+    towerflow serve query USER_ID [--context-item ID] [--surface related] [-k 10]
+                                                              one retrieval from the champion, no server
+    towerflow serve refresh [--release champion] [--as-of T]   the refresh-user-states flow, here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+
+
+def _serving_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", default="champion", help="registry alias to serve and watch (default champion)")
+    p.add_argument("--mode", choices=("hybrid", "online"), default="hybrid",
+                   help="hybrid: stored history states + live context (default); online: encode every history "
+                        "per request")
+    p.add_argument("--on-missing-state", choices=("recompute", "cold"), default="recompute",
+                   help="a user with no state for the served release: recompute online (default) or answer as "
+                        "an unknown user")
+    p.add_argument("--as-of", type=datetime.fromisoformat,
+                   help="pin the serving clock, for replayed data (default: min(now, end of the source's last day))")
+    p.add_argument("--lookback-days", type=int, default=7, help="recent events kept for the online path (7)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: requests run in parallel; per-op threading of "
+                        "batch-1 inference only adds contention)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the retrieval service, query it in-process, refresh user states",
+                       description="Serve POST /retrieve, GET /healthz, GET /release for the champion release; "
+                                   "a new champion is loaded and swapped in without a restart.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _serving_options(p)
+    p.set_defaults(handler=_serve)
+    ssub = p.add_subparsers(dest="serve_command", metavar="SUBCOMMAND")
+
+    q = ssub.add_parser("query", help="print one retrieval from the served release, without a server")
+    q.add_argument("user_id", type=int)
+    q.add_argument("--context-item", type=int, help="the item being viewed, if any")
+    q.add_argument("--surface", choices=("homefeed", "related", "search"), default="homefeed")
+    q.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    q.add_argument("--include-seen", action="store_true", help="keep items the user already acted on")
+    q.add_argument("--json", action="store_true", help="print the response as JSON")
+    _serving_options(q)
+    q.set_defaults(handler=_query)
+
+    r = ssub.add_parser("refresh", help="compute and store user history states (the refresh-user-states flow)")
+    r.add_argument("--release", default="champion", help="alias, version number or release id (default champion)")
+    r.add_argument("--as-of", type=datetime.fromisoformat, help="default: the source's horizon")
+    r.add_argument("--lookback-days", type=int, default=7)
+    r.add_argument("--source", help="source URI (default: <data_root>/source)")
+    r.set_defaults(handler=_refresh)
+
+
+def _config(args: argparse.Namespace, **extra):
+    from serving.config import ServingConfig
+
+    return ServingConfig(alias=args.alias, mode=args.mode, on_missing_state=args.on_missing_state, as_of=args.as_of,
+                         lookback_days=args.lookback_days, **extra)
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from serving.app import create_app
+    from towerflow.config import Settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _threads(args.torch_threads)
+    app = create_app(Settings(), _config(args, poll_interval_s=args.poll_s))
+    print(f"serving on http://{args.host}:{args.port} (POST /retrieve, GET /healthz, GET /release)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from serving.service import RetrievalService
+    from towerflow.config import Settings
+
+    _threads(args.torch_threads)
+    service = RetrievalService(Settings(), _config(args)).start(watch=False)
+    out = service.retrieve(args.user_id, args.context_item, args.surface, args.k, not args.include_seen)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    ctx = f"viewing item {args.context_item} on {args.surface}" if args.context_item is not None else args.surface
+    print(f"release {out['release']} (version {out['version']}) - user {args.user_id}, {ctx}, via {out['path']}")
+    for rank, item in enumerate(out["items"], 1):
+        print(f"{rank:>4}. item {item['item_id']:<10} {item['score']:.4f}")
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from flows.refresh_user_states import refresh_user_states
+
+    result = refresh_user_states(release=args.release, as_of=args.as_of, lookback_days=args.lookback_days,
+                                 source_uri=args.source)
+    print(f"stored {result.n_users} user states for release {result.release_id} (version {result.version}) "
+          f"as of {result.as_of.isoformat()} in {result.seconds:.1f}s -> {result.store}")
+    return 0

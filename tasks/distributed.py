@@ -1,0 +1,240 @@
+"""Data-parallel training with torch DistributedDataParallel: one process per core or GPU, launched by torchrun.
+
+    torchrun --standalone --nproc_per_node 2 scripts/train_ddp.py --examples DIR --out DIR
+
+Every rank holds the whole model and a ``DistributedSampler`` shard of the training examples, and runs
+``config.batch_size / world_size`` examples per step. The in-batch softmax must see the *global* batch, as the
+single-process ``tasks.train.train`` does, or each rank would only score its positives against its own few
+hundred rows: so every step all-gathers the user vectors, the positive item vectors and their item ids from all
+ranks with ``torch.distributed.nn.functional.all_gather`` (it carries gradients back to the rank that produced
+each row; ``torch.distributed.all_gather`` does not) and computes ``tasks.train.batch_loss`` over the global batch,
+with log q scaled to the global batch size.
+
+Why the gradient is right: every rank computes the same global loss L. The all-gather's backward sums the
+gradient each rank sends to a row, so rank r's parameters get ``world_size * dL/dθ`` through its own rows; DDP's
+gradient averaging divides by ``world_size``, leaving exactly the single-process gradient of one global batch.
+
+Rank 0 runs the early-stopping evaluation and broadcasts it, so every rank stops at the same epoch and keeps the
+same best weights. Nothing here touches Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from models.two_tower import TwoTower
+from tasks.build_examples import Examples
+from tasks.scoring import model_metrics
+from tasks.train import EpochStats, TrainError, TrainResult, batch_loss, item_log_q
+from towerflow.config import TrainConfig
+from towerflow.progress import say
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job: global rank, number of processes, rank on this machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_torchrun(environ: dict[str, str] | None = None) -> DistEnv:
+    """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as torchrun sets them; a clear error when they are missing."""
+    environ = dict(os.environ if environ is None else environ)
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in environ]
+    if missing:
+        raise TrainError(f"not started by torchrun: {', '.join(missing)} not set "
+                         "(run `torchrun --standalone --nproc_per_node N scripts/train_ddp.py ...`)")
+    env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ["LOCAL_RANK"]))
+    if not 0 <= env.rank < env.world_size:
+        raise TrainError(f"RANK={env.rank} is outside WORLD_SIZE={env.world_size}")
+    return env
+
+
+def init_distributed(env: DistEnv, device: str = "auto", init_method: str | None = None) -> torch.device:
+    """Join the process group: NCCL with one GPU per local rank when CUDA is used, gloo on CPU.
+
+    ``device``: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``. ``init_method`` defaults to torchrun's
+    ``env://`` rendezvous (MASTER_ADDR / MASTER_PORT); tests pass ``file://...``.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise TrainError("device 'cuda' requested but no GPU is available")
+        if env.local_rank >= torch.cuda.device_count():
+            raise TrainError(f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s) here; "
+                             "start at most one process per GPU")
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method or "env://",
+                            rank=env.rank, world_size=env.world_size)
+    return torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each rank -> (world_size * b, ...) in rank order, with gradients flowing back to every rank."""
+    with warnings.catch_warnings():
+        # torch 2.13 marks it deprecated in favour of a private module (_functional_collectives); it is the
+        # public autograd-aware all-gather and works on gloo and NCCL.
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x), dim=0)
+
+
+def gather_ids(x: torch.Tensor) -> torch.Tensor:
+    """(b,) integer ids on each rank -> (world_size * b,) in rank order (no gradient)."""
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def global_batch_loss(model: TwoTower, u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor,
+                      config: TrainConfig) -> torch.Tensor:
+    """This rank's u (b, d), v (b, d), target_items (b,) -> the loss of the global batch (world_size * b rows).
+
+    Every rank's positives are every other rank's in-batch negatives; log q is scaled to the global batch.
+    """
+    u_all, v_all, ids_all = gather_rows(u), gather_rows(v), gather_ids(target_items)
+    return batch_loss(model, u_all, v_all, ids_all, config, batch_size=len(ids_all))
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_ddp(
+    examples: Examples,
+    config: TrainConfig,
+    env: DistEnv,
+    device: torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Fit a TwoTower on ``examples.train`` across ``env.world_size`` processes of an initialised process group.
+
+    ``config.batch_size`` is the *global* batch (it must divide by the world size), so a run on N processes takes
+    the same steps of the same size as ``tasks.train.train`` on one. Every rank returns the same TrainResult (the
+    best epoch's weights, on CPU); ``on_epoch`` and the checkpoint (``checkpoint_dir``, on storage every rank can
+    read) are handled by rank 0, and a restarted job resumes after the last finished epoch.
+    """
+    if not dist.is_initialized():
+        raise TrainError("train_ddp needs an initialised process group (see init_distributed)")
+    world = env.world_size
+    if config.batch_size % world:
+        raise TrainError(f"batch_size {config.batch_size} (the global batch) must divide by world_size {world}")
+    local_b = config.batch_size // world
+    n_train = len(examples.train)
+    if n_train < 2 * world:
+        raise TrainError(f"need at least {2 * world} training examples for {world} ranks, got {n_train}")
+    device = device or torch.device("cpu")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
+    model.set_log_q(item_log_q(examples, config))
+    # Buffers (feature table, log q) never change in training: synced once at init, not before every step.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  forward_sync_buffers=False)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    torch.manual_seed(config.seed + 1 + env.rank)  # dropout masks and mixed negatives differ between ranks
+    # range(n) is all the sampler needs: it shards and shuffles positions, the same permutation on every rank.
+    sampler = DistributedSampler(range(n_train), num_replicas=world, rank=env.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    split, seen = ("valid", examples.valid_seen) if examples.valid is not None else ("holdout", examples.holdout_seen)
+    stop_on = examples.valid if examples.valid is not None else examples.holdout
+    metric = config.early_stopping_metric
+
+    history: list[EpochStats] = []
+    best_state, best_value, best_epoch, start_epoch = None, -math.inf, 0, 1
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = [EpochStats(**e) for e in state["history"]]
+        best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        if env.is_main:
+            say(f"resuming DDP training after epoch {state['epoch']} from {ckpt}")
+
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        if epoch - best_epoch > config.patience and best_epoch > 0:
+            break
+        ddp.train()
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        shard = np.fromiter(iter(sampler), dtype=np.int64)  # this rank's positions, equal length on every rank
+        n_batches = max(1, len(shard) // local_b)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+        for i in range(n_batches):
+            idx = shard[i * local_b : (i + 1) * local_b]
+            batch = examples.train.to_batch(idx, examples.user_feats).to(device)
+            u, v = ddp(batch)
+            loss = global_batch_loss(model, u, v, batch.target_items, config)
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss became {loss.item()} at epoch {epoch}, batch {i} on rank {env.rank}; "
+                                 "lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach().double()
+        train_s = time.perf_counter() - t0
+        dist.all_reduce(total)  # sum over ranks of each rank's summed loss; ranks differ only by dropout/negatives
+        epoch_loss = float(total) / (n_batches * world)
+
+        metrics = model_metrics(model, stop_on, examples.user_feats, seen, ks=(10, 50)) \
+            if env.is_main and len(stop_on) else {}
+        metrics = _broadcast(metrics)
+        stats = EpochStats(epoch=epoch, loss=epoch_loss, seconds=time.perf_counter() - t0,
+                           examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
+        history.append(stats)
+        value = metrics.get(metric, -stats.loss)
+        improved = value > best_value
+        if improved:
+            best_value, best_epoch = value, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if env.is_main:
+            say(f"epoch {epoch}/{config.epochs} ({world} ranks): loss {stats.loss:.4f}  {metric} {value:.4f}"
+                f"{' *' if improved else ''}  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
+            if on_epoch:
+                on_epoch(stats)
+            if ckpt:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "history": [asdict(e) for e in history], "best_state": best_state,
+                            "best_value": best_value, "best_epoch": best_epoch, "epoch": epoch}, tmp)
+                tmp.replace(ckpt)
+        dist.barrier()  # nobody starts the next epoch (or reads the checkpoint) before rank 0 is done
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model=model.cpu(), history=history, best_epoch=best_epoch,
+                       seconds=time.perf_counter() - t_start, early_stopping_split=split)
+
+
+def torchrun_command(nproc_per_node: int, script: str | Path, args: Sequence[str] = ()) -> list[str]:
+    """The argv that runs ``script`` on ``nproc_per_node`` local processes with this interpreter's torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            str(script), *args]

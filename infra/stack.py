@@ -10,6 +10,7 @@ interpreter, and health is read over HTTP, so the library stays cheap to import 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -383,31 +384,106 @@ def up(cfg: StackConfig, timeout: float = 120.0, say: Callable[[str], None] = pr
     return status(cfg)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren ...), from one ``ps`` listing."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    children: dict[int, list[int]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _terminate(pids: list[int], grace: float, group: bool = False) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL whatever is left (``group``: signal process groups)."""
+    kill = os.killpg if group else os.kill
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        alive = [p for p in pids if _cmdline(p) is not None]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(p, sig)
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in alive if _cmdline(p) is not None]
+        if not alive:
+            return
+
+
 def _stop(cfg: StackConfig, name: str, grace: float) -> bool:
     pid = read_pid(cfg, name)
     if pid is None:
         return False
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _cmdline(pid) is not None:
-            time.sleep(0.2)
-        if _cmdline(pid) is None:
-            break
+    # Prefect starts each flow run in a session of its own, out of reach of a signal to the worker's group: note
+    # the whole tree first, stop the group, then stop what it left behind (a flow run that gets SIGTERM reports
+    # itself crashed to the server, which is still up: the worker is stopped first).
+    tree = _descendants(pid)
+    _terminate([pid], grace, group=True)
+    _terminate(tree, grace)
     _pid_file(cfg, name).unlink(missing_ok=True)
     return True
 
 
-def down(cfg: StackConfig, grace: float = 15.0, say: Callable[[str], None] = print) -> list[str]:
-    """Stop the stack's services (worker first, so no flow run starts against a vanishing server).
+IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
 
+
+def _in_flight_runs(cfg: StackConfig) -> list[str]:
+    """Ids of the pool's flow runs that are still in flight, and of their subflows (all levels)."""
+    state = {"type": {"any_": IN_FLIGHT}}
+    url = f"{cfg.prefect_api_url}/flow_runs/filter"
+    try:
+        r = httpx.post(url, json={"flow_runs": {"state": state}, "work_pools": {"name": {"any_": [cfg.work_pool]}}},
+                       timeout=5.0)
+        r.raise_for_status()
+        ids = [run["id"] for run in r.json()]
+        frontier = ids
+        while frontier:
+            r = httpx.post(url, json={"flow_runs": {"state": state, "parent_flow_run_id": {"any_": frontier}}},
+                           timeout=5.0)
+            r.raise_for_status()
+            frontier = [run["id"] for run in r.json() if run["id"] not in ids]
+            ids += frontier
+    except httpx.HTTPError:
+        return []
+    return ids
+
+
+def _mark_cancelled(cfg: StackConfig, ids: list[str]) -> int:
+    """Record runs whose processes ``down`` stopped as Cancelled, so the UI does not show them running forever."""
+    done = 0
+    for run_id in ids:
+        try:
+            current = httpx.get(f"{cfg.prefect_api_url}/flow_runs/{run_id}", timeout=5.0).json()
+            if current.get("state_type") not in IN_FLIGHT:
+                continue  # it ended on its own while the worker stopped
+            r = httpx.post(f"{cfg.prefect_api_url}/flow_runs/{run_id}/set_state", timeout=5.0, json={
+                "state": {"type": "CANCELLED", "name": "Cancelled",
+                          "message": "stopped by 'towerflow stack down' while in flight"},
+                "force": True})
+            done += r.status_code in (200, 201)
+        except (httpx.HTTPError, ValueError):
+            pass
+    return done
+
+
+def down(cfg: StackConfig, grace: float = 15.0, say: Callable[[str], None] = print) -> list[str]:
+    """Stop the stack's services: the worker and its flow runs first, then MLflow, then the Prefect server.
+
+    Flow runs the worker was executing are stopped with it and recorded as Cancelled (the server is still up
+    then): a run killed under its worker cannot report its own end, and would otherwise show Running forever.
     Returns the names of the services that were running and are now stopped.
     """
+    in_flight = _in_flight_runs(cfg) if read_pid(cfg, "worker") and read_pid(cfg, "prefect") else []
     stopped = []
     for name in ("worker", "mlflow", "prefect"):
+        if name == "prefect" and in_flight:
+            say(f"marked {_mark_cancelled(cfg, in_flight)} in-flight flow run(s) Cancelled")
         if _stop(cfg, name, grace):
             say(f"stopped {name}")
             stopped.append(name)

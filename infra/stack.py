@@ -337,8 +337,9 @@ def _port_of(cfg: StackConfig, name: str) -> int | None:
 def up(cfg: StackConfig, timeout: float = 120.0, say: Callable[[str], None] = print) -> list[ServiceStatus]:
     """Start every service of ``cfg`` that is not already running and wait until all answer.
 
-    The servers start together (they are independent); once they answer the worker starts and creates its work
-    pool if it is missing (without a worker, the pool is created directly). On a failure every service started by this call is stopped again.
+    The servers start together (they are independent); once they answer, the worker starts and creates its work
+    pool if it is missing (without a worker, the pool is created directly). On a failure every service started by
+    this call is stopped again.
     """
     for d in (cfg.stack_dir, cfg.prefect_home, cfg.mlflow_artifacts):
         d.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ model and prove it keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -139,7 +140,8 @@ def test_killed_after_training_resumes_without_retraining(world: Settings, champ
     proc = subprocess.Popen(
         [sys.executable, "-m", "towerflow.cli", "retrain", "--as-of", AS_OF.isoformat(),
          "--lookback-days", str(LOOKBACK), "--config", str(config_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2],
+        start_new_session=True)  # its own process group: the kill takes its ephemeral Prefect server down too
     try:
         deadline = time.monotonic() + 420
         done: list[Path] = []
@@ -147,9 +149,9 @@ def test_killed_after_training_resumes_without_retraining(world: Settings, champ
             done = [d for d in set(train_dir.iterdir()) - before if (d / "_SUCCESS").exists()]
             time.sleep(0.05)
         assert done, "the subprocess never finished training"
-        proc.send_signal(signal.SIGKILL)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     trained = done[0]
     stamp = (trained / "train.json").stat().st_mtime_ns

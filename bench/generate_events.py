@@ -10,19 +10,10 @@ peak RSS stays about the same. Prints a table and writes ``bench/results/generat
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import os
-import platform
-import resource
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_events.json"
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+from bench.common import command_line, peak_rss_mib, print_table, run_in_child, write_result
 
 
 def _run(events: int, days: int, users: int, items: int, topics: int, new_items_per_day: int) -> dict:
@@ -32,7 +23,7 @@ def _run(events: int, days: int, users: int, items: int, topics: int, new_items_
 
     config = WorldConfig(n_users=users, n_items=items, n_topics=topics, days=days,
                          events_per_day=events // days, new_items_per_day=new_items_per_day)
-    before = _rss_mib()
+    before = peak_rss_mib()
     with tempfile.TemporaryDirectory(prefix="towerflow-bench-") as tmp:
         summary = generate_world(tmp, config)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
@@ -42,15 +33,15 @@ def _run(events: int, days: int, users: int, items: int, topics: int, new_items_
         "seconds": round(summary.seconds, 3),
         "events_per_s": round(summary.events / summary.seconds),
         "rss_before_mib": round(before, 1),
-        "peak_rss_mib": round(_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "bytes_on_disk": size,
         "positive_rate": round(summary.positive_rate, 4),
     }
 
 
-def _in_child(**kwargs) -> dict:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_run, kwds=kwargs)
+COLUMNS = [("run", "run", ""), ("events", "events", ","), ("days", "days", ""), ("seconds", "seconds", ".2f"),
+           ("events/s", "events_per_s", ","), ("RSS before MiB", "rss_before_mib", ".0f"),
+           ("peak RSS MiB", "peak_rss_mib", ".0f"), ("on disk MiB", "disk_mib", ".1f")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,24 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     sizes = dict(users=args.users, items=args.items, topics=args.topics, new_items_per_day=args.new_items_per_day)
 
-    runs = {"main": _in_child(events=args.events, days=args.days, **sizes)}
+    runs = {"main": run_in_child(_run, events=args.events, days=args.days, **sizes)}
     if args.streaming_check:
-        runs["double_days"] = _in_child(events=2 * args.events, days=2 * args.days, **sizes)
+        runs["double_days"] = run_in_child(_run, events=2 * args.events, days=2 * args.days, **sizes)
 
-    print(f"\n{'run':<12} {'events':>10} {'days':>5} {'seconds':>8} {'events/s':>10} "
-          f"{'RSS before':>11} {'peak RSS':>9} {'on disk':>9}")
-    for name, r in runs.items():
-        print(f"{name:<12} {r['events']:>10,} {r['config']['days']:>5} {r['seconds']:>8.2f} "
-              f"{r['events_per_s']:>10,} {r['rss_before_mib']:>8.0f} MiB {r['peak_rss_mib']:>5.0f} MiB "
-              f"{r['bytes_on_disk'] / 2**20:>5.1f} MiB")
-    result = {
-        "benchmark": "generate_events",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "runs": runs,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {RESULTS}")
+    rows = [{"run": name, "days": r["config"]["days"], "disk_mib": r["bytes_on_disk"] / 2**20, **r}
+            for name, r in runs.items()]
+    print_table(rows, COLUMNS)
+    result = {"runs": runs}
+    write_result("generate_events", result, command_line("bench.generate_events", argv))
     return result
 
 

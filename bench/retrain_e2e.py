@@ -1,0 +1,280 @@
+"""Benchmark: the retrain flow end to end on the demo world, the share of its wall time spent in each stage, and
+the orchestration overhead: the Prefect flow against the same stage functions called as plain functions.
+
+    python -m bench.retrain_e2e [--epochs 3] [--lookback-days 7] [--threads N]
+
+The demo world is ``WorldConfig()`` (2,000 users, 3,000 items, 14 days x 20,000 events); the window is its last
+``--lookback-days`` days. One fresh process (its own temporary data roots and PREFECT_HOME, Prefect's ephemeral
+API) does, in order:
+
+1. imports everything, starts the API with a trivial flow and creates both MLflow stores (not timed: a deployed
+   retrain finds all of them up);
+2. the **plain** pipeline: the pure stage functions (tasks/, validation/, infra/) in the flow's order on data root A,
+   each timed, ending with the release registered and promoted in MLflow;
+3. the **flow**: ``flows.retrain.retrain`` on data root B; each stage's time is its Prefect task run's
+   ``total_run_time``, read back from the API.
+
+Orchestration overhead = flow wall time / plain wall time, from this one run. It covers everything the flow adds
+around the same computation: task and flow run state changes, logs and artifacts sent to the Prefect API, MLflow
+params/metrics/plots/gate reports, checkpoints and resumable work directories. ``gaps`` is the flow's wall time
+not inside any task run. Training dominates both and its speed swings with other load on a shared machine, so the
+overhead outside ``train`` is reported too. Prints a table and writes ``bench/results/retrain_e2e.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench.common import command_line, peak_rss_mib, print_table, write_result
+
+STAGES = ("start_tracking", "extract", "validate_data", "build_examples", "augment_context", "train", "evaluate",
+          "gate_model", "embed_items", "build_index", "assemble_release", "gate_release", "promote")
+
+
+def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, config) -> tuple[dict[str, float], dict]:
+    """The flow's stages as plain calls of the pure functions, in the flow's order -> (seconds per stage, info)."""
+    import numpy as np
+
+    from infra.releases import load_release_dir, new_release_id, write_release
+    from models.two_tower import save_model
+    from serving.retrieval import answer
+    from tasks.augment_context import augment_context
+    from tasks.build_examples import build_examples
+    from tasks.build_index import build_index
+    from tasks.embed_items import embed_items
+    from tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
+    from tasks.extract import extract
+    from tasks.promote import promote, register_release
+    from tasks.scoring import model_ranks
+    from tasks.train import train
+    from towerflow.data.source import ParquetSource
+    from validation.data import validate_snapshot
+    from validation.embeddings import check_embeddings
+    from validation.index import check_index_recall
+    from validation.model import gate_model, slices_by_name
+    from validation.release import check_release
+
+    times: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        times[name] = time.perf_counter() - t0
+        return value
+
+    snapshot = stage("extract", lambda: extract(ParquetSource(source_uri), end, lookback_days, settings.snapshots_dir))
+    start, stop = snapshot.window
+    stage("validate_data", lambda: validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start,
+                                                     stop, None, config.gates).raise_if_failed())
+    examples = stage("build_examples", lambda: build_examples(snapshot.events(), snapshot.users(), snapshot.items(),
+                                                              stop, config.examples))
+    examples.train = stage("augment_context", lambda: augment_context(examples.train, examples.item_feats,
+                                                                      config.augment)[0])
+    trained = stage("train", lambda: train(examples, config.train))
+
+    def evaluate():
+        ks, short = config.eval.ks, config.eval.short_history_max
+        ranks = model_ranks(trained.model, examples.holdout, examples.user_feats, examples.holdout_seen)
+        base = baseline_ranks(examples)
+        return (metrics_from_ranks(ranks, ks), evaluate_slices(ranks, examples.holdout, ks, short),
+                {n: metrics_from_ranks(r, ks) for n, r in base.items()},
+                {n: evaluate_slices(r, examples.holdout, ks, short) for n, r in base.items()})
+
+    candidate, slices, baselines, baseline_slices = stage("evaluate", evaluate)
+    stage("gate_model", lambda: gate_model(candidate, None, baselines, slices_by_name(slices, None, baseline_slices),
+                                           config.gates).raise_if_failed())
+
+    def embed():
+        vocab = examples.vocab
+        emb = embed_items(trained.model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids,
+                          new_release_id(), model_version="plain")
+        check_embeddings(emb.vectors, config.gates, seed=0).raise_if_failed()
+        return emb
+
+    emb = stage("embed_items", embed)
+
+    def index_and_check():
+        index = build_index(emb, config.index)
+        rng = np.random.default_rng(0)
+        queries = emb.vectors[rng.choice(emb.n_items, size=min(config.index.recall_sample, emb.n_items), replace=False)]
+        queries = queries + rng.normal(0, 0.05, queries.shape).astype(np.float32)
+        check_index_recall(index.search, emb.vectors, queries, min(config.index.recall_k, emb.n_items), config.gates,
+                           item_ids=emb.item_ids).raise_if_failed()
+        return index
+
+    index = stage("build_index", index_and_check)
+
+    def assemble():
+        with tempfile.TemporaryDirectory() as tmp:
+            tower = save_model(trained.model, Path(tmp) / "user_tower")
+            vocab = Path(tmp) / "vocab.json"
+            vocab.write_text(examples.vocab.to_json())
+            return write_release(settings.releases_dir, release_id=emb.release_id, user_tower_dir=tower,
+                                 embeddings=emb, index=index, config=config, snapshot_id=snapshot.snapshot_id,
+                                 metrics={k: v for k, v in candidate.items() if k != "n"},
+                                 q_table=trained.model.log_q.numpy(), vocab=vocab)
+
+    manifest = stage("assemble_release", assemble)
+
+    def gate_release():
+        import torch
+
+        release = load_release_dir(manifest.path)
+        rows, k = np.arange(min(50, len(examples.holdout))), min(10, len(release.item_ids))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the flow's gate_release does
+        try:
+            check_release(lambda s: answer(release, examples.holdout.to_batch(np.array([s["row"]]),
+                                                                              examples.user_feats), s["k"])[0],
+                          [{"row": int(r), "k": k} for r in rows], manifest.release_id, config.gates).raise_if_failed()
+        finally:
+            torch.set_num_threads(threads)
+
+    stage("gate_release", gate_release)
+    promoted = stage("promote", lambda: promote(register_release(manifest.path, None, settings), settings,
+                                                expected_champion=None))
+    info = {"epochs_run": len(trained.history), "train_examples": len(examples.train),
+            "recall_at_10": round(candidate["recall@10"], 4), "promoted": bool(promoted.changed)}
+    return times, info
+
+
+def task_run_seconds(flow_run_id) -> dict[str, float]:
+    """Seconds of each task run of a flow run, by task name, as the Prefect API recorded them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, float] = {}
+    for r in runs:
+        name = r.name.rsplit("-", 1)[0]  # "train-2d4" -> "train"
+        out[name] = out.get(name, 0.0) + r.total_run_time.total_seconds()
+    return out
+
+
+def _child(out_path: str, epochs: int, lookback_days: int, threads: int | None) -> None:
+    import great_expectations  # noqa: F401
+    import mlflow  # noqa: F401
+    import torch
+    from prefect import flow
+
+    import flows.retrain  # noqa: F401 - imports are not what the benchmark times
+    import serving.retrieval  # noqa: F401
+    from flows.retrain import retrain
+    from infra.tracking import ensure_store
+    from towerflow.config import RetrainConfig, Settings, WorldConfig
+    from towerflow.data.synthetic import generate_world
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(os.environ["TOWERFLOW_BENCH_ROOT"])
+    world = WorldConfig()
+    t0 = time.perf_counter()
+    summary = generate_world(str(root / "source"), world)
+    generate_s = time.perf_counter() - t0
+    as_of = world.start + timedelta(days=world.days)
+    end = datetime.combine(as_of, datetime.min.time(), tzinfo=UTC)
+    config = RetrainConfig()
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+    plain_settings, flow_root = Settings(data_root=root / "plain"), root / "flow"
+    os.environ["TOWERFLOW_DATA_ROOT"] = str(flow_root)  # what the flow's Settings() reads
+
+    t0 = time.perf_counter()
+    flow(name="bench-warm-up")(lambda: None)()  # starts the ephemeral API (database migrations)
+    api_start_s = time.perf_counter() - t0
+    ensure_store(plain_settings)
+    ensure_store(Settings())
+
+    t0 = time.perf_counter()
+    plain, info = run_plain(plain_settings, str(root / "source"), end, lookback_days, config)
+    plain_wall = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    state = retrain(as_of=as_of, lookback_days=lookback_days, config=config, source_uri=str(root / "source"),
+                    return_state=True)
+    flow_wall = time.perf_counter() - t0
+    result = state.result()
+    tasks = task_run_seconds(state.state_details.flow_run_id)
+
+    doc = {
+        "world": world.model_dump(mode="json"), "events_in_world": summary.events, "generate_s": round(generate_s, 2),
+        "as_of": as_of.isoformat(), "lookback_days": lookback_days, "epochs": epochs,
+        "torch_threads": torch.get_num_threads(), "api_start_s": round(api_start_s, 2),
+        "prefect_api": os.environ.get("PREFECT_API_URL") or "ephemeral",
+        "plain": {"wall_s": round(plain_wall, 3), "stages_s": {k: round(v, 3) for k, v in plain.items()}, **info},
+        "flow": {"wall_s": round(flow_wall, 3), "stages_s": {k: round(v, 3) for k, v in tasks.items()},
+                 "status": result.status, "recall_at_10": round(result.metrics.get("recall@10", float("nan")), 4),
+                 "gaps_s": round(flow_wall - sum(tasks.values()), 3)},
+        "overhead_ratio": round(flow_wall / plain_wall, 3),
+        # training dominates and its speed swings with other load on a shared machine; the rest is the fixed cost
+        "overhead_outside_train_s": round((flow_wall - tasks.get("train", 0.0)) - (plain_wall - plain["train"]), 3),
+        "overhead_ratio_outside_train": round((flow_wall - tasks.get("train", 0.0)) / (plain_wall - plain["train"]), 3),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    Path(out_path).write_text(json.dumps(doc, indent=2))
+
+
+COLUMNS = [("stage", "stage", ""), ("flow s", "flow_s", ".2f"), ("flow share", "flow_share", ".1%"),
+           ("plain s", "plain_s", ".2f"), ("plain share", "plain_share", ".1%"), ("flow - plain s", "extra_s", "+.2f")]
+
+
+def stage_rows(doc: dict) -> list[dict]:
+    flow, plain = doc["flow"], doc["plain"]
+    rows = []
+    for name in STAGES:
+        f, p = flow["stages_s"].get(name), plain["stages_s"].get(name)
+        rows.append({"stage": name, "flow_s": f, "plain_s": p,
+                     "flow_share": None if f is None else f / flow["wall_s"],
+                     "plain_share": None if p is None else p / plain["wall_s"],
+                     "extra_s": None if f is None else f - (p or 0.0)})
+    rows.append({"stage": "(gaps between tasks)", "flow_s": flow["gaps_s"], "flow_share": flow["gaps_s"] / flow["wall_s"]})
+    rows.append({"stage": "total wall", "flow_s": flow["wall_s"], "flow_share": 1.0, "plain_s": plain["wall_s"],
+                 "plain_share": 1.0, "extra_s": flow["wall_s"] - plain["wall_s"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3, help="train.epochs for both runs (default 3)")
+    p.add_argument("--lookback-days", type=int, default=7)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own, all cores)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args.child, args.epochs, args.lookback_days, args.threads)
+        return {}
+
+    with tempfile.TemporaryDirectory(prefix="towerflow-bench-e2e-") as tmp:
+        # A fresh interpreter, not a multiprocessing child: it exits normally, so Prefect's ephemeral API server
+        # (a subprocess) is shut down by its atexit hook instead of being orphaned.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWERFLOW_", "MLFLOW_TRACKING_URI"))}
+        env |= {"TOWERFLOW_BENCH_ROOT": tmp, "PREFECT_HOME": f"{tmp}/prefect",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                "GIT_PYTHON_REFRESH": "quiet"}
+        out = f"{tmp}/result.json"
+        cmd = [sys.executable, "-m", "bench.retrain_e2e", "--child", out, "--epochs", str(args.epochs),
+               "--lookback-days", str(args.lookback_days)] + (["--threads", str(args.threads)] if args.threads else [])
+        subprocess.run(cmd, env=env, check=True)
+        doc = json.loads(Path(out).read_text())
+
+    print_table(stage_rows(doc), COLUMNS, title=f"retrain on the demo world: {doc['lookback_days']}-day window, "
+                                                 f"{doc['epochs']} epoch(s), {doc['torch_threads']} torch thread(s)")
+    print(f"\nflow {doc['flow']['wall_s']:.1f}s vs plain {doc['plain']['wall_s']:.1f}s: orchestration overhead "
+          f"x{doc['overhead_ratio']:.2f} ({doc['flow']['status']}; recall@10 flow {doc['flow']['recall_at_10']}, "
+          f"plain {doc['plain']['recall_at_10']}); API start-up {doc['api_start_s']:.1f}s not counted")
+    print(f"outside train: flow adds {doc['overhead_outside_train_s']:.1f}s "
+          f"(x{doc['overhead_ratio_outside_train']:.2f} of the plain stages' time)")
+    write_result("retrain_e2e", doc, command_line("bench.retrain_e2e", argv))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

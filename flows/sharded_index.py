@@ -4,7 +4,8 @@
 
 The flow's default task runner is Prefect's thread pool, so it runs anywhere; ``run_sharded`` (or
 ``sharded_embed_index.with_options(task_runner=DaskTaskRunner(...))``) runs the same flow on a local Dask cluster
-of worker processes or on a running one (``address="tcp://scheduler:8786"``, a KubeCluster, ...). Embeddings and
+of worker processes or on a running one (``address="tcp://scheduler:8786"``, a KubeCluster, ...), and
+``sharded_embed_index_dask`` is that as a deployable flow with the scheduler address as a parameter. Embeddings and
 index come out equal to ``embed_items`` + ``build_index`` in one process (tasks/sharded_index.py says why).
 Workers read the model from ``model_dir``: a path every worker can see (a shared volume, or fsspec storage
 mounted there).
@@ -136,3 +137,23 @@ def run_sharded(model_dir: str, vocab_path: str, release_id: str, *, address: st
     params.setdefault("n_shards", n_workers)
     runner = dask_task_runner(address, n_workers)
     return sharded_embed_index.with_options(task_runner=runner)(model_dir, vocab_path, release_id, **params)
+
+
+@flow(name="sharded-embed-index-dask")
+def sharded_embed_index_dask(
+    model_dir: str,
+    vocab_path: str,
+    release_id: str,
+    dask_address: str | None = None,
+    n_workers: int = 2,
+    index: IndexConfig = IndexConfig(),  # noqa: B008 - pydantic default shown in the Prefect UI
+    n_shards: int | None = None,
+    model_version: str = "",
+    batch_size: int = 8192,
+    out_dir: str | None = None,
+) -> ShardedBuild:
+    """Deployable entry point: ``sharded_embed_index`` as a subflow on the Dask scheduler at ``dask_address``
+    (e.g. ``tcp://dask-scheduler.dask:8786``), or on a local cluster of ``n_workers`` processes when it is None."""
+    return run_sharded(model_dir, vocab_path, release_id, address=dask_address, n_workers=n_workers, index=index,
+                       n_shards=n_shards or n_workers, model_version=model_version, batch_size=batch_size,
+                       out_dir=out_dir)

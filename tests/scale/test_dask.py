@@ -20,7 +20,7 @@ from tasks.sharded_index import build_index_sharded, concat_embeddings, shard_bo
 from towerflow.config import IndexConfig, ModelConfig
 
 N_ITEMS = 3_000
-RELEASE = "r20260101-000000-abcdef"
+RELEASE = "r-20260101T000000-abcdef"
 # Small quantizers train in a fraction of a second: 32 lists, 8 sub-quantizers of 64 centroids.
 SMALL_IVFPQ = {"ivf_nlist": 32, "pq_m": 8, "pq_nbits": 6, "nprobe": 8}
 
@@ -110,7 +110,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_api")
 def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[str, str], tmp_path: Path):
-    from flows.sharded_index import run_sharded
+    from flows.sharded_index import sharded_embed_index_dask
 
     model_dir, vocab_path = catalog
     config = IndexConfig(kind="ivfpq", **SMALL_IVFPQ)
@@ -119,8 +119,9 @@ def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[st
                              model_version="m1")
     single_index = build_index(single_emb, config).save(tmp_path / "single")
 
-    out = run_sharded(model_dir, vocab_path, RELEASE, n_workers=2, n_shards=3, index=config, model_version="m1",
-                      out_dir=str(tmp_path / "sharded"))
+    # the deployable flow: the sharded build as a subflow on a new local cluster of 2 worker processes
+    out = sharded_embed_index_dask(model_dir, vocab_path, RELEASE, n_workers=2, n_shards=3, index=config,
+                                   model_version="m1", out_dir=str(tmp_path / "sharded"))
 
     assert out.n_shards == 3
     assert np.array_equal(out.embeddings.item_ids, vocab.item_ids)

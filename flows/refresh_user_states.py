@@ -74,7 +74,7 @@ def compute_states(bundle, events, as_of: datetime, max_seen: int, batch_size: i
     from serving.states import compute_user_states
 
     return list(compute_user_states(bundle.release, bundle.vocab, events, to_us(as_of), bundle.max_seq_len,
-                                    max_seen, batch_size))
+                                    max_seen, batch_size, bundle.item_table))
 
 
 @stage("write_states", io_retries=2)

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from infra.releases import LoadedRelease, ReleaseIntegrityError
+from serving.history import item_index
 from serving.retrieval import answer, context_batch
 from tasks.build_examples import Vocab, user_features
 from towerflow.config import ExamplesConfig
@@ -53,6 +54,7 @@ class ServingBundle:
     vocab: Vocab
     profiles: UserProfiles
     item_order: np.ndarray  # (n,) positions of release.item_ids in sorted order (item id -> row of item_vectors)
+    item_table: torch.Tensor  # (n_items + 1, d): the item tower's vector of each item index (row 0: padding)
     popular_ids: np.ndarray  # (n,) item ids, most popular first (the release's q table)
     popular_scores: np.ndarray  # (n,) their sampling probability q
     max_seq_len: int  # the history length the release was trained with
@@ -66,6 +68,10 @@ class ServingBundle:
     @property
     def history_dim(self) -> int:
         return int(self.release.model.history_dim)
+
+    def item_index(self, item_ids) -> np.ndarray:
+        """(b,) raw item ids -> (b,) indices of this release's vocabulary, 0 for items it does not know."""
+        return item_index(self.vocab, item_ids)
 
     def item_row(self, item_id: int) -> int | None:
         """Row of ``item_id`` in the release's item vectors, or None when the release has no such item."""
@@ -91,15 +97,41 @@ def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingB
     if not 1 <= max_seq_len <= model.cfg.max_seq_len:
         raise ReleaseIntegrityError(f"release {release.release_id}: history length {max_seq_len} does not fit the "
                                     f"tower's position table ({model.cfg.max_seq_len})")
+    item_table = _item_table(release, vocab)
     log_q = release.q_table if release.q_table is not None else np.zeros(vocab.n_items + 1)
     order = np.argsort(-np.asarray(log_q[1:], dtype=np.float64), kind="stable")
     bundle = ServingBundle(
         release=release, vocab=vocab, profiles=UserProfiles.build(users, vocab),
-        item_order=np.argsort(release.item_ids, kind="stable"),
+        item_order=np.argsort(release.item_ids, kind="stable"), item_table=item_table,
         popular_ids=vocab.item_ids[order], popular_scores=np.exp(np.asarray(log_q[1:], dtype=np.float64))[order],
         max_seq_len=max_seq_len, gap_buckets=int(model.cfg.gap_buckets), loaded_at=datetime.now(UTC),
     )
     b = context_batch(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                       torch.from_numpy(bundle.profiles.of(np.zeros(1, dtype=np.int64))))
-    answer(release, b, 1, h=torch.zeros((1, bundle.history_dim)))
+    answer(release, b, 1, h=torch.zeros((1, bundle.history_dim)), item_table=item_table)
     return bundle
+
+
+@torch.inference_mode()
+def _item_table(release: LoadedRelease, vocab: Vocab, n_check: int = 64) -> torch.Tensor:
+    """The release's item embeddings arranged by vocabulary index, checked against its own item tower.
+
+    Serving looks history and context items up here instead of running the item tower per request. A sample of
+    rows is recomputed with the tower: vectors that another model produced are refused, whatever their checksums.
+    """
+    order = np.argsort(release.item_ids, kind="stable")
+    pos = np.searchsorted(release.item_ids, vocab.item_ids, sorter=order)
+    rows = order[np.minimum(pos, len(order) - 1)]
+    if len(release.item_ids) != vocab.n_items or not np.array_equal(release.item_ids[rows], vocab.item_ids):
+        raise ReleaseIntegrityError(f"release {release.release_id}: the index's items are not the vocabulary's "
+                                    f"({len(release.item_ids)} vs {vocab.n_items})")
+    model = release.model
+    model.eval()
+    pad = model.item_tower(torch.zeros(1, dtype=torch.long))  # (1, d): what padding slots carry
+    table = torch.cat([pad, torch.from_numpy(np.asarray(release.item_vectors, dtype=np.float32)[rows])])
+    check = torch.from_numpy(np.unique(np.linspace(1, vocab.n_items, min(n_check, vocab.n_items)).astype(np.int64)))
+    err = float((model.item_tower(check) - table[check]).abs().max())
+    if err > 1e-4:
+        raise ReleaseIntegrityError(f"release {release.release_id}: its item embeddings are not its item tower's "
+                                    f"(max difference {err:.3g}); tower and index must come from one model")
+    return table

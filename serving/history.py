@@ -92,6 +92,17 @@ class Histories:
         return len(self.user_id)
 
 
+def item_index(vocab: Vocab, ids: np.ndarray) -> np.ndarray:
+    """``vocab.item_index`` for int64 ids without nulls, by binary search (the request path calls it)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    known = vocab.item_ids
+    if len(known) == 0:
+        return np.zeros(len(ids), dtype=np.int64)
+    pos = np.searchsorted(known, ids)
+    found = (pos < len(known)) & (known[np.minimum(pos, len(known) - 1)] == ids)
+    return np.where(found, pos + 1, 0).astype(np.int64)
+
+
 def build_histories(
     events: EventArrays,
     vocab: Vocab,
@@ -106,7 +117,7 @@ def build_histories(
     ``RecentEvents.get`` returns them grouped by user, each in time order); only actions on items of ``vocab``
     count, as in build_examples. Returns (m, L) arrays with L = ``max_seq_len``.
     """
-    item_idx = vocab.item_index(events.item_id) if len(events) else np.zeros(0, dtype=np.int64)
+    item_idx = item_index(vocab, events.item_id)
     keep = (events.ts_us < as_of_us) & (item_idx > 0)
     by_user = np.argsort(events.user_id[keep], kind="stable")  # stable: time order kept inside each user
     user = events.user_id[keep][by_user]

@@ -30,22 +30,29 @@ def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats
 
 
 @torch.inference_mode()
-def encode_histories(release: LoadedRelease, batch: Batch) -> torch.Tensor:
-    """The offline half: the batch's histories (b, L) -> h (b, history_dim) with the release's user tower."""
+def encode_histories(release: LoadedRelease, batch: Batch, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    """The offline half: the batch's histories (b, L) -> h (b, history_dim) with the release's user tower.
+
+    ``item_table`` (n_items + 1, d): the item tower's vectors of every item index (``ServingBundle.item_table``,
+    read from the release's item embeddings) so the history items are looked up instead of re-embedded.
+    """
     _eval(release)
-    return release.model.encode_history(batch.hist_items, batch.hist_actions, batch.hist_gaps)
+    hist_vecs = None if item_table is None else item_table[batch.hist_items]  # (b, L, d)
+    return release.model.user_tower.encode_history(batch.hist_items, batch.hist_actions, batch.hist_gaps, hist_vecs)
 
 
 @torch.inference_mode()
-def user_vectors(release: LoadedRelease, batch: Batch, h: torch.Tensor | None = None) -> np.ndarray:
+def user_vectors(release: LoadedRelease, batch: Batch, h: torch.Tensor | None = None,
+                 item_table: torch.Tensor | None = None) -> np.ndarray:
     """The online half: combine h (b, history_dim) with the batch's context -> u (b, d) float32.
 
-    ``h`` None: encode the batch's histories first (the full online path).
+    ``h`` None: encode the batch's histories first (the full online path). ``item_table``: as in encode_histories.
     """
     _eval(release)
     if h is None:
-        h = release.model.encode_history(batch.hist_items, batch.hist_actions, batch.hist_gaps)
-    u = release.model.combine(h, batch.context_items, batch.surface, batch.user_feats)
+        h = encode_histories(release, batch, item_table)
+    context_vecs = None if item_table is None else item_table[batch.context_items]  # (b, d)
+    u = release.model.user_tower.combine(h, batch.context_items, batch.surface, batch.user_feats, context_vecs)
     return u.cpu().numpy().astype(np.float32, copy=False)
 
 
@@ -68,15 +75,15 @@ def search(release: LoadedRelease, u: np.ndarray, k: int, exclude: Sequence[set[
 
 
 def answer(release: LoadedRelease, batch: Batch, k: int, exclude: Sequence[set[int]] | None = None,
-           h: torch.Tensor | None = None) -> list[dict]:
+           h: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> list[dict]:
     """b encoded requests -> b responses naming ``release``; ``exclude[i]`` holds item ids request i must not get.
 
     ``h`` (b, history_dim): history states already computed by this release's tower (the hybrid path); the
-    batch's history fields are then not read.
+    batch's history fields are then not read. ``item_table``: see encode_histories.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return search(release, user_vectors(release, batch, h), k, exclude)
+    return search(release, user_vectors(release, batch, h, item_table), k, exclude)
 
 
 def _eval(release: LoadedRelease) -> None:

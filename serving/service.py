@@ -179,7 +179,7 @@ class RetrievalService:
             raise RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {surface!r}")
         context = 0
         if item_id is not None:
-            context = int(b.vocab.item_index(np.array([item_id], dtype=np.int64))[0])
+            context = int(b.item_index([item_id])[0])
             if context == 0:
                 raise RequestError(f"context.item_id {item_id} is not in the catalog of release {b.release_id} "
                                    f"({b.vocab.n_items} items)")
@@ -190,7 +190,7 @@ class RetrievalService:
         if h is not None:
             batch = context_batch(torch.tensor([context]), torch.tensor([SURFACE_INDEX[surface]]),
                                   torch.from_numpy(b.profiles.of(np.array([user_id], dtype=np.int64))))
-            out = answer(b.release, batch, k, [exclude], h=torch.tensor(h).reshape(1, -1))[0]
+            out = answer(b.release, batch, k, [exclude], h=torch.tensor(h).reshape(1, -1), item_table=b.item_table)[0]
         elif item_id is not None and (row := b.item_row(int(item_id))) is not None:
             path = "context"  # an unknown user viewing an item: the item's neighbours in this release's index
             out = search(b.release, np.asarray(b.release.item_vectors[row:row + 1], dtype=np.float32), k,
@@ -222,7 +222,7 @@ class RetrievalService:
                                self.config.max_seen)
         if len(hist) == 0:
             return None, none, None
-        h = encode_histories(b.release, history_batch(hist, [0]))[0].numpy()
+        h = encode_histories(b.release, history_batch(hist, [0]), b.item_table)[0].numpy()
         return h, hist.seen[0], "online"
 
     def status(self) -> dict[str, Any]:

@@ -25,12 +25,16 @@ def history_batch(hist: Histories, rows) -> Batch:
                  target_items=zero)
 
 
-def encode(release: LoadedRelease, hist: Histories, batch_size: int = 1024) -> np.ndarray:
-    """hist (m users) -> h (m, history_dim) float32, ``batch_size`` users at a time (bounded memory)."""
+def encode(release: LoadedRelease, hist: Histories, batch_size: int = 1024,
+           item_table: torch.Tensor | None = None) -> np.ndarray:
+    """hist (m users) -> h (m, history_dim) float32, ``batch_size`` users at a time (bounded memory).
+
+    ``item_table``: the release's item vectors by index (``ServingBundle.item_table``), as the service uses.
+    """
     out = np.zeros((len(hist), release.model.history_dim), dtype=np.float32)
     for s in range(0, len(hist), batch_size):
         rows = np.arange(s, min(s + batch_size, len(hist)))
-        out[rows] = encode_histories(release, history_batch(hist, rows)).numpy()
+        out[rows] = encode_histories(release, history_batch(hist, rows), item_table).numpy()
     return out
 
 
@@ -42,11 +46,12 @@ def compute_user_states(
     max_seq_len: int,
     max_seen: int = 200,
     batch_size: int = 1024,
+    item_table: torch.Tensor | None = None,
 ) -> Iterator[UserState]:
     """States of every user with an action on a known item in ``events`` before ``as_of_us``, tagged with
     ``release.release_id``. Histories as build_examples builds them (serving/history.py), gaps from ``as_of``."""
     hist = build_histories(events, vocab, as_of_us, max_seq_len, release.model.cfg.gap_buckets, max_seen)
-    h = encode(release, hist, batch_size)
+    h = encode(release, hist, batch_size, item_table)
     as_of = from_us(as_of_us)
     for i, user_id in enumerate(hist.user_id.tolist()):
         yield UserState(user_id, release.release_id, h[i], from_us(hist.last_event_us[i]), as_of, hist.seen[i])

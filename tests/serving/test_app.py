@@ -178,3 +178,17 @@ def test_the_service_checks_the_release_of_every_state_it_is_handed(served, onli
         assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in ref["items"]]
     finally:
         svc.close()
+
+
+def test_a_tower_and_item_vectors_of_different_models_are_refused(served, champion_release):
+    """Checksums pass, ids match, sizes match: only the vectors tell that the tower is another model's."""
+    from dataclasses import replace
+
+    from infra.releases import ReleaseIntegrityError, fetch_release, load_release_dir
+    from serving.bundle import build_bundle
+
+    other = load_release_dir(fetch_release(served.settings, int(served.other.model_version)).path)
+    assert build_bundle(other, None).release_id == served.other.release_id  # each is fine on its own
+    mixed = replace(champion_release, model=other.model)  # champion's index and vectors, the other's towers
+    with pytest.raises(ReleaseIntegrityError, match="not its item tower's"):
+        build_bundle(mixed, None)

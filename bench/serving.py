@@ -162,44 +162,77 @@ class Server:
         self.log.close()
 
 
+class _Connection:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol to POST JSON and read the answer.
+
+    The load generator shares the 2 cores with the server; a full client library (httpx) costs several times the
+    CPU of these few lines per request and would be what the benchmark measures.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
 async def _run_load(url: str, requests: list[dict], concurrency: int, duration_s: float | None = None,
                     on_tick=None) -> list[dict]:
     """``concurrency`` clients send ``requests`` in order (each request once) or cycle them for ``duration_s``.
 
     Returns one record per response: start and end (monotonic), status, release, items, request index.
     """
-    import httpx
-
+    host, port = url.rsplit("//", 1)[1].split(":")
+    bodies = [json.dumps(r).encode() for r in requests]
     records: list[dict] = []
     nxt = 0
     t_start = time.monotonic()
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal nxt
-        while True:
-            if duration_s is None and nxt >= len(requests):
-                return
-            if duration_s is not None and time.monotonic() - t_start >= duration_s:
-                return
-            i = nxt
-            nxt += 1
-            req = requests[i % len(requests)]
-            t0 = time.monotonic()
-            try:
-                r = await c.post("/retrieve", json=req)
-                body = r.json() if r.status_code == 200 else {}
-                rec = {"status": r.status_code, "release": body.get("release"),
-                       "items": [x["item_id"] for x in body.get("items", [])], "path": body.get("path")}
-            except httpx.HTTPError as exc:
-                rec = {"status": -1, "release": None, "items": [], "error": repr(exc)}
-            records.append({**rec, "start": t0, "end": time.monotonic(), "req": i % len(requests)})
+        conn = _Connection(host, int(port))
+        try:
+            while True:
+                if duration_s is None and nxt >= len(requests):
+                    return
+                if duration_s is not None and time.monotonic() - t_start >= duration_s:
+                    return
+                i = nxt
+                nxt += 1
+                t0 = time.monotonic()
+                try:
+                    status, raw = await conn.post("/retrieve", bodies[i % len(requests)])
+                    body = json.loads(raw) if status == 200 else {}
+                    rec = {"status": status, "release": body.get("release"),
+                           "items": [x["item_id"] for x in body.get("items", [])], "path": body.get("path")}
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    rec = {"status": -1, "release": None, "items": [], "error": repr(exc)}
+                    await conn.close()
+                    conn = _Connection(host, int(port))
+                records.append({**rec, "start": t0, "end": time.monotonic(), "req": i % len(requests)})
+        finally:
+            await conn.close()
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        tasks = [asyncio.create_task(client(c)) for _ in range(concurrency)]
-        if on_tick is not None:
-            tasks.append(asyncio.create_task(on_tick()))
-        await asyncio.gather(*tasks)
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
+    if on_tick is not None:
+        tasks.append(asyncio.create_task(on_tick()))
+    await asyncio.gather(*tasks)
     return records
 
 

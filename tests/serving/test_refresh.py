@@ -46,3 +46,12 @@ def test_state_is_the_towers_encoding_of_the_users_history(served, world_events,
                 hist.hist_items, hist.hist_actions, hist.hist_gaps)))[0].numpy()
             np.testing.assert_allclose(states[u].h, h, rtol=0, atol=1e-5)
             assert states[u].seen_items.tolist() == hist.seen[row].tolist()
+
+
+def test_the_release_to_refresh_with_can_be_an_alias_a_version_or_an_id(served):
+    from flows.refresh_user_states import _load
+
+    assert _load(served.settings, "champion").release_id == served.champion.release_id
+    assert _load(served.settings, "1").release_id == served.other.release_id
+    loaded = _load(served.settings, served.other.release_id)
+    assert (loaded.release_id, loaded.version) == (served.other.release_id, 1)

@@ -137,3 +137,22 @@ def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[st
         assert index.index_sha256 == IndexArtifact.load(single_index).index_sha256
     assert np.array_equal(got, want)
     assert faiss.extract_index_ivf(index.index).nprobe == 8
+
+
+@pytest.mark.flow
+@pytest.mark.usefixtures("prefect_api")
+def test_same_flow_runs_on_the_default_thread_pool_and_builds_hnsw_whole(catalog: tuple[str, str]):
+    from flows.sharded_index import sharded_embed_index
+
+    model_dir, vocab_path = catalog
+    vocab = Vocab.from_json(Path(vocab_path).read_text())
+    single = embed_items(load_model(model_dir).item_vectors, np.arange(1, N_ITEMS + 1), vocab.item_ids, RELEASE)
+
+    out = sharded_embed_index(model_dir, vocab_path, RELEASE, index=IndexConfig(kind="hnsw"), n_shards=4)
+
+    assert out.n_shards == 4
+    np.testing.assert_allclose(out.embeddings.vectors, single.vectors, rtol=0, atol=1e-6)
+    assert (out.index.kind, out.index.n_items, out.index.factory) == ("hnsw", N_ITEMS, "IDMap2,HNSW32")
+    # every item is its own nearest neighbour, returned under its own id
+    _, ids = out.index.search(single.vectors[:50], 1)
+    assert ids[:, 0].tolist() == vocab.item_ids[:50].tolist()

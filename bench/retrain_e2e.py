@@ -207,6 +207,7 @@ def _child(out_path: str, epochs: int, lookback_days: int, threads: int | None) 
     doc = {
         "world": world.model_dump(mode="json"), "events_in_world": summary.events, "generate_s": round(generate_s, 2),
         "as_of": as_of.isoformat(), "lookback_days": lookback_days, "epochs": epochs,
+        "train_config": config.train.model_dump(mode="json"),
         "torch_threads": torch.get_num_threads(), "api_start_s": round(api_start_s, 2),
         "prefect_api": os.environ.get("PREFECT_API_URL") or "ephemeral",
         "plain": {"wall_s": round(plain_wall, 3), "stages_s": {k: round(v, 3) for k, v in plain.items()}, **info},

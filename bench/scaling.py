@@ -63,8 +63,9 @@ def _run(events: int, threads: int | None) -> dict:
         snapshot = timed("extract", lambda: extract(ParquetSource(f"{tmp}/source"), as_of, DAYS, Path(tmp) / "snap"))
         examples = timed("build_examples", lambda: build_examples(
             snapshot.events(), snapshot.users(), snapshot.items(), as_of, ExamplesConfig()))
-        result = timed("train", lambda: train(examples, TrainConfig(epochs=1)))
-    out |= {"events_written": summary.events, "train_examples": len(examples.train),
+        train_config = TrainConfig(epochs=1)
+        result = timed("train", lambda: train(examples, train_config))
+    out |= {"train_config": train_config.model_dump(mode="json"),"events_written": summary.events, "train_examples": len(examples.train),
             "holdout_examples": len(examples.holdout), "train_examples_per_s": round(result.examples_per_s),
             "total_s": round(sum(out[f"{s}_s"] for s in STAGES), 3), "peak_rss_mib": round(peak_rss_mib(), 1)}
     return out

@@ -121,12 +121,27 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python", "-m", module, *map(shlex.quote, args)])
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the figures came from, and whether tracked files differed from it (``dirty``)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
 def write_result(name: str, result: dict[str, Any], command: str, results_dir: Path | None = None) -> Path:
-    """Write ``{"benchmark", "command", "when", "machine", **result}`` to ``<results_dir>/<name>.json``."""
+    """Write ``{"benchmark", "command", "when", "code", "machine", **result}`` to ``<results_dir>/<name>.json``."""
     path = (results_dir or RESULTS_DIR) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "command": command, "when": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": machine_info(), **result}
+           "code": code_version(), "machine": machine_info(), **result}
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"\nwrote {path}")
     return path

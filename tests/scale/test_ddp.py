@@ -159,3 +159,23 @@ def test_torchrun_two_cpu_processes_reach_single_process_quality(examples_dir: P
     assert q_single["recall@50"] > untrained["recall@50"] + 0.15
     assert q_ddp["recall@50"] >= q_single["recall@50"] - 0.06
     assert q_ddp["recall@10"] >= q_single["recall@10"] - 0.06
+
+
+def test_a_restarted_job_resumes_after_the_last_checkpointed_epoch(examples_dir: Path, tmp_path: Path):
+    """One rank (gloo in this process) is enough to exercise the checkpoint path of train_ddp."""
+    from tasks.distributed import train_ddp
+
+    examples = Examples.load(examples_dir)
+    config = TrainConfig(model=SMALL, epochs=1, batch_size=256, device="cpu")
+    init_distributed(DistEnv(0, 1, 0), "cpu", init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        first = train_ddp(examples, config, DistEnv(0, 1, 0), checkpoint_dir=tmp_path / "ckpt")
+        seen: list[int] = []
+        resumed = train_ddp(examples, config.model_copy(update={"epochs": 2}), DistEnv(0, 1, 0),
+                            checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda s: seen.append(s.epoch))
+    finally:
+        dist.destroy_process_group()
+    assert [e.epoch for e in resumed.history] == [1, 2]
+    assert seen == [2]  # only epoch 2 ran again
+    assert resumed.history[0].loss == first.history[0].loss
+    assert resumed.history[0].metrics == first.history[0].metrics

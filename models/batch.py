@@ -15,9 +15,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from towerflow.contract import ACTIONS, SURFACES
+from towerflow.contract import ACTIONS, POSITIVE_ACTIONS, SURFACES
 
 N_ACTIONS = len(ACTIONS) + 1  # + padding
+POSITIVE_ACTION_IDS: tuple[int, ...] = tuple(1 + ACTIONS.index(a) for a in POSITIVE_ACTIONS)
 N_SURFACES = len(SURFACES)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.batch import N_ACTIONS, N_SURFACES, FeatureSizes
+from models.batch import N_ACTIONS, N_SURFACES, POSITIVE_ACTION_IDS, FeatureSizes
 from models.item_tower import ItemTower
 from models.layers import EncoderBlock, FastDropout, mlp
 from towerflow.config import ModelConfig
@@ -40,9 +40,11 @@ class UserTower(nn.Module):
         self.gap_emb = nn.Embedding(cfg.gap_buckets, d)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # position 0 = the latest action
         self.token_drop = FastDropout(cfg.dropout)
+        self.register_buffer("positive_actions", torch.tensor(POSITIVE_ACTION_IDS), persistent=False)
         self.blocks = nn.ModuleList(EncoderBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(d)
-        self.history_dim = (1 + cfg.latest_tokens) * d
+        # h = [max-pool, latest tokens, (with history_residual) mean of positively engaged item vectors]
+        self.history_dim = (1 + cfg.latest_tokens) * d + (cfg.dim if cfg.history_residual else 0)
 
         if cfg.use_context:
             self.context_item_proj = nn.Linear(cfg.dim, d)
@@ -51,6 +53,24 @@ class UserTower(nn.Module):
         self.demo_embs = nn.ModuleList(nn.Embedding(c + 1, d) for c in sizes.demographic_cardinalities)
         in_dim = self.history_dim + (2 * d if cfg.use_context else 0) + d * len(self.demo_embs)
         self.mlp = mlp(in_dim, cfg.hidden, cfg.dim, cfg.dropout)
+        if cfg.history_residual:
+            # The mean of the vectors of items the user engaged with, added (gated) to the output, as in YouTube's
+            # averaged watch vectors: from the first step u points at the user's own items, so the model does not
+            # have to escape a collapsed state (every user the same vector) before the encoder has learned anything.
+            self.history_out = nn.Linear(cfg.dim, cfg.dim)
+            with torch.no_grad():
+                self.history_out.weight.copy_(torch.eye(cfg.dim))
+                self.history_out.bias.zero_()
+            self.history_gate = nn.Linear(in_dim, 1)
+        if cfg.use_context and cfg.context_residual:
+            # A direct path from the viewed item to the output: on `related` the next engagement is usually a
+            # neighbour of the viewed item, i.e. near its own vector; through the MLP alone, the concatenated
+            # history dominates and the model learns that only slowly. The gate lets each request weigh it.
+            self.context_out = nn.Linear(cfg.dim, cfg.dim)
+            with torch.no_grad():
+                self.context_out.weight.copy_(torch.eye(cfg.dim))
+                self.context_out.bias.zero_()
+            self.context_gate = nn.Linear(in_dim, 1)
 
     def encode_history(
         self,
@@ -102,7 +122,12 @@ class UserTower(nn.Module):
         latest = x[:, -k:, :]  # (b, min(k, L), d); padded slots are already 0
         if seq_len < k:
             latest = F.pad(latest, (0, 0, k - seq_len, 0))
-        return torch.cat([pooled, latest.reshape(b, k * x.shape[-1])], dim=-1)  # (b, (1 + k) d)
+        parts = [pooled, latest.reshape(b, k * x.shape[-1])]
+        if self.cfg.history_residual:
+            positive = torch.isin(hist_actions, self.positive_actions) & ~pad  # (b, L)
+            w = positive.to(hist_vecs.dtype).unsqueeze(-1)
+            parts.append((hist_vecs * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0))  # (b, dim), 0 if none
+        return torch.cat(parts, dim=-1)  # (b, history_dim)
 
     def combine(
         self,
@@ -138,7 +163,15 @@ class UserTower(nn.Module):
             ctx = torch.where(use.unsqueeze(-1), self.context_item_proj(context_vecs), self.no_context)
             parts += [ctx, self.surface_emb(surface)]
         parts += [emb(user_feats[:, i]) for i, emb in enumerate(self.demo_embs)]
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
+        x = torch.cat(parts, dim=-1)  # (b, in_dim)
+        out = self.mlp(x)  # (b, dim)
+        if self.cfg.history_residual:
+            mean = h[:, -self.cfg.dim :]  # (b, dim), see encode_history
+            out = out + torch.sigmoid(self.history_gate(x)) * self.history_out(mean)
+        if self.cfg.use_context and self.cfg.context_residual:
+            gate = torch.sigmoid(self.context_gate(x)) * use.unsqueeze(-1)  # (b, 1), 0 without a viewed item
+            out = out + gate * self.context_out(context_vecs)
+        return F.normalize(out, dim=-1)
 
     def forward(
         self,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,28 @@ def batch_loss(
     return in_batch_softmax_loss(u, v, target_items, log_q, config.temperature, **neg)
 
 
+def lr_scheduler(
+    opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule over ``config.epochs * steps_per_epoch`` steps (call ``step()`` after each).
+
+    ``cosine``: linear warm-up over the first ``config.warmup`` share of the steps, then cosine decay to 0 at the
+    last epoch; ``constant``: ``config.lr`` throughout. The decay is why a short run (few epochs, e.g. the demo)
+    ends well trained: the last epochs take small steps instead of bouncing around at full rate.
+    """
+    total = max(1, config.epochs * steps_per_epoch)
+    warm = max(1, round(config.warmup * total))
+
+    def factor(step: int) -> float:
+        if config.lr_schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train(
     examples: Examples,
     config: TrainConfig,
@@ -121,7 +144,30 @@ def train(
 
     Each step: a batch of b examples -> u (b, d), v (b, d) -> softmax over the b in-batch positives (plus
     ``mixed_negatives`` uniform items) with ``logit - log q``, accidental hits masked. Keeps the best epoch's weights.
+    ``config.num_threads`` (when set) is torch's intra-op thread count for the call, restored afterwards.
     """
+    with torch_threads(config.num_threads):
+        return _train(examples, config, checkpoint_dir, on_epoch)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (None: leave torch's setting), then restore it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(
+    examples: Examples,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+) -> TrainResult:
     n_train = len(examples.train)
     if n_train < 2:
         raise TrainError(f"need at least 2 training examples, got {n_train}")
@@ -131,6 +177,9 @@ def train(
     model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
     model.set_log_q(item_log_q(examples, config))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # drop the ragged last batch: one tiny batch gives a noisy in-batch softmax
+    n_batches = max(1, n_train // config.batch_size)
+    sched = lr_scheduler(opt, config, n_batches)
     split, seen = ("valid", examples.valid_seen) if examples.valid is not None else ("holdout", examples.holdout_seen)
     stop_on = examples.valid if examples.valid is not None else examples.holdout
     metric = config.early_stopping_metric
@@ -142,12 +191,18 @@ def train(
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         rng = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = [EpochStats(**e) for e in state["history"]]
         best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
         say(f"resuming training after epoch {state['epoch']} from {ckpt}")
+        for stats in history:  # the caller (e.g. an MLflow run) sees every epoch, not only those run here
+            if on_epoch:
+                on_epoch(stats)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
@@ -157,8 +212,6 @@ def train(
         t0 = time.perf_counter()
         order = rng.permutation(n_train)
         total, batches = 0.0, 0
-        # drop the ragged last batch: one tiny batch gives a noisy in-batch softmax
-        n_batches = max(1, n_train // config.batch_size)
         for i in range(n_batches):
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             batch = examples.train.to_batch(idx, examples.user_feats).to(device)
@@ -169,6 +222,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += loss.item()
             batches += 1
         train_s = time.perf_counter() - t0
@@ -183,16 +237,18 @@ def train(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         say(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}  {metric} {value:.4f}{' *' if improved else ''}"
             f"  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
-        if on_epoch:
-            on_epoch(stats)
-        if ckpt:
+        if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "numpy_rng": rng,
-                        "torch_rng": torch.get_rng_state(), "history": [asdict(e) for e in history],
-                        "best_state": best_state, "best_value": best_value, "best_epoch": best_epoch,
-                        "epoch": epoch}, tmp)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "numpy_rng": rng,
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "history": [asdict(e) for e in history], "best_state": best_state,
+                        "best_value": best_value, "best_epoch": best_epoch, "epoch": epoch}, tmp)
             tmp.replace(ckpt)
+        if on_epoch:
+            on_epoch(stats)
 
     if best_state is not None:
         model.load_state_dict(best_state)

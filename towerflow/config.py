@@ -76,7 +76,7 @@ class WorldConfig(_Config):
 
 
 class ExamplesConfig(_Config):
-    max_seq_len: int = Field(32, ge=1, description="Last L actions fed to the history encoder.")
+    max_seq_len: int = Field(16, ge=1, description="Last L actions fed to the history encoder.")
     holdout_days: int = Field(1, ge=1, description="The last N days of the window are held out.")
     split: Literal["time", "leave_one_out"] = "time"
     max_holdout_users: int | None = Field(5_000, description="Cap on holdout examples scored (one per user).")
@@ -93,27 +93,41 @@ class AugmentConfig(_Config):
 
 
 class ModelConfig(_Config):
-    dim: int = Field(64, ge=4, description="Output embedding size of both towers.")
-    d_model: int = Field(64, ge=4)
+    # Defaults sized for a 2-core laptop (the demo world trains in a couple of minutes); bench/quality.py and
+    # bench/movielens.py give the figures, bench/train_throughput.py the cost.
+    dim: int = Field(32, ge=4, description="Output embedding size of both towers.")
+    d_model: int = Field(32, ge=4)
     n_heads: int = Field(2, ge=1)
-    n_layers: int = Field(2, ge=1)
+    n_layers: int = Field(1, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
-    context_dropout: float = Field(0.5, ge=0, lt=1, description="High dropout on the context input (DESIGN 4).")
+    context_dropout: float = Field(
+        0.2, ge=0, lt=1, description="Dropout of the viewed item in training (0.5 learned context more slowly)."
+    )
     latest_tokens: int = Field(1, ge=1, description="Latest tokens concatenated with the max-pool (TransAct).")
     use_context: bool = True
+    history_residual: bool = Field(
+        True, description="Also add the mean vector of the items in the history engaged with (gated) to the user vector."
+    )
+    context_residual: bool = Field(
+        True, description="Also add the viewed item's vector (gated) to the user vector, besides the MLP input."
+    )
     gap_buckets: int = Field(16, ge=2)
-    hidden: int = Field(128, ge=4, description="Hidden width of the tower MLPs.")
+    hidden: int = Field(64, ge=4, description="Hidden width of the tower MLPs.")
     id_dropout: float = Field(0.1, ge=0, lt=1, description="Chance an item's id embedding is dropped in training.")
     max_seq_len: int = Field(64, ge=1, description="Longest history the position table covers.")
 
 
 class TrainConfig(_Config):
     model: ModelConfig = ModelConfig()
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(5, ge=1, description="At most; the cosine schedule decays to 0 at the last one.")
     batch_size: int = Field(512, ge=2)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: linear warm-up, then cosine decay to 0 at the last epoch."
+    )
+    warmup: float = Field(0.05, ge=0, lt=1, description="Share of all training steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0)
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.1, gt=0, description="Softmax temperature on cosine logits.")
     logq: bool = True
     mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
     patience: int = Field(2, ge=1, description="Epochs without improvement before stopping.")
@@ -123,6 +137,9 @@ class TrainConfig(_Config):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
+    )
 
 
 class EvalConfig(_Config):

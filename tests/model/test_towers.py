@@ -67,7 +67,7 @@ def test_shapes_and_unit_norms_in_train_and_eval():
         assert u.shape == (6, 8) and v.shape == (6, 8)
         assert torch.allclose(u.norm(dim=1), torch.ones(6)) and torch.allclose(v.norm(dim=1), torch.ones(6))
     h = m.encode_history(bt.hist_items, bt.hist_actions, bt.hist_gaps)
-    assert h.shape == (6, 2 * 8) == (6, m.history_dim)  # max-pool + 1 latest token
+    assert h.shape == (6, 3 * 8) == (6, m.history_dim)  # max-pool + 1 latest token + mean of engaged items
     assert m.item_vectors(torch.tensor([1, 2, 3])).shape == (3, 8)
 
 
@@ -184,7 +184,7 @@ def test_padding_only_history_is_finite_and_padding_is_ignored():
 def test_history_shorter_than_latest_tokens():
     m = model(latest_tokens=3).eval()
     h = m.encode_history(torch.tensor([[4, 5]]), torch.tensor([[2, 3]]), torch.tensor([[1, 0]]))
-    assert h.shape == (1, 4 * 8) and torch.isfinite(h).all()
+    assert h.shape == (1, 5 * 8) and torch.isfinite(h).all()  # max-pool, 3 latest, mean of engaged items
     assert torch.equal(h[0, 8:16], torch.zeros(8))  # the missing oldest "latest" slot is zero
 
 
@@ -278,3 +278,21 @@ def test_towers_and_loss_learn_a_toy_mapping():
     scores = m.user_vectors(bt) @ m.all_item_vectors().T  # (n, n + 1)
     scores[:, 0] = float("-inf")
     assert torch.equal(scores.argmax(dim=1), target)
+
+
+def test_history_mean_is_the_mean_of_positively_engaged_items_only():
+    m = model().eval()
+    items = torch.tensor([[0, 4, 5, 6], [0, 0, 0, 7]])
+    actions = torch.tensor([[0, 2, 5, 4], [0, 0, 0, 6]])  # click, skip, conversion | hide
+    h = m.encode_history(items, actions, torch.ones_like(items).masked_fill(items == 0, 0))
+    vecs = m.item_vectors(torch.tensor([4, 6]))
+    assert torch.allclose(h[0, -8:], (vecs[0] + vecs[1]) / 2, atol=1e-6)  # the skipped item 5 is left out
+    assert torch.equal(h[1, -8:], torch.zeros(8))  # only a hide: nothing engaged with
+
+
+def test_residual_paths_can_be_turned_off():
+    m = model(history_residual=False, context_residual=False)
+    assert m.history_dim == 2 * 8
+    assert not hasattr(m.user_tower, "history_gate") and not hasattr(m.user_tower, "context_gate")
+    u, _ = m.eval()(batch())
+    assert torch.allclose(u.norm(dim=1), torch.ones(6))

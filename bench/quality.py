@@ -1,0 +1,195 @@
+"""Benchmark: retrieval quality on the synthetic world (issue 3 targets), on a holdout large enough to read.
+
+    python -m bench.quality [--seeds 0 1 2] [--users 10000] [--events-per-day 30000] [--days 7] [--stale-days 2]
+
+For each seed a fresh world is generated, then (all with the default configs of towerflow/config.py):
+
+- ``contextual``: the model trained on the whole window (last day held out, the day before it for early stopping);
+- ``no-context``: the same model and data with ``use_context=False``;
+- ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split;
+- ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, scored on the same
+  newest-day holdout (remapped to its vocabulary, as the flow scores the champion: items it never saw are misses).
+
+Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface; the holdout is each user's first
+positive action on the last day. Seeds are pooled by concatenating their holdout rows (``pooled``); each seed is
+reported too. Targets (issue 3): on ``related``, contextual Recall@10 >= 2 x no-context and >= 3 x popularity; the
+fresh model beats the stale one on the newest day. Prints tables and writes ``bench/results/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from bench.common import command_line, print_table, write_result
+
+SLICES = ("all", "surface=homefeed", "surface=related", "surface=search")
+MODELS = ("contextual", "no-context", "popularity", "co-occurrence", "stale")
+
+
+def _examples(src, users, items, start: datetime, end: datetime):
+    from tasks.augment_context import augment_context
+    from tasks.build_examples import build_examples
+    from towerflow.config import AugmentConfig, ExamplesConfig
+
+    ex = build_examples(src.read_events(start, end), users, items, end,
+                        ExamplesConfig(validation=True, max_holdout_users=None))
+    ex.train, stats = augment_context(ex.train, ex.item_feats, AugmentConfig())
+    return ex, stats
+
+
+def _train(ex, config, name: str) -> tuple[object, dict]:
+    from tasks.train import train
+    from towerflow.progress import say
+
+    say(f"training {name} on {len(ex.train):,} examples")
+    t0 = time.perf_counter()
+    result = train(ex, config)
+    return result.model, {"seconds": round(time.perf_counter() - t0, 1), "epochs_run": len(result.history),
+                          "best_epoch": result.best_epoch, "examples_per_s": round(result.examples_per_s)}
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    """One world: every model's ranks on the newest-day holdout, and what it cost."""
+    from tasks.evaluate import baseline_ranks
+    from tasks.scoring import model_ranks, remap_examples
+    from towerflow.config import TrainConfig, WorldConfig
+    from towerflow.data.source import ParquetSource
+    from towerflow.data.synthetic import generate_world
+
+    world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
+    config = TrainConfig(num_threads=args.threads)
+    no_context = config.model_copy(update={"model": config.model.model_copy(update={"use_context": False})})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="towerflow-quality-") as tmp:
+        summary = generate_world(tmp, world)
+        src = ParquetSource(tmp)
+        users, items = src.read_users(), src.read_items()
+        start = datetime(world.start.year, world.start.month, world.start.day, tzinfo=UTC)
+        end = start + timedelta(days=world.days)
+        fresh, aug = _examples(src, users, items, start, end)
+        stale_ex, _ = _examples(src, users, items, start, end - timedelta(days=args.stale_days))
+
+    ranks, cost = {}, {}
+    model, cost["contextual"] = _train(fresh, config, "contextual")
+    ranks["contextual"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
+    model, cost["no-context"] = _train(fresh, no_context, "no-context")
+    ranks["no-context"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
+    base = baseline_ranks(fresh)
+    ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
+    model, cost["stale"] = _train(stale_ex, config, f"stale (window ending {args.stale_days} days earlier)")
+    seq, seen = remap_examples(fresh.holdout, fresh.holdout_seen, fresh.vocab, stale_ex.vocab)
+    ranks["stale"] = model_ranks(model, seq, stale_ex.user_feats, seen)
+    new_items = int((fresh.holdout.target_items > 0).sum() - (seq.target_items > 0).sum())
+    return {
+        "seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
+        "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),
+        "n_train_stale": len(stale_ex.train), "holdout_targets_unknown_to_stale": new_items,
+        "pseudo_context_rate": round(aug.rate, 3), "train": cost, "seconds": round(time.perf_counter() - t0, 1),
+        "ranks": {k: v.tolist() for k, v in ranks.items()}, "surface": fresh.holdout.surface.tolist(),
+    }
+
+
+def _metrics(ranks: np.ndarray, surface: np.ndarray) -> dict[str, dict[str, float]]:
+    from tasks.evaluate import metrics_from_ranks
+    from towerflow.contract import SURFACES
+
+    masks = {"all": np.ones(len(ranks), dtype=bool)}
+    masks |= {f"surface={s}": surface == i for i, s in enumerate(SURFACES)}
+    return {k: metrics_from_ranks(ranks[m], ks=(10, 50)) for k, m in masks.items() if m.any()}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None  # None: the denominator scored nothing
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per-seed and pooled metrics, the target ratios and whether each target is met."""
+    def table(sel: list[dict]) -> dict:
+        surface = np.concatenate([np.asarray(r["surface"]) for r in sel])
+        return {m: _metrics(np.concatenate([np.asarray(r["ranks"][m]) for r in sel]), surface) for m in MODELS}
+
+    pooled = table(runs)
+    rel = {m: pooled[m]["surface=related"]["recall@10"] for m in MODELS}
+    ratios = {
+        "related_contextual_over_no_context": _ratio(rel["contextual"], rel["no-context"]),
+        "related_contextual_over_popularity": _ratio(rel["contextual"], rel["popularity"]),
+        "all_fresh_minus_stale": pooled["contextual"]["all"]["recall@10"] - pooled["stale"]["all"]["recall@10"],
+    }
+    per_seed = [{"seed": r["seed"], **table([r])["contextual"]["surface=related"]} for r in runs]
+    seed_ratios = []
+    for r in runs:
+        t = table([r])
+        seed_ratios.append({
+            "seed": r["seed"],
+            "ctx_over_noctx": _ratio(t["contextual"]["surface=related"]["recall@10"],
+                                     t["no-context"]["surface=related"]["recall@10"]),
+            "ctx_over_pop": _ratio(t["contextual"]["surface=related"]["recall@10"],
+                                   t["popularity"]["surface=related"]["recall@10"]),
+            "fresh_minus_stale": t["contextual"]["all"]["recall@10"] - t["stale"]["all"]["recall@10"],
+        })
+    targets = {
+        "related_recall10_contextual_ge_2x_no_context": rel["contextual"] >= 2 * rel["no-context"],
+        "related_recall10_contextual_ge_3x_popularity": rel["contextual"] >= 3 * rel["popularity"],
+        "fresh_beats_stale_on_newest_day": ratios["all_fresh_minus_stale"] > 0,
+    }
+    return {"pooled": pooled, "ratios": ratios, "per_seed_related": per_seed, "per_seed_ratios": seed_ratios,
+            "targets": targets}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from towerflow.config import AugmentConfig, ExamplesConfig, TrainConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--events-per-day", type=int, default=30_000)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--stale-days", type=int, default=2, help="the stale model's window ends this many days earlier")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
+    args = p.parse_args(argv)
+    if args.days - args.stale_days < 3:
+        p.error("--days minus --stale-days must leave at least 3 days (train, validation, holdout)")
+
+    t0 = time.perf_counter()
+    runs = [run_seed(s, args) for s in args.seeds]
+    summary = summarize(runs)
+    pooled = summary["pooled"]
+    rows = [{"model": m, **{s: pooled[m][s]["recall@10"] for s in SLICES if s in pooled[m]},
+             "ndcg": pooled[m]["all"]["ndcg@10"], "r50": pooled[m]["all"]["recall@50"]} for m in MODELS]
+    n = {s: int(pooled["contextual"][s]["n"]) for s in SLICES if s in pooled["contextual"]}
+    print_table(rows, [("model", "model", "")] + [(f"R@10 {s.split('=')[-1]} (n={n[s]})", s, ".4f") for s in n]
+                + [("NDCG@10 all", "ndcg", ".4f"), ("R@50 all", "r50", ".4f")],
+                title=f"holdout = newest day, {len(runs)} world(s) pooled (seeds {args.seeds}); "
+                      f"stale = window ending {args.stale_days} days earlier")
+    print_table(summary["per_seed_ratios"], [("seed", "seed", ""), ("related ctx/no-ctx", "ctx_over_noctx", ".2f"),
+                                             ("related ctx/pop", "ctx_over_pop", ".2f"),
+                                             ("fresh - stale R@10", "fresh_minus_stale", "+.4f")], title="per seed")
+    r = summary["ratios"]
+    wall = time.perf_counter() - t0
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"\nrelated R@10: contextual / no-context = {fmt(r['related_contextual_over_no_context'])} (target >= 2), "
+          f"contextual / popularity = {fmt(r['related_contextual_over_popularity'])} (target >= 3); "
+          f"fresh - stale R@10 on the newest day = {r['all_fresh_minus_stale']:+.4f} (target > 0)")
+    print(f"world per seed: {args.users:,} users, {runs[0]['items']:,} items, {runs[0]['events']:,} events over "
+          f"{args.days} days; train {runs[0]['n_train']:,} examples; wall time {wall:.0f}s")
+    for k, ok in summary["targets"].items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+    result = {
+        "args": vars(args), "wall_seconds": round(wall, 1),
+        "configs": {"examples": ExamplesConfig(validation=True, max_holdout_users=None).model_dump(mode="json"),
+                    "augment": AugmentConfig().model_dump(mode="json"),
+                    "train": TrainConfig(num_threads=args.threads).model_dump(mode="json")},
+        **summary,
+        "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface")} for run in runs],
+    }
+    write_result("quality", result, command_line("bench.quality", argv))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,15 @@ from torch.utils.data import DistributedSampler
 from models.two_tower import TwoTower
 from tasks.build_examples import Examples
 from tasks.scoring import model_metrics
-from tasks.train import EpochStats, TrainError, TrainResult, batch_loss, item_log_q
+from tasks.train import (
+    EpochStats,
+    TrainError,
+    TrainResult,
+    batch_loss,
+    item_log_q,
+    lr_scheduler,
+    torch_threads,
+)
 from towerflow.config import TrainConfig
 from towerflow.progress import say
 
@@ -135,8 +143,21 @@ def train_ddp(
     ``config.batch_size`` is the *global* batch (it must divide by the world size), so a run on N processes takes
     the same steps of the same size as ``tasks.train.train`` on one. Every rank returns the same TrainResult (the
     best epoch's weights, on CPU); ``on_epoch`` and the checkpoint (``checkpoint_dir``, on storage every rank can
-    read) are handled by rank 0, and a restarted job resumes after the last finished epoch.
+    read) are handled by rank 0, and a restarted job resumes after the last finished epoch. The learning-rate
+    schedule and ``config.num_threads`` are ``tasks.train``'s.
     """
+    with torch_threads(config.num_threads):
+        return _train_ddp(examples, config, env, device or torch.device("cpu"), checkpoint_dir, on_epoch)
+
+
+def _train_ddp(
+    examples: Examples,
+    config: TrainConfig,
+    env: DistEnv,
+    device: torch.device,
+    checkpoint_dir: str | Path | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+) -> TrainResult:
     if not dist.is_initialized():
         raise TrainError("train_ddp needs an initialised process group (see init_distributed)")
     world = env.world_size
@@ -146,7 +167,6 @@ def train_ddp(
     n_train = len(examples.train)
     if n_train < 2 * world:
         raise TrainError(f"need at least {2 * world} training examples for {world} ranks, got {n_train}")
-    device = device or torch.device("cpu")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
@@ -159,6 +179,8 @@ def train_ddp(
     # range(n) is all the sampler needs: it shards and shuffles positions, the same permutation on every rank.
     sampler = DistributedSampler(range(n_train), num_replicas=world, rank=env.rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
+    n_batches = max(1, len(sampler) // local_b)  # every rank's shard has the same length: the same steps
+    sched = lr_scheduler(opt, config, n_batches)
     split, seen = ("valid", examples.valid_seen) if examples.valid is not None else ("holdout", examples.holdout_seen)
     stop_on = examples.valid if examples.valid is not None else examples.holdout
     metric = config.early_stopping_metric
@@ -170,11 +192,15 @@ def train_ddp(
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         history = [EpochStats(**e) for e in state["history"]]
         best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
         if env.is_main:
             say(f"resuming DDP training after epoch {state['epoch']} from {ckpt}")
+            for stats in history:  # as tasks.train: the caller sees every epoch, not only those run here
+                if on_epoch:
+                    on_epoch(stats)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
@@ -184,7 +210,6 @@ def train_ddp(
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         shard = np.fromiter(iter(sampler), dtype=np.int64)  # this rank's positions, equal length on every rank
-        n_batches = max(1, len(shard) // local_b)
         total = torch.zeros((), dtype=torch.float64, device=device)  # NCCL reduces device tensors only
         for i in range(n_batches):
             idx = shard[i * local_b : (i + 1) * local_b]
@@ -197,6 +222,7 @@ def train_ddp(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += loss.detach().double()
         train_s = time.perf_counter() - t0
         dist.all_reduce(total)  # sum over ranks of each rank's summed loss; ranks differ only by dropout/negatives
@@ -216,15 +242,16 @@ def train_ddp(
         if env.is_main:
             say(f"epoch {epoch}/{config.epochs} ({world} ranks): loss {stats.loss:.4f}  {metric} {value:.4f}"
                 f"{' *' if improved else ''}  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
-            if on_epoch:
-                on_epoch(stats)
-            if ckpt:
+            if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "history": [asdict(e) for e in history], "best_state": best_state,
-                            "best_value": best_value, "best_epoch": best_epoch, "epoch": epoch}, tmp)
+                            "scheduler": sched.state_dict(), "history": [asdict(e) for e in history],
+                            "best_state": best_state, "best_value": best_value, "best_epoch": best_epoch,
+                            "epoch": epoch}, tmp)
                 tmp.replace(ckpt)
+            if on_epoch:
+                on_epoch(stats)
         dist.barrier()  # nobody starts the next epoch (or reads the checkpoint) before rank 0 is done
 
     if best_state is not None:

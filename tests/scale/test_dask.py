@@ -108,7 +108,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.mark.flow
-@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.usefixtures("prefect_harness")
 def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[str, str], tmp_path: Path):
     from flows.sharded_index import sharded_embed_index_dask
 
@@ -140,7 +140,7 @@ def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[st
 
 
 @pytest.mark.flow
-@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.usefixtures("prefect_harness")
 def test_same_flow_runs_on_the_default_thread_pool_and_builds_hnsw_whole(catalog: tuple[str, str]):
     from flows.sharded_index import sharded_embed_index
 

@@ -49,18 +49,22 @@ def retrain(
     end = window_end(as_of)
     run = t.start_tracking(settings, end, lookback_days, config)
 
-    snapshot = t.extract(settings, source_uri, end, lookback_days)
-    t.validate_data(settings, snapshot, config.gates, run)
-    examples = t.build_examples(settings, snapshot, config.examples)
-    examples = t.augment_context(examples, config.augment)
-    trained = t.train(settings, examples, config.train, run)
-    evaluation = t.evaluate(settings, snapshot, examples, trained, config.eval, run)
-    t.gate_model(evaluation, config.gates, run)
-    embeddings = t.embed_items(trained, examples, config.gates, run)
-    index = t.build_index(embeddings, config.index, config.gates, run)
-    release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
-    t.gate_release(settings, release, examples, config.gates, run)
-    result = t.promote(settings, release, evaluation, run, config.promote)
-
+    try:
+        snapshot = t.extract(settings, source_uri, end, lookback_days)
+        t.validate_data(settings, snapshot, config.gates, run)
+        examples = t.build_examples(settings, snapshot, config.examples)
+        examples = t.augment_context(examples, config.augment)
+        trained = t.train(settings, examples, config.train, run)
+        evaluation = t.evaluate(settings, snapshot, examples, trained, config.eval, run)
+        t.gate_model(evaluation, config.gates, run)
+        embeddings = t.embed_items(trained, examples, config.gates, run)
+        index = t.build_index(embeddings, config.index, config.gates, run)
+        release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
+        t.gate_release(settings, release, examples, config.gates, run)
+        result = t.promote(settings, release, evaluation, run, config.promote)
+    except BaseException:
+        t.finish_tracking(run, "FAILED")
+        raise
+    t.finish_tracking(run, "FINISHED")
     get_run_logger().info(f"retrain finished: {result.status} {result.release_id}")
     return result

@@ -81,6 +81,12 @@ def start_tracking(settings: Settings, end: datetime, lookback_days: int, config
     return tracking
 
 
+@stage("finish_tracking")
+def finish_tracking(tracking: Tracking, status: str) -> None:
+    """Close the MLflow run (FINISHED or FAILED) so the UI shows its status and duration."""
+    tracking.client().set_terminated(tracking.run_id, status=status)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():

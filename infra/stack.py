@@ -290,8 +290,10 @@ def _init_mlflow_store(cfg: StackConfig) -> None:
 
 
 def _start_prefect(cfg: StackConfig) -> int:
+    # the UI asks the server where its API is; without this it points at :4200 whatever the port
+    env = {**_base_env(cfg), "PREFECT_UI_API_URL": cfg.prefect_api_url}
     return _spawn(cfg, "prefect", _prefect_argv("server", "start", "--host", LOOPBACK,
-                                                 "--port", str(cfg.prefect_port)), _base_env(cfg))
+                                                 "--port", str(cfg.prefect_port)), env)
 
 
 def _start_mlflow(cfg: StackConfig) -> int:

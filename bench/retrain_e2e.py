@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TOWERFLOW_", "MLFLOW_TRACKING_URI"))}
         env |= {"TOWERFLOW_BENCH_ROOT": tmp, "PREFECT_HOME": f"{tmp}/prefect",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                # a fresh database migrates at start-up: past the default 20 s on a busy 2-core machine
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                 "GIT_PYTHON_REFRESH": "quiet"}
         out = f"{tmp}/result.json"
         cmd = [sys.executable, "-m", "bench.retrain_e2e", "--child", out, "--epochs", str(args.epochs),

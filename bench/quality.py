@@ -7,8 +7,9 @@ For each seed a fresh world is generated, then (all with the default configs of 
 - ``contextual``: the model trained on the whole window (last day held out, the day before it for early stopping);
 - ``no-context``: the same model and data with ``use_context=False``;
 - ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split;
-- ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, scored on the same
-  newest-day holdout (remapped to its vocabulary, as the flow scores the champion: items it never saw are misses).
+- ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, with the catalog of
+  that time, scored on the same newest-day holdout (remapped to its vocabulary, as the flow scores the champion:
+  items created since are misses).
 
 Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface; the holdout is each user's first
 positive action on the last day. Seeds are pooled by concatenating their holdout rows (``pooled``); each seed is
@@ -72,7 +73,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         start = datetime(world.start.year, world.start.month, world.start.day, tzinfo=UTC)
         end = start + timedelta(days=world.days)
         fresh, aug = _examples(src, users, items, start, end)
-        stale_ex, _ = _examples(src, users, items, start, end - timedelta(days=args.stale_days))
+        stale_end = end - timedelta(days=args.stale_days)
+        # the catalog as it was then: items created since are unknown to the stale model, as in production
+        stale_ex, _ = _examples(src, users, items[items["created_ts"] < stale_end], start, stale_end)
 
     ranks, cost = {}, {}
     model, cost["contextual"] = _train(fresh, config, "contextual")

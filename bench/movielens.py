@@ -1,7 +1,7 @@
 """Benchmark: MovieLens-100K, leave-one-out, full ranking over every item with seen items excluded.
 
     make data-ml100k            # once: fetches ML-100K (inside the recbole wheel on PyPI) and converts it
-    python -m bench.movielens [--source .towerflow/sources/ml-100k] [--epochs 10] [--threads 2]
+    python -m bench.movielens [--source .towerflow/sources/ml-100k] [--epochs 10] [--threads 1]
 
 The events are the imported ratings (5 conversion, 4 save, 3 click, 2 skip, 1 hide: towerflow/data/movielens.py).
 ``ExamplesConfig(split="leave_one_out", validation=True)``: each user's last positive (rating >= 3) is the holdout,
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--threads", type=int, default=2, help="torch threads for training (2: a 2-core laptop)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
                        ("HR@50", "hr@50", ".4f"), ("NDCG@50", "ndcg@50", ".4f"), ("epochs", "epochs", ""),
                        ("best", "best_epoch", ""), ("train s", "train_s", ".0f")],
                 title=f"MovieLens-100K leave-one-out, full ranking over {ex.vocab.n_items:,} items, seen excluded; "
-                      f"{len(ex.holdout):,} users, {len(ex.train):,} train examples; torch threads {args.threads}")
+                      f"{len(ex.holdout):,} users, {len(ex.train):,} train examples; torch threads "
+                      f"{config.num_threads or torch.get_num_threads()}")
     ours, best_base = rows[-1], max(rows[:-1], key=lambda r: r["hr@10"])
     print(f"\nours vs best baseline ({best_base['model']}): HR@10 x{ours['hr@10'] / best_base['hr@10']:.2f}, "
           f"NDCG@10 x{ours['ndcg@10'] / max(r['ndcg@10'] for r in rows[:-1]):.2f}; "
           f"{ours['epochs']} epochs in {train_s:.0f}s ({result.examples_per_s:,.0f} examples/s)")
     out = {"args": {**vars(args), "source": str(args.source)}, "n_items": ex.vocab.n_items,
            "n_users": len(ex.holdout), "n_train": len(ex.train), "build_seconds": round(build_s, 1),
-           "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
+           "train_seconds": round(train_s, 1), "torch_threads": config.num_threads or torch.get_num_threads(),
            "config": config.model_dump(mode="json"), "rows": rows,
            "history": [{"epoch": e.epoch, "loss": e.loss, "valid": e.metrics, "seconds": e.seconds}
                        for e in result.history]}

@@ -137,8 +137,11 @@ class TrainConfig(_Config):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # 1, not one per core: with anything else running on a 2-core machine (the demo's Prefect server, CI, other
+    # jobs) two intra-op threads wait on each other and a step takes 20x longer (bench/train_throughput.py); on
+    # an idle machine one thread gives up less than 2x on these small matmuls.
     num_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
+        1, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
     )
 
 

@@ -14,7 +14,6 @@ sha256 of the index file and the content hash of the embeddings it was built fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from infra.releases import file_sha256  # one checksum for index sidecars and release manifests
 from tasks.embed_items import ItemEmbeddings
 from towerflow.config import IndexConfig
 from towerflow.errors import TowerflowError
@@ -37,12 +37,6 @@ class IndexBuildError(TowerflowError):
     """The index cannot be built from these vectors with this config, or a saved index is not what it claims."""
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

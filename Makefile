@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.towerflow/prefect
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: install demo test lint data-ml100k bench clean
+.PHONY: install demo test lint data-ml100k peer-recbole clean
 
 install: $(STAMP)
 
@@ -29,6 +29,18 @@ lint: install
 # MovieLens-100K, fetched from PyPI inside the recbole==1.2.1 wheel and verified by sha256; never committed.
 data-ml100k: install
 	$(PY) scripts/fetch_ml100k.py
+
+# A peer library for side-by-side quality runs (python -m bench.movielens --sasrec), in its OWN venv: RecBole 1.2.1
+# needs numpy 1 / pandas 2, the product runs numpy 2 / pandas 3. Pins and why: ../shared/DESIGN.md section 10.
+PEER_VENV ?= .venv-recbole
+peer-recbole: $(PEER_VENV)/.installed-stamp
+
+$(PEER_VENV)/.installed-stamp:
+	@test -x $(PEER_VENV)/bin/python || python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install -q --disable-pip-version-check recbole==1.2.1 numpy==1.26.4 pandas==2.1.4 \
+		scipy==1.11.4 'setuptools>=77.0.3,<82' ray==2.6.3
+	@touch $@
 
 clean:
 	rm -rf .towerflow .pytest_cache

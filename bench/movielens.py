@@ -12,10 +12,16 @@ over all 1,682 items, items the user rated before the target excluded, ties coun
 Rows: popularity and item co-occurrence (tasks/evaluate.py, fitted on the train split) and the two-tower model
 (the product's code; the flags below set a bigger tower than the demo default, SASRec's size: 2 layers,
 d_model 64, and temperature 0.05; everything else is the default of towerflow/config.py). ML-100K has no request context, so pseudo-context augmentation is off. Reported: HR@10,
-NDCG@10 (and @50), the epochs run, the best epoch and the training wall time. For scale: SASRec trained with full
-cross-entropy is usually reported at HR@10 ~ 0.2, NDCG@10 ~ 0.1 on this split (all ratings as interactions); a
-side-by-side run of a peer library belongs to the benchmark issue. Prints a table and writes
-``bench/results/movielens.json``.
+NDCG@10 (and @50), the epochs run, the best epoch and the training wall time.
+
+``--sasrec`` adds RecBole 1.2.1's SASRec in the same run, trained in its own venv (``make peer-recbole``; RecBole
+needs numpy 1 and pandas 2) on exactly this split: ``bench/peer.py`` exports each user's actions through the holdout
+target in towerflow's order and checks that the export reproduces the holdout targets and seen sets;
+``bench/peers/recbole_sasrec.py`` trains SASRec (RecBole's defaults, ``loss_type: CE``, the batch size and
+history length of the two-tower row, early stopping on its validation NDCG@10 with the same patience) and
+returns its scores for every item, which are ranked here by the same code, seen items excluded. RecBole's own test
+figures (seen items not excluded) are kept in the JSON beside the same ranking recomputed here without the
+exclusion, a check that the two pipelines agree. Prints a table and writes ``bench/results/movielens.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +31,30 @@ import time
 from pathlib import Path
 
 from bench.common import command_line, print_table, write_result
+from bench.peer import PEER_PYTHON
 
 DEFAULT_SOURCE = Path(".towerflow/sources/ml-100k")
+SASREC_SCRIPT = Path(__file__).resolve().parent / "peers" / "recbole_sasrec.py"
+
+
+def sasrec_row(events, ex, args: argparse.Namespace, batch_size: int) -> dict:
+    """RecBole's SASRec on ``ex``'s split, ranked by towerflow's code: {"row": table row, **details for the JSON}."""
+    from bench.peer import loo_sequences, run_peer
+    from tasks.evaluate import metrics_from_ranks, target_ranks
+
+    seqs = loo_sequences(events, ex)
+    threads = args.threads or 1
+    print(f"SASRec (RecBole 1.2.1, own venv): {len(seqs.indptr) - 1} users, {len(seqs.items):,} actions, "
+          f"up to {args.sasrec_epochs} epochs on {threads} thread(s)", flush=True)
+    scores, result = run_peer(SASREC_SCRIPT, seqs, ex.vocab.n_items, [
+        "--epochs", str(args.sasrec_epochs), "--patience", str(args.patience), "--seq-len", str(args.seq_len),
+        "--batch-size", str(batch_size), "--threads", str(threads)])
+    targets, n_items = ex.holdout.target_items, ex.vocab.n_items
+    ranks = target_ranks(lambda rows: scores[rows], targets, n_items, ex.holdout_seen)
+    unmasked = metrics_from_ranks(target_ranks(lambda rows: scores[rows], targets, n_items), ks=(10,))
+    row = {"model": "SASRec (RecBole 1.2.1)", **metrics_from_ranks(ranks, ks=(10, 50)), "epochs": result["epochs"],
+           "best_epoch": result["best_epoch"], "train_s": result["train_seconds"]}
+    return {"row": row, **result, "seen_not_excluded_recomputed_here": unmasked}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sasrec", action="store_true", help="also train RecBole's SASRec (needs: make peer-recbole)")
+    p.add_argument("--sasrec-epochs", type=int, default=20, help="SASRec's epoch cap (it stops early on validation)")
     args = p.parse_args(argv)
+    if args.sasrec and not PEER_PYTHON.exists():
+        raise SystemExit(f"--sasrec needs the peer's own environment ({PEER_PYTHON}): make peer-recbole")
 
     try:
         src = ParquetSource(str(args.source))
@@ -61,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = datetime(days[0].year, days[0].month, days[0].day, tzinfo=UTC)
     end = datetime(days[-1].year, days[-1].month, days[-1].day, tzinfo=UTC) + timedelta(days=1)
     t0 = time.perf_counter()
-    ex = build_examples(src.read_events(start, end), src.read_users(), src.read_items(), end,
+    events = src.read_events(start, end)
+    ex = build_examples(events, src.read_users(), src.read_items(), end,
                         ExamplesConfig(split="leave_one_out", validation=True, max_holdout_users=None,
                                        max_seq_len=args.seq_len, seed=args.seed))
     build_s = time.perf_counter() - t0
@@ -80,20 +113,30 @@ def main(argv: list[str] | None = None) -> dict:
         model_ranks(result.model, ex.holdout, ex.user_feats, ex.holdout_seen), ks=(10, 50)),
         "epochs": len(result.history), "best_epoch": result.best_epoch, "train_s": round(train_s, 1)})
 
+    peer = {}
+    if args.sasrec:
+        peer = sasrec_row(events, ex, args, batch_size=config.batch_size)
+        rows.append(peer.pop("row"))
+
     print_table(rows, [("model", "model", ""), ("HR@10", "hr@10", ".4f"), ("NDCG@10", "ndcg@10", ".4f"),
                        ("HR@50", "hr@50", ".4f"), ("NDCG@50", "ndcg@50", ".4f"), ("epochs", "epochs", ""),
                        ("best", "best_epoch", ""), ("train s", "train_s", ".0f")],
                 title=f"MovieLens-100K leave-one-out, full ranking over {ex.vocab.n_items:,} items, seen excluded; "
                       f"{len(ex.holdout):,} users, {len(ex.train):,} train examples; torch threads "
                       f"{config.num_threads or torch.get_num_threads()}")
-    ours, best_base = rows[-1], max(rows[:-1], key=lambda r: r["hr@10"])
+    ours, base = rows[2], rows[:2]
+    best_base = max(base, key=lambda r: r["hr@10"])
     print(f"\nours vs best baseline ({best_base['model']}): HR@10 x{ours['hr@10'] / best_base['hr@10']:.2f}, "
-          f"NDCG@10 x{ours['ndcg@10'] / max(r['ndcg@10'] for r in rows[:-1]):.2f}; "
+          f"NDCG@10 x{ours['ndcg@10'] / max(r['ndcg@10'] for r in base):.2f}; "
           f"{ours['epochs']} epochs in {train_s:.0f}s ({result.examples_per_s:,.0f} examples/s)")
+    if args.sasrec:
+        sas = rows[3]
+        print(f"ours vs SASRec: HR@10 x{ours['hr@10'] / sas['hr@10']:.2f}, NDCG@10 x{ours['ndcg@10'] / sas['ndcg@10']:.2f}, "
+              f"training time x{ours['train_s'] / sas['train_s']:.2f}")
     out = {"args": {**vars(args), "source": str(args.source)}, "n_items": ex.vocab.n_items,
            "n_users": len(ex.holdout), "n_train": len(ex.train), "build_seconds": round(build_s, 1),
            "train_seconds": round(train_s, 1), "torch_threads": config.num_threads or torch.get_num_threads(),
-           "config": config.model_dump(mode="json"), "rows": rows,
+           "config": config.model_dump(mode="json"), "rows": rows, "sasrec": peer or None,
            "history": [{"epoch": e.epoch, "loss": e.loss, "valid": e.metrics, "seconds": e.seconds}
                        for e in result.history]}
     write_result("movielens", out, command_line("bench.movielens", argv))

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=2020)
     args = p.parse_args(argv)
     args.work = args.work.resolve()
+    sys.argv = sys.argv[:1]  # RecBole's Config parses the command line too and warns about every flag above
+    warnings.filterwarnings("ignore", category=FutureWarning)  # its torch.cuda.amp call, on every run
 
     import torch
 

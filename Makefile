@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(CURDIR)/.towerflow/prefect
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 
-.PHONY: install demo test lint data-ml100k peer-recbole clean
+.PHONY: install demo test lint data-ml100k peer-recbole bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,19 @@ lint: install
 # MovieLens-100K, fetched from PyPI inside the recbole==1.2.1 wheel and verified by sha256; never committed.
 data-ml100k: install
 	$(PY) scripts/fetch_ml100k.py
+
+# Every benchmark in the README, one after another (about 1.5 hours on an idle 2-core box); each prints its table
+# and writes bench/results/<name>.json. Run one alone with the command shown in the README.
+bench: install data-ml100k peer-recbole
+	$(PY) -m bench.generate_events --streaming-check
+	$(PY) -m bench.train_throughput
+	$(PY) -m bench.embed_items
+	$(PY) -m bench.index
+	$(PY) -m bench.retrain_e2e --threads 1 --epochs 3
+	$(PY) -m bench.scaling --threads 1
+	$(PY) -m bench.quality --threads 1
+	$(PY) -m bench.serving
+	$(PY) -m bench.movielens --threads 1 --sasrec
 
 # A peer library for side-by-side quality runs (python -m bench.movielens --sasrec), in its OWN venv: RecBole 1.2.1
 # needs numpy 1 / pandas 2, the product runs numpy 2 / pandas 3. Pins and why: ../shared/DESIGN.md section 10.

@@ -19,10 +19,10 @@ def pytest_configure(config):  # runs before test modules import prefect or mlfl
 @pytest.fixture
 def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh TOWERFLOW_DATA_ROOT for one test."""
+    from tests.worlds import use_data_root
+
     root = tmp_path / "towerflow"
-    monkeypatch.setenv("TOWERFLOW_DATA_ROOT", str(root))
-    monkeypatch.delenv("TOWERFLOW_SOURCE_URI", raising=False)
-    monkeypatch.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
+    use_data_root(monkeypatch, root)
     return root
 
 

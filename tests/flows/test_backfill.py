@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.worlds import tiny_retrain_config, write_tiny_world
 from towerflow.backfill import BackfillError, Ledger, LedgerEntry, days_between, work_name
 
 JAN = [date(2026, 1, d) for d in range(1, 6)]
@@ -112,27 +113,12 @@ def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path
 def test_backfill_with_retrain_promotes_through_the_retrain_subflow_once(data_root: Path):
     from flows.backfill import backfill
     from infra.releases import load_release
-    from towerflow.config import (
-        EvalConfig,
-        ExamplesConfig,
-        GateConfig,
-        ModelConfig,
-        RetrainConfig,
-        Settings,
-        TrainConfig,
-        WorldConfig,
-    )
-    from towerflow.data.synthetic import generate_world
+    from towerflow.config import Settings
 
-    generate_world(str(data_root / "source"), WorldConfig(n_users=150, n_items=200, n_topics=5, days=4,
-                                                          events_per_day=1_500, new_items_per_day=5, seed=1))
-    config = RetrainConfig(
-        examples=ExamplesConfig(max_seq_len=8),
-        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128, epochs=2),
-        eval=EvalConfig(short_history_max=3),
-        gates=GateConfig(min_lift_over_popularity=-1.0),  # orchestration under test, not a 2-epoch model's quality
-        promote=False,  # the backfill's promote parameter, not the config's, decides
-    )
+    write_tiny_world(data_root)
+    # orchestration under test, not a 2-epoch model's quality (the popularity gate is relaxed);
+    # promote=False: the backfill's promote parameter, not the config's, decides
+    config = tiny_retrain_config(epochs=2, promote=False)
     day = date(2026, 1, 5)  # window [Jan 1, Jan 5): the world's four days
 
     first = backfill(start=day, end=day, lookback_days=4, retrain=True, promote=True, config=config)

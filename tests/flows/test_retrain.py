@@ -13,52 +13,27 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from towerflow.config import (
-    EvalConfig,
-    ExamplesConfig,
-    GateConfig,
-    ModelConfig,
-    RetrainConfig,
-    Settings,
-    TrainConfig,
-    WorldConfig,
-)
+from tests.worlds import AS_OF, LOOKBACK, tiny_retrain_config, tiny_world
+from towerflow.config import RetrainConfig, Settings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-AS_OF, LOOKBACK = date(2026, 1, 5), 4
-WORLD = WorldConfig(n_users=150, n_items=200, n_topics=5, days=4, events_per_day=1_500, new_items_per_day=5, seed=1)
-
 
 def small_config(**train) -> RetrainConfig:
-    return RetrainConfig(
-        examples=ExamplesConfig(max_seq_len=8),
-        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128,
-                          **{"epochs": 3, "lr": 5e-3, **train}),
-        eval=EvalConfig(short_history_max=3),
-        # the e2e test checks orchestration, not quality: a 3-epoch toy model need not beat popularity
-        # latency is the release gate's unit tests' business; a busy CI box must not fail this one on a p99 spike
-        gates=GateConfig(min_lift_over_popularity=-1.0, max_release_latency_ms=10_000),
-    )
+    # the e2e test checks orchestration, not quality: a 3-epoch toy model need not beat popularity
+    # latency is the release gate's unit tests' business; a busy CI box must not fail this one on a p99 spike
+    return tiny_retrain_config(gates={"max_release_latency_ms": 10_000}, **{"epochs": 3, "lr": 5e-3, **train})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from towerflow.data.synthetic import generate_world
-
-    root = tmp_path_factory.mktemp("retrain") / "towerflow"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TOWERFLOW_DATA_ROOT", str(root))
-        mp.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("TOWERFLOW_SOURCE_URI", raising=False)
-        generate_world(str(root / "source"), WORLD)
-        yield Settings()
+    with tiny_world(tmp_path_factory.mktemp("retrain") / "towerflow") as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")

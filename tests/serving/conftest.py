@@ -8,37 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from towerflow.config import (
-    EvalConfig,
-    ExamplesConfig,
-    GateConfig,
-    ModelConfig,
-    RetrainConfig,
-    Settings,
-    TrainConfig,
-    WorldConfig,
-)
+from tests.worlds import AS_OF, LOOKBACK, tiny_retrain_config, tiny_world, use_data_root
+from towerflow.config import RetrainConfig, Settings
 
-AS_OF, LOOKBACK = date(2026, 1, 5), 4
 HORIZON = datetime(2026, 1, 5, tzinfo=UTC)  # the end of the world's last day: the serving clock
-WORLD = WorldConfig(n_users=150, n_items=200, n_topics=5, days=4, events_per_day=1_500, new_items_per_day=5, seed=1)
 
 
 def small_config(seed: int = 0, promote: bool = True) -> RetrainConfig:
-    return RetrainConfig(
-        examples=ExamplesConfig(max_seq_len=8),
-        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128, epochs=1,
-                          seed=seed),
-        eval=EvalConfig(short_history_max=3),
-        # these tests check serving, not quality: a 1-epoch toy model need not beat anything
-        gates=GateConfig(min_lift_over_popularity=-1.0, max_regression=1.0),
-        promote=promote,
-    )
+    # these tests check serving, not quality: a 1-epoch toy model need not beat anything
+    return tiny_retrain_config(gates={"max_regression": 1.0}, promote=promote, epochs=1, seed=seed)
 
 
 @dataclass
@@ -51,24 +34,18 @@ class ServedWorld:
 
     def env(self, mp: pytest.MonkeyPatch) -> None:
         """Point Settings() (and so the flows and the CLI) at this world."""
-        mp.setenv("TOWERFLOW_DATA_ROOT", str(self.root))
-        mp.delenv("TOWERFLOW_MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("TOWERFLOW_SOURCE_URI", raising=False)
-        mp.delenv("TOWERFLOW_REGISTERED_MODEL", raising=False)
+        use_data_root(mp, self.root)
 
 
 @pytest.fixture(scope="session")
 def served(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedWorld]:
     from flows.refresh_user_states import refresh_user_states
     from flows.retrain import retrain
-    from towerflow.data.synthetic import generate_world
 
     root = tmp_path_factory.mktemp("serving") / "towerflow"
     world = ServedWorld(root, None, None, None, None)
-    with pytest.MonkeyPatch.context() as mp:
-        world.env(mp)
-        world.settings = Settings()
-        generate_world(str(root / "source"), WORLD)
+    with tiny_world(root) as settings:
+        world.settings = settings
         # registered first without promotion, so neither run is gated against a champion
         world.other = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config(seed=1, promote=False))
         world.champion = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config())

@@ -1,4 +1,5 @@
-"""Refresh the offline user history states (DESIGN.md section 7): the hourly ``refresh-user-states`` deployment.
+"""Refresh the offline user history states (DESIGN.md section 7): the hourly ``refresh-user-states`` deployment,
+and a subflow of the retrain flow right after it promotes (``RetrainConfig.refresh_user_states``).
 
     load the release (the champion by default) -> read the last lookback_days of events -> h = encode_history(...)
     for every active user -> write the states, tagged with the release id, to the user-state store

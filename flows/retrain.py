@@ -1,9 +1,12 @@
 """The retrain flow: one window of events in, one gated, promoted release out (DESIGN.md section 2).
 
     extract -> validate_data -> build_examples -> augment_context -> train -> evaluate -> gate_model
-            -> embed_items -> build_index -> gate_release -> promote
+            -> embed_items -> build_index -> gate_release -> promote [-> refresh-user-states]
 
 The flow body only chains stages; every stage is a thin task in flows/retrain_tasks.py over a pure function.
+After a promotion (and with ``config.refresh_user_states``), the refresh-user-states flow runs as a subflow for the
+new champion, so serving has its offline user states at once; a refresh failure leaves the promotion standing and is
+reported in ``RetrainResult.user_states_error`` (see ``retrain_tasks.refresh_states`` for why it does not fail).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from flows import retrain_tasks as t
+from flows.refresh_user_states import RefreshResult
 from towerflow.config import RetrainConfig, Settings
 
 
@@ -26,6 +30,9 @@ class RetrainResult(BaseModel):
     metrics: dict[str, float] = {}
     comparison: dict[str, dict[str, float]] = Field({}, description="holdout metrics of candidate, champion, baselines")
     previous_champion: str | None = None
+    user_states: RefreshResult | None = Field(None, description="the states stored for the promoted release")
+    user_states_error: str | None = Field(
+        None, description="why those states were not stored; the release stays champion, served on the online path")
 
 
 def window_end(as_of: date | datetime | None) -> datetime:
@@ -66,5 +73,8 @@ def retrain(
         t.finish_tracking(run, "FAILED")
         raise
     t.finish_tracking(run, "FINISHED")
+    # after the run is closed: it records the model and its promotion, which stand whatever the refresh does
+    if config.refresh_user_states and result.status in ("promoted", "already_champion"):
+        result.user_states, result.user_states_error = t.refresh_states(result.release_id, source_uri, run)
     get_run_logger().info(f"retrain finished: {result.status} {result.release_id}")
     return result

@@ -12,7 +12,7 @@ import torch
 from prefect import get_run_logger
 from prefect.context import get_run_context
 
-from flows.stages import cached, content_key, publish_gate, publish_table, stage
+from flows.stages import StageFailed, cached, content_key, publish_gate, publish_table, stage
 from towerflow.config import (
     AugmentConfig,
     EvalConfig,
@@ -397,3 +397,28 @@ def publish_release_card(manifest, version: int, status: str, tracking: Tracking
     lines += ["", "| artifact | sha256 |", "| --- | --- |"]
     lines += [f"| {f} | `{h[:16]}` |" for f, h in sorted(manifest.files.items())]
     create_markdown_artifact(markdown="\n".join(lines), key="release-card", description=status)
+
+
+def refresh_states(release_id: str, source_uri: str | None, tracking: Tracking):
+    """Store the offline user states of the release just promoted: the ``refresh-user-states`` flow as a subflow.
+
+    Returns ``(RefreshResult, None)``, or ``(None, "stage 'refresh_user_states' failed: <cause>")``: a failure is
+    reported, never raised. The promotion before it is complete and consistent (tower and index flipped together);
+    without states the service answers the release's users on the online path (same answers, slower), and the
+    hourly ``refresh-user-states`` deployment writes them on its next run. Failing the retrain here would instead
+    make a rerun or a backfill retrain and promote yet another release.
+    """
+    from flows.refresh_user_states import refresh_user_states
+
+    log = get_run_logger()
+    try:
+        # the default window and as_of (the source's horizon) are the service's, so a state equals its online h
+        refreshed = refresh_user_states(release=release_id, source_uri=source_uri)
+    except Exception as exc:  # noqa: BLE001 - reported in the result, the log and MLflow; the promotion stands
+        error = str(StageFailed("refresh_user_states", exc))
+        log.error(f"{error}; {release_id} stays champion and is served on the online path until states are "
+                  "refreshed (hourly deployment refresh-user-states, or: towerflow serve refresh)")
+        tracking.set_tags({"towerflow.user_states": "failed", "towerflow.user_states_error": error[:5000]})
+        return None, error
+    tracking.set_tags({"towerflow.user_states": refreshed.n_users})
+    return refreshed, None

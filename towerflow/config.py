@@ -208,6 +208,10 @@ class RetrainConfig(_Config):
     gates: GateConfig = GateConfig()
     index: IndexConfig = IndexConfig()
     promote: bool = True
+    refresh_user_states: bool = Field(
+        True, description="After a promotion, store the new champion's offline user states (refresh-user-states "
+                          "as a subflow); a failure there is reported, never undoes the promotion."
+    )
 
     @classmethod
     def from_file(cls, path: str | Path) -> RetrainConfig:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from datetime import date
+
+from towerflow.commands.common import add_source_option, prefect_api
 
 DEPLOYMENT = "backfill/backfill"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -28,19 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="promote each day's model if it passes the gates (default: no)")
     p.add_argument("--force", action="store_true", help="redo days the ledger has as done")
     p.add_argument("--config", help="RetrainConfig as YAML or JSON")
-    p.add_argument("--source", help="source URI (default: <data_root>/source)")
+    add_source_option(p)
     p.add_argument("--deployment", action="store_true",
                    help=f"trigger the '{DEPLOYMENT}' deployment (needs PREFECT_API_URL) and wait for it")
     p.set_defaults(handler=_backfill)
-
-
-def _api(settings) -> AbstractContextManager:
-    """Point Prefect at TOWERFLOW_PREFECT_API_URL when it is set and PREFECT_API_URL is not."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if settings.prefect_api_url and not PREFECT_API_URL.value():
-        return temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url})
-    return nullcontext()
 
 
 def _backfill(args: argparse.Namespace) -> int:
@@ -54,7 +46,7 @@ def _backfill(args: argparse.Namespace) -> int:
               "promote": args.promote, "force": args.force}
     if args.source:
         params["source_uri"] = args.source
-    with _api(settings):
+    with prefect_api(settings):
         if args.deployment:
             if config is not None:
                 params["config"] = config.model_dump(mode="json")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, date, datetime
 
+from towerflow.commands.common import add_source_option
+
 
 def _as_of(text: str) -> datetime:
     """A date (midnight UTC) or an ISO timestamp."""
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     x = dsub.add_parser("extract", help="snapshot the window [as_of - lookback_days, as_of)")
     x.add_argument("--as-of", required=True, type=_as_of, help="end of the window (exclusive), YYYY-MM-DD")
     x.add_argument("--lookback-days", required=True, type=int, help="window length in days")
-    x.add_argument("--source", help="source URI (default: <data_root>/source)")
+    add_source_option(x)
     x.set_defaults(handler=_extract)
 
 

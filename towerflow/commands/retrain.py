@@ -6,6 +6,8 @@ import argparse
 import json
 from datetime import date
 
+from towerflow.commands.common import add_source_option, prefect_api
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--as-of", type=date.fromisoformat, help="end of the window (exclusive), YYYY-MM-DD; default today")
     p.add_argument("--lookback-days", type=int, default=7, help="window length in days (default 7)")
     p.add_argument("--config", help="RetrainConfig as YAML or JSON (see towerflow/config.py)")
-    p.add_argument("--source", help="source URI (default: <data_root>/source)")
+    add_source_option(p)
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -39,13 +41,12 @@ def load_config(path: str | None, epochs: int | None = None, promote: bool = Tru
 
 def _retrain(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
-    from towerflow.commands.backfill import _api
     from towerflow.config import Settings
     from towerflow.report import print_result
 
     settings = Settings()
     config = load_config(args.config, args.epochs, promote=not args.no_promote)
-    with _api(settings):
+    with prefect_api(settings):
         result = retrain(as_of=args.as_of, lookback_days=args.lookback_days, config=config, source_uri=args.source)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))

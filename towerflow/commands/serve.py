@@ -13,6 +13,8 @@ import json
 import sys
 from datetime import datetime
 
+from towerflow.commands.common import add_source_option
+
 
 def _serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", default="champion", help="registry alias to serve and watch (default champion)")
@@ -56,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--release", default="champion", help="alias, version number or release id (default champion)")
     r.add_argument("--as-of", type=datetime.fromisoformat, help="default: the source's horizon")
     r.add_argument("--lookback-days", type=int, default=7)
-    r.add_argument("--source", help="source URI (default: <data_root>/source)")
+    add_source_option(r)
     r.set_defaults(handler=_refresh)
 
 

@@ -9,6 +9,7 @@ costs evaluation, index, release gate and promotion only.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import pytest
 
@@ -24,9 +25,33 @@ HORIZON = datetime(2026, 1, 5, tzinfo=UTC)  # the end of the world's last day: w
 ACTIVE_USERS = 123
 
 
-def config(promote: bool = True) -> RetrainConfig:
+def config(promote: bool = True, refresh_user_states: bool = True) -> RetrainConfig:
     # orchestration, not quality: a 1-epoch toy model; latency is the release gate's unit tests' business
-    return tiny_retrain_config(gates={"max_release_latency_ms": 10_000}, promote=promote, epochs=1)
+    base = tiny_retrain_config(gates={"max_release_latency_ms": 10_000}, promote=promote, epochs=1)
+    return base.model_copy(update={"refresh_user_states": refresh_user_states})
+
+
+class Run(NamedTuple):
+    result: object  # flows.retrain.RetrainResult
+    subflows: list[tuple[str, str]]  # (flow name, final state type) of each subflow run, as the Prefect API has it
+
+
+def run_retrain(config: RetrainConfig) -> Run:
+    from flows.retrain import retrain
+
+    state = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config, return_state=True)
+    assert state.is_completed(), state
+    return Run(state.result(), _subflows(state.state_details.flow_run_id))
+
+
+def _subflows(flow_run_id) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        return [(client.read_flow(r.flow_id).name, r.state.type.value) for r in runs]
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +61,14 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def held_back(world: Settings):
+def held_back(world: Settings) -> Run:
     """A run that passes every gate but is told not to promote (it trains the model the later runs reuse)."""
-    from flows.retrain import retrain
-
-    return retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config(promote=False))
+    return run_retrain(config(promote=False))
 
 
 @pytest.fixture(scope="module")
-def promoted(world: Settings, held_back):
-    from flows.retrain import retrain
-
-    return retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config())
+def promoted(world: Settings, held_back: Run) -> Run:
+    return run_retrain(config())
 
 
 def stored(settings: Settings) -> dict[str, int]:
@@ -75,44 +96,47 @@ def _tags(settings: Settings, run_id: str) -> dict[str, str]:
     return MlflowClient(settings.tracking_uri).get_run(run_id).data.tags
 
 
-def test_a_run_that_does_not_promote_stores_no_states(world: Settings, held_back):
-    assert held_back.status == "not_promoted"
-    assert (held_back.user_states, held_back.user_states_error) == (None, None)
+def test_a_run_that_does_not_promote_stores_no_states(world: Settings, held_back: Run):
+    r = held_back.result
+    assert r.status == "not_promoted" and held_back.subflows == []
+    assert (r.user_states, r.user_states_error) == (None, None)
     assert stored(world) == {}
-    assert "towerflow.user_states" not in _tags(world, held_back.mlflow_run_id)
+    assert "towerflow.user_states" not in _tags(world, r.mlflow_run_id)
 
 
-def test_promotion_stores_the_new_champions_states(world: Settings, promoted):
+def test_promotion_stores_the_new_champions_states(world: Settings, promoted: Run):
     from serving.state_store import SQLiteUserStateStore
     from tasks.build_examples import Vocab
     from towerflow.data.source import ParquetSource
 
-    assert promoted.status == "promoted" and _champion(world) == promoted.release_id
+    r = promoted.result
+    assert r.status == "promoted" and _champion(world) == r.release_id
+    assert promoted.subflows == [("refresh-user-states", "COMPLETED")]
     # the users expected, counted from the source independently of the flow
-    release_dir = world.releases_dir / promoted.release_id
-    vocab = Vocab.from_json((release_dir / "vocab" / "vocab.json").read_text())
+    vocab = Vocab.from_json((world.releases_dir / r.release_id / "vocab" / "vocab.json").read_text())
     events = ParquetSource(world.source).read_events(HORIZON - timedelta(days=7), HORIZON)
     acted = events[(events["action"] != "impression") & events["item_id"].isin(vocab.item_ids)]
     users = sorted(int(u) for u in acted["user_id"].unique())
     assert len(users) == ACTIVE_USERS
 
-    assert stored(world) == {promoted.release_id: ACTIVE_USERS}  # the new champion's, and nothing else
+    assert stored(world) == {r.release_id: ACTIVE_USERS}  # the new champion's, and nothing else
     store = SQLiteUserStateStore(world.user_states_path)
     try:
-        states = store.get(users, promoted.release_id)
+        states = store.get(users, r.release_id)
     finally:
         store.close()
     assert sorted(states) == users
-    assert {s.release_id for s in states.values()} == {promoted.release_id}
+    assert {s.release_id for s in states.values()} == {r.release_id}
     assert {s.as_of for s in states.values()} == {HORIZON}
 
-    r = promoted.user_states
-    assert (r.release_id, r.version, r.n_users, r.as_of) == (promoted.release_id, 2, ACTIVE_USERS, HORIZON)
-    assert promoted.user_states_error is None
-    assert _tags(world, promoted.mlflow_run_id)["towerflow.user_states"] == str(ACTIVE_USERS)
+    refresh = r.user_states
+    assert (refresh.release_id, refresh.version, refresh.n_users, refresh.as_of) == (
+        r.release_id, 2, ACTIVE_USERS, HORIZON)
+    assert r.user_states_error is None
+    assert _tags(world, r.mlflow_run_id)["towerflow.user_states"] == str(ACTIVE_USERS)
 
 
-def test_a_failed_gate_stores_no_states(world: Settings, promoted):
+def test_a_failed_gate_stores_no_states(world: Settings, promoted: Run):
     from flows.retrain import retrain
     from flows.stages import StageFailed
 
@@ -121,25 +145,22 @@ def test_a_failed_gate_stores_no_states(world: Settings, promoted):
     unreachable = base.model_copy(update={"gates": base.gates.model_copy(update={"min_lift_over_popularity": 1.0})})
     with pytest.raises(StageFailed, match=r"stage 'gate_model' failed"):
         retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=unreachable)
-    assert _champion(world) == promoted.release_id
-    assert stored(world) == {promoted.release_id: ACTIVE_USERS}
+    assert _champion(world) == promoted.result.release_id
+    assert stored(world) == {promoted.result.release_id: ACTIVE_USERS}
 
 
-def test_refresh_user_states_off_promotes_without_storing_states(world: Settings, promoted):
-    from flows.retrain import retrain
+def test_refresh_user_states_off_promotes_without_storing_states(world: Settings, promoted: Run):
+    run = run_retrain(config(refresh_user_states=False))
+    r = run.result
+    assert r.status == "promoted" and _champion(world) == r.release_id != promoted.result.release_id
+    assert run.subflows == []
+    assert (r.user_states, r.user_states_error) == (None, None)
+    assert stored(world) == {promoted.result.release_id: ACTIVE_USERS}
+    assert "towerflow.user_states" not in _tags(world, r.mlflow_run_id)
 
-    result = retrain(as_of=AS_OF, lookback_days=LOOKBACK,
-                     config=config().model_copy(update={"refresh_user_states": False}))
-    assert result.status == "promoted" and _champion(world) == result.release_id != promoted.release_id
-    assert (result.user_states, result.user_states_error) == (None, None)
-    assert stored(world) == {promoted.release_id: ACTIVE_USERS}
-    assert "towerflow.user_states" not in _tags(world, result.mlflow_run_id)
 
-
-def test_a_failed_refresh_leaves_the_promotion_standing(world: Settings, promoted):
+def test_a_failed_refresh_leaves_the_promotion_standing(world: Settings, promoted: Run):
     from mlflow import MlflowClient
-
-    from flows.retrain import retrain
 
     # a directory where the store's SQLite file should be: the refresh computes the states, then cannot write them
     path = world.user_states_path
@@ -147,19 +168,21 @@ def test_a_failed_refresh_leaves_the_promotion_standing(world: Settings, promote
     path.rename(aside)
     path.mkdir()
     try:
-        result = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config())
+        run = run_retrain(config())  # the retrain run itself ends Completed
     finally:
         path.rmdir()
         aside.rename(path)
 
-    assert result.status == "promoted" and result.release_id != promoted.release_id
-    assert _champion(world) == result.release_id  # champion, tower and index together: nothing undone
-    assert result.user_states is None
-    assert result.user_states_error.startswith(
+    r = run.result
+    assert run.subflows == [("refresh-user-states", "FAILED")]
+    assert r.status == "promoted" and r.release_id != promoted.result.release_id
+    assert _champion(world) == r.release_id  # champion, tower and index together: nothing undone
+    assert r.user_states is None
+    assert r.user_states_error.startswith(
         "stage 'refresh_user_states' failed: stage 'write_states' failed: user-state store ")
-    run = MlflowClient(world.tracking_uri).get_run(result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["towerflow.user_states"] == "failed"
-    assert run.data.tags["towerflow.user_states_error"] == result.user_states_error
+    run_info = MlflowClient(world.tracking_uri).get_run(r.mlflow_run_id)
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.tags["towerflow.user_states"] == "failed"
+    assert run_info.data.tags["towerflow.user_states_error"] == r.user_states_error
     # no state of the new champion anywhere: serving answers its users on the online path until the next refresh
-    assert stored(world) == {promoted.release_id: ACTIVE_USERS}
+    assert stored(world) == {promoted.result.release_id: ACTIVE_USERS}

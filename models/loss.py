@@ -15,6 +15,7 @@ among the columns of its kind: ``log(b * p_j)`` for in-batch columns of a batch 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +80,14 @@ def softmax_logits(
     return torch.cat([logits, neg_logits], dim=1)
 
 
-def in_batch_softmax_loss(
-    u: torch.Tensor,
-    v: torch.Tensor,
-    item_ids: torch.Tensor,
-    log_q: torch.Tensor | None,
-    temperature: float,
-    neg_v: torch.Tensor | None = None,
-    neg_ids: torch.Tensor | None = None,
-    neg_log_q: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean cross-entropy of each row against its diagonal column -> scalar. Arguments as in ``softmax_logits``."""
-    logits = softmax_logits(u, v, item_ids, log_q, temperature, neg_v, neg_ids, neg_log_q)
-    return F.cross_entropy(logits, torch.arange(u.shape[0], device=logits.device))
+def in_batch_softmax_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Mean cross-entropy of each row against its diagonal column -> scalar.
+
+    Takes ``softmax_logits``'s arguments (u, v, item_ids, log_q, temperature and the optional mixed negatives),
+    documented and checked there, and passes them on unchanged: one signature, so the two cannot drift apart.
+    """
+    logits = softmax_logits(*args, **kwargs)  # (b, b + m)
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
 
 def mixed_negatives_log_q(n_negatives: int, n_items: int) -> float:

@@ -20,13 +20,12 @@ same best weights. Nothing here touches Prefect or MLflow.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +36,20 @@ from torch.utils.data import DistributedSampler
 
 from models.two_tower import TwoTower
 from tasks.build_examples import Examples
-from tasks.scoring import model_metrics
 from tasks.train import (
     EpochStats,
+    Progress,
     TrainError,
     TrainResult,
     batch_loss,
-    item_log_q,
-    lr_scheduler,
+    finish,
+    init_model,
+    load_checkpoint,
+    make_optimizer,
+    run_epoch,
+    save_checkpoint,
+    stopping_metrics,
+    stopping_split,
     torch_threads,
 )
 from towerflow.config import TrainConfig
@@ -143,8 +148,8 @@ def train_ddp(
     ``config.batch_size`` is the *global* batch (it must divide by the world size), so a run on N processes takes
     the same steps of the same size as ``tasks.train.train`` on one. Every rank returns the same TrainResult (the
     best epoch's weights, on CPU); ``on_epoch`` and the checkpoint (``checkpoint_dir``, on storage every rank can
-    read) are handled by rank 0, and a restarted job resumes after the last finished epoch. The learning-rate
-    schedule and ``config.num_threads`` are ``tasks.train``'s.
+    read) are handled by rank 0, and a restarted job resumes after the last finished epoch. The optimizer step,
+    learning-rate schedule, early stopping and ``config.num_threads`` are ``tasks.train``'s own code.
     """
     with torch_threads(config.num_threads):
         return _train_ddp(examples, config, env, device or torch.device("cpu"), checkpoint_dir, on_epoch)
@@ -168,97 +173,58 @@ def _train_ddp(
     if n_train < 2 * world:
         raise TrainError(f"need at least {2 * world} training examples for {world} ranks, got {n_train}")
 
-    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
-    model.set_log_q(item_log_q(examples, config))
+    model = init_model(examples, config, device)  # the same weights on every rank (DDP also broadcasts rank 0's)
     # Buffers (feature table, log q) never change in training: synced once at init, not before every step.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     torch.manual_seed(config.seed + 1 + env.rank)  # dropout masks and mixed negatives differ between ranks
     # range(n) is all the sampler needs: it shards and shuffles positions, the same permutation on every rank.
     sampler = DistributedSampler(range(n_train), num_replicas=world, rank=env.rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
-    n_batches = max(1, len(sampler) // local_b)  # every rank's shard has the same length: the same steps
-    sched = lr_scheduler(opt, config, n_batches)
-    split, seen = ("valid", examples.valid_seen) if examples.valid is not None else ("holdout", examples.holdout_seen)
-    stop_on = examples.valid if examples.valid is not None else examples.holdout
-    metric = config.early_stopping_metric
+    # floor(floor(n / world) / (b / world)) = floor(n / b): the steps per epoch, and so the learning-rate
+    # schedule, of tasks.train on one process with the same global batch b.
+    n_batches = max(1, len(sampler) // local_b)
+    opt, sched = make_optimizer(model, config, n_batches)  # DDP wraps these very parameters
+    progress = Progress(config.early_stopping_metric, config.patience)
 
-    history: list[EpochStats] = []
-    best_state, best_value, best_epoch, start_epoch = None, -math.inf, 0, 1
+    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        return global_batch_loss(model, u, v, target_items, config)
+
+    start_epoch = 1
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history = [EpochStats(**e) for e in state["history"]]
-        best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
+        state = load_checkpoint(ckpt, device, model, opt, sched, progress)
         start_epoch = state["epoch"] + 1
         if env.is_main:
             say(f"resuming DDP training after epoch {state['epoch']} from {ckpt}")
-            for stats in history:  # as tasks.train: the caller sees every epoch, not only those run here
+            for stats in progress.history:  # as tasks.train: the caller sees every epoch, not only those run here
                 if on_epoch:
                     on_epoch(stats)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
-        if epoch - best_epoch > config.patience and best_epoch > 0:
+        if progress.should_stop(epoch):
             break
         ddp.train()
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         shard = np.fromiter(iter(sampler), dtype=np.int64)  # this rank's positions, equal length on every rank
-        total = torch.zeros((), dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-        for i in range(n_batches):
-            idx = shard[i * local_b : (i + 1) * local_b]
-            batch = examples.train.to_batch(idx, examples.user_feats).to(device)
-            u, v = ddp(batch)
-            loss = global_batch_loss(model, u, v, batch.target_items, config)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch}, batch {i} on rank {env.rank}; "
-                                 "lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach().double()
+        total = run_epoch(examples, shard, local_b, n_batches, ddp, loss_fn, opt, sched, device,
+                          f"epoch {epoch} on rank {env.rank}")
         train_s = time.perf_counter() - t0
         dist.all_reduce(total)  # sum over ranks of each rank's summed loss; ranks differ only by dropout/negatives
-        epoch_loss = float(total) / (n_batches * world)
-
-        metrics = model_metrics(model, stop_on, examples.user_feats, seen, ks=(10, 50)) \
-            if env.is_main and len(stop_on) else {}
-        metrics = _broadcast(metrics)
-        stats = EpochStats(epoch=epoch, loss=epoch_loss, seconds=time.perf_counter() - t0,
+        metrics = _broadcast(stopping_metrics(model, examples) if env.is_main else {})
+        stats = EpochStats(epoch=epoch, loss=float(total) / (n_batches * world), seconds=time.perf_counter() - t0,
                            examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
-        history.append(stats)
-        value = metrics.get(metric, -stats.loss)
-        improved = value > best_value
-        if improved:
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        value, improved = progress.record(stats, model)
         if env.is_main:
-            say(f"epoch {epoch}/{config.epochs} ({world} ranks): loss {stats.loss:.4f}  {metric} {value:.4f}"
-                f"{' *' if improved else ''}  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
+            say(progress.line(stats, config.epochs, value, improved, f" ({world} ranks)"))
             if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "history": [asdict(e) for e in history],
-                            "best_state": best_state, "best_value": best_value, "best_epoch": best_epoch,
-                            "epoch": epoch}, tmp)
-                tmp.replace(ckpt)
+                save_checkpoint(ckpt, model, opt, sched, progress, epoch)
             if on_epoch:
                 on_epoch(stats)
         dist.barrier()  # nobody starts the next epoch (or reads the checkpoint) before rank 0 is done
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(model=model.cpu(), history=history, best_epoch=best_epoch,
-                       seconds=time.perf_counter() - t_start, early_stopping_split=split)
+    return finish(model, progress, t_start, stopping_split(examples)[0])
 
 
 def torchrun_command(nproc_per_node: int, script: str | Path, args: Sequence[str] = ()) -> list[str]:

@@ -2,6 +2,10 @@
 
 The caller gets per-epoch stats through ``on_epoch`` (the Prefect task logs them to MLflow); with a
 ``checkpoint_dir`` every epoch is checkpointed and a restarted call resumes after the last finished epoch.
+
+The pieces of the loop (``init_model``, ``make_optimizer``, ``run_epoch`` / ``train_step``, ``Progress``,
+``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
+change to the loss, the step, the schedule or early stopping lands in both.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.batch import Batch
 from models.frequency import StreamingFrequencyEstimator, exact_log_q
 from models.loss import in_batch_softmax_loss, mixed_negatives_log_q
 from models.two_tower import TwoTower, load_model, save_model
-from tasks.build_examples import Examples
+from tasks.build_examples import Examples, SeenItems, SequenceExamples
 from tasks.scoring import model_metrics
 from towerflow.config import TrainConfig
 from towerflow.errors import TowerflowError
@@ -162,6 +167,140 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@dataclass
+class Progress:
+    """The epochs run so far and the best of them: when to stop early and which weights to keep.
+
+    Kept in the checkpoint, so a resumed run stops at the same epoch and keeps the same weights as an unbroken one.
+    """
+
+    metric: str  # config.early_stopping_metric; -loss when the split gives no metrics
+    patience: int
+    history: list[EpochStats] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_value: float = -math.inf
+    best_epoch: int = 0
+
+    def should_stop(self, epoch: int) -> bool:
+        """True when ``epoch`` comes more than ``patience`` epochs after the best one."""
+        return self.best_epoch > 0 and epoch - self.best_epoch > self.patience
+
+    def record(self, stats: EpochStats, model: torch.nn.Module) -> tuple[float, bool]:
+        """Add an epoch; copy ``model``'s weights when it is the best so far -> (its watched value, improved)."""
+        self.history.append(stats)
+        value = stats.metrics.get(self.metric, -stats.loss)
+        improved = value > self.best_value
+        if improved:
+            self.best_value, self.best_epoch = value, stats.epoch
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return value, improved
+
+    def line(self, stats: EpochStats, epochs: int, value: float, improved: bool, ranks: str = "") -> str:
+        """The progress line of one epoch (``ranks``: e.g. " (2 ranks)")."""
+        return (f"epoch {stats.epoch}/{epochs}{ranks}: loss {stats.loss:.4f}  {self.metric} {value:.4f}"
+                f"{' *' if improved else ''}  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
+
+
+def stopping_split(examples: Examples) -> tuple[str, SequenceExamples, SeenItems]:
+    """The split early stopping watches: (name, rows, their seen items); ``valid`` or, without one, the holdout."""
+    if examples.valid is not None:
+        return "valid", examples.valid, examples.valid_seen
+    return "holdout", examples.holdout, examples.holdout_seen
+
+
+def stopping_metrics(model: TwoTower, examples: Examples) -> dict[str, float]:
+    """recall / ndcg at 10 and 50 on the early-stopping split ({} when it is empty)."""
+    _, rows, seen = stopping_split(examples)
+    return model_metrics(model, rows, examples.user_feats, seen, ks=(10, 50)) if len(rows) else {}
+
+
+def save_checkpoint(
+    path: Path, model: TwoTower, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress, epoch: int, **extra: object,
+) -> None:
+    """Write everything a restart needs after ``epoch`` (``extra``: e.g. RNG states) to ``path``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                **extra, "history": [asdict(e) for e in progress.history], "best_state": progress.best_state,
+                "best_value": progress.best_value, "best_epoch": progress.best_epoch, "epoch": epoch}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(
+    path: Path, device: torch.device, model: TwoTower, opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
+) -> dict:
+    """Restore model, optimizer, schedule and ``progress`` from ``save_checkpoint``'s file -> the raw state
+    (its ``epoch`` and any ``extra``)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    progress.history = [EpochStats(**e) for e in state["history"]]
+    progress.best_state, progress.best_value = state["best_state"], state["best_value"]
+    progress.best_epoch = state["best_epoch"]
+    return state
+
+
+def init_model(examples: Examples, config: TrainConfig, device: torch.device) -> TwoTower:
+    """Fresh TwoTower weights from ``config.seed`` (the same on every DDP rank), with ``item_log_q`` set."""
+    torch.manual_seed(config.seed)
+    model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
+    model.set_log_q(item_log_q(examples, config))
+    return model
+
+
+def make_optimizer(
+    model: TwoTower, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``model``'s parameters and its ``lr_scheduler``: one place, so every training path steps alike."""
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return opt, lr_scheduler(opt, config, steps_per_epoch)
+
+
+def train_step(
+    loss: torch.Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, where: str
+) -> None:
+    """One optimizer step on a scalar ``loss`` and one scheduler step; refuses a non-finite loss (``where`` names
+    the step in the error). Under DDP, ``backward`` also averages the gradients across ranks."""
+    if not torch.isfinite(loss):
+        raise TrainError(f"loss became {loss.item()} at {where}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def run_epoch(
+    examples: Examples,
+    order: np.ndarray,
+    batch_size: int,
+    n_batches: int,
+    forward: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    where: str,
+) -> torch.Tensor:
+    """``n_batches`` steps over ``examples.train`` rows ``order[i * batch_size : (i + 1) * batch_size]``.
+
+    ``forward`` maps a batch to u (b, d), v (b, d) (the model, or its DDP wrapper); ``loss_fn(u, v, target_items)``
+    gives the scalar loss (``batch_loss``, or the global-batch loss under DDP). Returns the sum of the steps' losses
+    as a float64 scalar on ``device``, so a GPU run needs no host round trip per step to keep it.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(n_batches):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        batch = examples.train.to_batch(idx, examples.user_feats).to(device)
+        u, v = forward(batch)
+        loss = loss_fn(u, v, batch.target_items)
+        train_step(loss, opt, sched, f"{where}, batch {i}")
+        total += loss.detach().double()
+    return total
+
+
 def _train(
     examples: Examples,
     config: TrainConfig,
@@ -171,87 +310,58 @@ def _train(
     n_train = len(examples.train)
     if n_train < 2:
         raise TrainError(f"need at least 2 training examples, got {n_train}")
-    torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
-    model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
-    model.set_log_q(item_log_q(examples, config))
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model = init_model(examples, config, device)
     # drop the ragged last batch: one tiny batch gives a noisy in-batch softmax
     n_batches = max(1, n_train // config.batch_size)
-    sched = lr_scheduler(opt, config, n_batches)
-    split, seen = ("valid", examples.valid_seen) if examples.valid is not None else ("holdout", examples.holdout_seen)
-    stop_on = examples.valid if examples.valid is not None else examples.holdout
-    metric = config.early_stopping_metric
+    opt, sched = make_optimizer(model, config, n_batches)
+    progress = Progress(config.early_stopping_metric, config.patience)
 
-    history: list[EpochStats] = []
-    best_state, best_value, best_epoch, start_epoch = None, -math.inf, 0, 1
+    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        return batch_loss(model, u, v, target_items, config, config.batch_size)
+
+    start_epoch = 1
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(ckpt, device, model, opt, sched, progress)
         rng = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history = [EpochStats(**e) for e in state["history"]]
-        best_state, best_value, best_epoch = state["best_state"], state["best_value"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
         say(f"resuming training after epoch {state['epoch']} from {ckpt}")
-        for stats in history:  # the caller (e.g. an MLflow run) sees every epoch, not only those run here
+        for stats in progress.history:  # the caller (e.g. an MLflow run) sees every epoch, not only those run here
             if on_epoch:
                 on_epoch(stats)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
-        if epoch - best_epoch > config.patience and best_epoch > 0:
+        if progress.should_stop(epoch):
             break
         model.train()
         t0 = time.perf_counter()
-        order = rng.permutation(n_train)
-        total, batches = 0.0, 0
-        for i in range(n_batches):
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            batch = examples.train.to_batch(idx, examples.user_feats).to(device)
-            u, v = model(batch)
-            loss = batch_loss(model, u, v, batch.target_items, config, config.batch_size)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch}, batch {i}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-            batches += 1
+        total = run_epoch(examples, rng.permutation(n_train), config.batch_size, n_batches, model, loss_fn, opt,
+                          sched, device, f"epoch {epoch}")
         train_s = time.perf_counter() - t0
-        metrics = model_metrics(model, stop_on, examples.user_feats, seen, ks=(10, 50)) if len(stop_on) else {}
-        stats = EpochStats(epoch=epoch, loss=total / batches, seconds=time.perf_counter() - t0,
-                           examples_per_s=batches * config.batch_size / train_s, metrics=metrics)
-        history.append(stats)
-        value = metrics.get(metric, -stats.loss)
-        improved = value > best_value
-        if improved:
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        say(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.4f}  {metric} {value:.4f}{' *' if improved else ''}"
-            f"  {stats.examples_per_s:,.0f} ex/s  {stats.seconds:.1f}s")
+        metrics = stopping_metrics(model, examples)
+        stats = EpochStats(epoch=epoch, loss=float(total) / n_batches, seconds=time.perf_counter() - t0,
+                           examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
+        value, improved = progress.record(stats, model)
+        say(progress.line(stats, config.epochs, value, improved))
         if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "numpy_rng": rng,
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "history": [asdict(e) for e in history], "best_state": best_state,
-                        "best_value": best_value, "best_epoch": best_epoch, "epoch": epoch}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, model, opt, sched, progress, epoch, numpy_rng=rng,
+                            torch_rng=torch.get_rng_state(),
+                            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         if on_epoch:
             on_epoch(stats)
+    return finish(model, progress, t_start, stopping_split(examples)[0])
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+def finish(model: TwoTower, progress: Progress, t_start: float, split: str) -> TrainResult:
+    """Load the best epoch's weights (eval mode, on CPU) into the TrainResult."""
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     model.eval()
-    return TrainResult(model=model.cpu(), history=history, best_epoch=best_epoch,
+    return TrainResult(model=model.cpu(), history=progress.history, best_epoch=progress.best_epoch,
                        seconds=time.perf_counter() - t_start, early_stopping_split=split)

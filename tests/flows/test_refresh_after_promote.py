@@ -186,3 +186,13 @@ def test_a_failed_refresh_leaves_the_promotion_standing(world: Settings, promote
     assert run_info.data.tags["towerflow.user_states_error"] == r.user_states_error
     # no state of the new champion anywhere: serving answers its users on the online path until the next refresh
     assert stored(world) == {promoted.result.release_id: ACTIVE_USERS}
+
+
+def test_the_cli_flag_turns_the_refresh_off():
+    from towerflow.cli import build_parser
+    from towerflow.commands.retrain import load_config
+
+    args = build_parser().parse_args(["retrain", "--no-refresh-states"])
+    assert args.no_refresh_states and not build_parser().parse_args(["retrain"]).no_refresh_states
+    assert load_config(None).refresh_user_states is True
+    assert load_config(None, refresh_states=False).refresh_user_states is False

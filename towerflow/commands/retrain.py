@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import date
 
 from towerflow.commands.common import add_source_option, prefect_api
@@ -24,11 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_source_option(p)
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
+    p.add_argument("--no-refresh-states", action="store_true",
+                   help="after a promotion, leave the new champion's user states to the hourly refresh")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_retrain)
 
 
-def load_config(path: str | None, epochs: int | None = None, promote: bool = True):
+def load_config(path: str | None, epochs: int | None = None, promote: bool = True, refresh_states: bool = True):
     from towerflow.config import RetrainConfig
 
     config = RetrainConfig.from_file(path) if path else RetrainConfig()
@@ -36,6 +39,8 @@ def load_config(path: str | None, epochs: int | None = None, promote: bool = Tru
         config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     if not promote:
         config = config.model_copy(update={"promote": False})
+    if not refresh_states:
+        config = config.model_copy(update={"refresh_user_states": False})
     return config
 
 
@@ -45,11 +50,17 @@ def _retrain(args: argparse.Namespace) -> int:
     from towerflow.report import print_result
 
     settings = Settings()
-    config = load_config(args.config, args.epochs, promote=not args.no_promote)
+    config = load_config(args.config, args.epochs, promote=not args.no_promote,
+                         refresh_states=not args.no_refresh_states)
     with prefect_api(settings):
         result = retrain(as_of=args.as_of, lookback_days=args.lookback_days, config=config, source_uri=args.source)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         print_result(result, settings)
+        if result.user_states:
+            print(f"\nuser states {result.user_states.n_users:,} users stored for {result.release_id}")
+    if result.user_states_error:  # the promotion stands (exit 0); serving uses the online path until a refresh
+        print(f"warning: {result.user_states_error}; {result.release_id} is champion, its users are served on the "
+              "online path until `towerflow serve refresh` or the hourly refresh-user-states run", file=sys.stderr)
     return 0

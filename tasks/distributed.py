@@ -44,8 +44,8 @@ from tasks.train import (
     batch_loss,
     finish,
     init_model,
-    load_checkpoint,
     make_optimizer,
+    resume,
     run_epoch,
     save_checkpoint,
     stopping_metrics,
@@ -190,16 +190,9 @@ def _train_ddp(
     def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
         return global_batch_loss(model, u, v, target_items, config)
 
-    start_epoch = 1
-    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
-    if ckpt and ckpt.exists():
-        state = load_checkpoint(ckpt, device, model, opt, sched, progress)
-        start_epoch = state["epoch"] + 1
-        if env.is_main:
-            say(f"resuming DDP training after epoch {state['epoch']} from {ckpt}")
-            for stats in progress.history:  # as tasks.train: the caller sees every epoch, not only those run here
-                if on_epoch:
-                    on_epoch(stats)
+    ckpt, state = resume(checkpoint_dir, device, model, opt, sched, progress, on_epoch, "DDP training",
+                         main=env.is_main)
+    start_epoch = state["epoch"] + 1 if state is not None else 1
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):

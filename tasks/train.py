@@ -243,6 +243,28 @@ def load_checkpoint(
     return state
 
 
+def resume(
+    checkpoint_dir: str | Path | None, device: torch.device, model: TwoTower, opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
+    on_epoch: Callable[[EpochStats], None] | None, label: str = "training", main: bool = True,
+) -> tuple[Path | None, dict | None]:
+    """The checkpoint path under ``checkpoint_dir`` and, when a checkpoint is there, its restored state.
+
+    Restores through ``load_checkpoint``, says so and replays the epochs already run to ``on_epoch`` (the caller,
+    e.g. an MLflow run, sees every epoch, not only those run here). ``main=False`` (DDP ranks other than 0)
+    restores silently. -> (path or None without a directory, the raw state or None for a fresh start).
+    """
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt is None or not ckpt.exists():
+        return ckpt, None
+    state = load_checkpoint(ckpt, device, model, opt, sched, progress)
+    if main:
+        say(f"resuming {label} after epoch {state['epoch']} from {ckpt}")
+        for stats in progress.history if on_epoch else ():
+            on_epoch(stats)
+    return ckpt, state
+
+
 def init_model(examples: Examples, config: TrainConfig, device: torch.device) -> TwoTower:
     """Fresh TwoTower weights from ``config.seed`` (the same on every DDP rank), with ``item_log_q`` set."""
     torch.manual_seed(config.seed)
@@ -322,18 +344,13 @@ def _train(
         return batch_loss(model, u, v, target_items, config, config.batch_size)
 
     start_epoch = 1
-    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
-    if ckpt and ckpt.exists():
-        state = load_checkpoint(ckpt, device, model, opt, sched, progress)
+    ckpt, state = resume(checkpoint_dir, device, model, opt, sched, progress, on_epoch)
+    if state is not None:
         rng = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
-        say(f"resuming training after epoch {state['epoch']} from {ckpt}")
-        for stats in progress.history:  # the caller (e.g. an MLflow run) sees every epoch, not only those run here
-            if on_epoch:
-                on_epoch(stats)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):

@@ -26,6 +26,25 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch and one FAISS thread for the test, then the process's counts back.
+
+    Tiny models and indexes on a shared 2-core machine run several times faster on one thread (two intra-op or
+    OpenMP threads only spin against each other), and one thread is what each torchrun rank uses. Request it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import faiss
+    import torch
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_before)
+    faiss.omp_set_num_threads(faiss_before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A temporary Prefect API (its own SQLite database) and PREFECT_HOME for every flow test of the session.

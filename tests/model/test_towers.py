@@ -19,13 +19,7 @@ SIZES = FeatureSizes(
 SMALL = {"dim": 8, "d_model": 8, "n_heads": 2, "n_layers": 1, "hidden": 16, "max_seq_len": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no intra-op spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features(n_rows: int = N_ITEMS + 1, seed: int = 0) -> ItemFeatures:

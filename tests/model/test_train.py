@@ -18,13 +18,7 @@ N_TOPICS, ITEMS_PER_TOPIC, N_USERS = 6, 20, 300
 TINY_MODEL = ModelConfig(dim=16, d_model=16, hidden=32, max_seq_len=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no intra-op spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_world(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

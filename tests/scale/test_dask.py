@@ -25,13 +25,7 @@ RELEASE = "r-20260101T000000-abcdef"
 SMALL_IVFPQ = {"ivf_nlist": 32, "pq_m": 8, "pq_nbits": 6, "nprobe": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin-wait on a busy 2-core runner; one thread is several times faster there."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shard_bounds_are_contiguous_and_balanced():

@@ -40,13 +40,7 @@ SMALL = ModelConfig(dim=32, d_model=32, hidden=64, n_layers=1)
 DETERMINISTIC = SMALL.model_copy(update={"dropout": 0.0, "context_dropout": 0.0, "id_dropout": 0.0})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, like each torchrun process: two threads on a busy 2-core runner spin-wait ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from validation.model import gate_model, slices_by_name
 from validation.release import check_release
 from validation.result import Check, GateFailed, GateResult
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _faiss_single_thread():
-    """These indexes are tiny: OpenMP threads only spin against each other on a shared 2-core box (~6x slower)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- result object

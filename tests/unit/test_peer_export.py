@@ -91,3 +91,30 @@ def test_run_peer_round_trips_scores_and_names_a_missing_environment(tmp_path):
     bad.write_text("raise SystemExit(3)\n")
     with pytest.raises(PeerError, match="status 3"):
         run_peer(bad, seqs, ex.vocab.n_items, [], python=sys.executable)
+
+
+def _sasrec_script():
+    """bench/peers/recbole_sasrec.py as a module: its top level needs only numpy (RecBole loads inside main)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "peers" / "recbole_sasrec.py"
+    spec = importlib.util.spec_from_file_location("recbole_sasrec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sasrec_peer_writes_positions_as_time_and_scores_each_history_without_its_target(tmp_path):
+    peer = _sasrec_script()
+    indptr, items = np.array([0, 3, 7]), np.array([5, 2, 9, 1, 2, 3, 4])  # row 0 ends at target 9, row 1 at 4
+    path = peer.write_atomic(tmp_path, indptr, items)
+    assert path.read_text().splitlines() == [
+        "user_id:token\titem_id:token\ttimestamp:float",
+        "0\t5\t0", "0\t2\t1", "0\t9\t2", "1\t1\t0", "1\t2\t1", "1\t3\t2", "1\t4\t3"]
+    # RecBole's ids (1.. in order of appearance) differ from towerflow's; history = all but the last, last seq_len
+    token_id = {"[PAD]": 0, "5": 1, "2": 2, "9": 3, "1": 4, "3": 5, "4": 6}
+    seq, length = peer.history_batch(indptr, items, token_id, seq_len=2)
+    assert seq.tolist() == [[1, 2], [2, 5]] and length.tolist() == [2, 2]  # row 1: [1, 2, 3] cut to [2, 3]
+    seq, length = peer.history_batch(indptr, items, token_id, seq_len=4)
+    assert seq.tolist() == [[1, 2, 0, 0], [4, 2, 5, 0]] and length.tolist() == [2, 3]  # left-aligned, zero-padded

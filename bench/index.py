@@ -7,7 +7,7 @@ The vectors are clustered like trained item embeddings: ``n / 1000`` random unit
 centre plus isotropic noise of the same norm, L2-normalised (cosine to its own centre about 0.7). Queries are fresh
 draws from the same mixture: user vectors land near the items they like, not on them. Each index is built and
 measured with the product's own ``build_index`` / ``measure`` and ``IndexConfig`` defaults (HNSW32 efSearch 128,
-IVF-PQ with ~4 sqrt(n) lists, PQ16x8, nprobe 32, SQ8 re-ranking of 4k candidates). Latency is one query at a time
+IVF-PQ with ~4 sqrt(n) lists, PQ16x8, nprobe 32, SQ8 re-ranking of 8k candidates). Latency is one query at a time
 (the serving path); ``batch qps`` is all queries in one call. Builds use every core; searches use one FAISS thread
 (``--search-threads``), as a serving process does per request: OpenMP threads on a busy machine spin-wait and
 inflate single-query latency several times. Each size runs in a fresh process so its peak RSS is its own. Prints a

@@ -124,6 +124,28 @@ def _factory(kind: str, n: int, d: int, config: IndexConfig) -> tuple[str, dict[
     raise IndexBuildError(f"unknown index kind {kind!r}; expected auto, flat, hnsw or ivfpq")
 
 
+# FAISS k-means wants at least 39 training points per centroid (it warns and trains poorly below that)
+MIN_TRAIN_PER_LIST = 39
+
+
+def train_ivfpq(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, params: dict[str, Any]) -> None:
+    """Train an empty IVF-PQ ``index`` on a seeded sample of ``vectors`` and record its size in ``params``.
+
+    The sample is ``config.train_sample`` vectors, or ``MIN_TRAIN_PER_LIST`` per IVF list when the lists need more
+    (4,000 lists at 1M items: 156,000), or all of them when there are fewer. ``build_index`` and the sharded build
+    both train here, so their quantizers are identical.
+    """
+    # Polysemous training (on by default for PQ) serves Hamming-filtered search, which we do not use, and costs
+    # tens of seconds even on a few thousand vectors.
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    n = len(vectors)
+    size = max(config.train_sample, MIN_TRAIN_PER_LIST * int(params["nlist"]))
+    rng = np.random.default_rng(config.seed)
+    sample = vectors if n <= size else vectors[np.sort(rng.choice(n, size, replace=False))]
+    params["train_sample"] = len(sample)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
 def _hnsw(index: faiss.Index) -> Any:
     return faiss.downcast_index(index.index).hnsw  # index is the IDMap2 wrapper
 
@@ -157,14 +179,7 @@ def build_index(emb: ItemEmbeddings, config: IndexConfig) -> IndexArtifact:
     if kind == "hnsw":
         _hnsw(index).efConstruction = config.hnsw_ef_construction
     if kind == "ivfpq":
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        # Polysemous training (on by default for PQ) serves Hamming-filtered search, which we do not use, and
-        # costs tens of seconds even on a few thousand vectors.
-        ivf.do_polysemous_training = False
-        rng = np.random.default_rng(config.seed)
-        sample = vectors if n <= config.train_sample else vectors[np.sort(rng.choice(n, config.train_sample, replace=False))]
-        params["train_sample"] = len(sample)
-        index.train(sample)
+        train_ivfpq(index, vectors, config, params)
     index.add_with_ids(vectors, ids)
     _apply_search_params(index, kind, params)
     build_seconds = time.perf_counter() - t0

@@ -24,7 +24,14 @@ import faiss
 import numpy as np
 
 # build_index's own factory and search-parameter helpers: a shard-built index must be configured exactly alike
-from tasks.build_index import IndexArtifact, IndexBuildError, _apply_search_params, _factory, choose_kind
+from tasks.build_index import (
+    IndexArtifact,
+    IndexBuildError,
+    _apply_search_params,
+    _factory,
+    choose_kind,
+    train_ivfpq,
+)
 from tasks.embed_items import EmbeddingError, ItemEmbeddings
 from towerflow.config import IndexConfig
 
@@ -68,12 +75,7 @@ def train_empty_index(emb: ItemEmbeddings, config: IndexConfig) -> tuple[np.ndar
     factory, params = _factory(kind, n, d, config)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if kind == "ivfpq":
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # as build_index
-        vectors = emb.vectors
-        rng = np.random.default_rng(config.seed)
-        sample = vectors if n <= config.train_sample else vectors[np.sort(rng.choice(n, config.train_sample, replace=False))]
-        params["train_sample"] = len(sample)
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        train_ivfpq(index, emb.vectors, config, params)
     return faiss.serialize_index(index), kind, factory, params
 
 

@@ -150,6 +150,16 @@ def test_ann_reaches_recall_with_real_ids(catalog, queries, config, factory, k, 
     assert truth.min() >= 10_000
 
 
+def test_ivfpq_trains_on_at_least_39_vectors_per_list(catalog):
+    # 3,000 items: train_sample 100 is raised to 39 x 20 lists = 780; 39 x 100 lists = 3,900 > n takes them all
+    small = build_index(catalog, IndexConfig(kind="ivfpq", pq_m=8, pq_nbits=4, ivf_nlist=20, train_sample=100))
+    assert small.params["train_sample"] == 780
+    many = build_index(catalog, IndexConfig(kind="ivfpq", pq_m=8, pq_nbits=4, ivf_nlist=100, train_sample=100))
+    assert many.params["train_sample"] == 3000
+    enough = build_index(catalog, IndexConfig(kind="ivfpq", pq_m=8, pq_nbits=4, ivf_nlist=20, train_sample=1000))
+    assert enough.params["train_sample"] == 1000
+
+
 def test_index_save_load_keeps_sidecar_params_and_refuses_changed_file(tmp_path, catalog, queries):
     art = build_index(catalog, IndexConfig(flat_max_items=1000, hnsw_ef_search=77))
     art.save(tmp_path)

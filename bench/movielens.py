@@ -1,7 +1,7 @@
 """Benchmark: MovieLens-100K, leave-one-out, full ranking over every item with seen items excluded.
 
     make data-ml100k            # once: fetches ML-100K (inside the recbole wheel on PyPI) and converts it
-    python -m bench.movielens [--source .towerflow/sources/ml-100k] [--epochs 10] [--threads 1]
+    python -m bench.movielens [--source .towerflow/sources/ml-100k] [--epochs 30] [--threads 1] [--sasrec]
 
 The events are the imported ratings (5 conversion, 4 save, 3 click, 2 skip, 1 hide: towerflow/data/movielens.py).
 ``ExamplesConfig(split="leave_one_out", validation=True)``: each user's last positive (rating >= 3) is the holdout,
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=32, help="history actions per example (SASRec uses 50)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30, help="epoch cap (it stops early on validation, patience below)")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sasrec", action="store_true", help="also train RecBole's SASRec (needs: make peer-recbole)")
-    p.add_argument("--sasrec-epochs", type=int, default=20, help="SASRec's epoch cap (it stops early on validation)")
+    p.add_argument("--sasrec-epochs", type=int, default=30, help="SASRec's epoch cap (it stops early on validation)")
     args = p.parse_args(argv)
     if args.sasrec and not PEER_PYTHON.exists():
         raise SystemExit(f"--sasrec needs the peer's own environment ({PEER_PYTHON}): make peer-recbole")

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.scripts import load_script
 from towerflow.cli import main
 from towerflow.contract import ContractError
 from towerflow.data.importing import write_source
@@ -354,13 +355,7 @@ def test_cli_import_prints_summary_and_fails_cleanly(tmp_path, data_root, capsys
 
 
 def _fetch_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "fetch_ml100k.py"
-    spec = importlib.util.spec_from_file_location("fetch_ml100k", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/fetch_ml100k.py")
 
 
 def test_fetch_script_refuses_files_whose_checksum_differs(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from bench.peer import PeerError, loo_sequences, run_peer
 from tasks.build_examples import build_examples
 from tasks.evaluate import metrics_from_ranks, target_ranks
+from tests.scripts import load_script
 from tests.unit.test_build_examples import T0, _events, _items, _users
 from towerflow.config import ExamplesConfig
 
@@ -93,20 +94,8 @@ def test_run_peer_round_trips_scores_and_names_a_missing_environment(tmp_path):
         run_peer(bad, seqs, ex.vocab.n_items, [], python=sys.executable)
 
 
-def _sasrec_script():
-    """bench/peers/recbole_sasrec.py as a module: its top level needs only numpy (RecBole loads inside main)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "peers" / "recbole_sasrec.py"
-    spec = importlib.util.spec_from_file_location("recbole_sasrec", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sasrec_peer_writes_positions_as_time_and_scores_each_history_without_its_target(tmp_path):
-    peer = _sasrec_script()
+    peer = load_script("bench/peers/recbole_sasrec.py")  # its top level needs only numpy
     indptr, items = np.array([0, 3, 7]), np.array([5, 2, 9, 1, 2, 3, 4])  # row 0 ends at target 9, row 1 at 4
     path = peer.write_atomic(tmp_path, indptr, items)
     assert path.read_text().splitlines() == [

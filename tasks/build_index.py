@@ -125,21 +125,23 @@ def _factory(kind: str, n: int, d: int, config: IndexConfig) -> tuple[str, dict[
 
 
 # FAISS k-means wants at least 39 training points per centroid (it warns and trains poorly below that)
-MIN_TRAIN_PER_LIST = 39
+MIN_TRAIN_PER_CENTROID = 39
 
 
 def train_ivfpq(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, params: dict[str, Any]) -> None:
     """Train an empty IVF-PQ ``index`` on a seeded sample of ``vectors`` and record its size in ``params``.
 
-    The sample is ``config.train_sample`` vectors, or ``MIN_TRAIN_PER_LIST`` per IVF list when the lists need more
-    (4,000 lists at 1M items: 156,000), or all of them when there are fewer. ``build_index`` and the sharded build
-    both train here, so their quantizers are identical.
+    Both quantizers are k-means: the coarse one has ``nlist`` centroids, each PQ codebook ``2 ** pq_nbits``. The
+    sample is ``config.train_sample`` vectors, or ``MIN_TRAIN_PER_CENTROID`` per centroid of the larger of the two
+    when that needs more (4,000 lists at 1M items: 156,000), or all of them when there are fewer. ``build_index``
+    and the sharded build both train here, so their quantizers are identical.
     """
     # Polysemous training (on by default for PQ) serves Hamming-filtered search, which we do not use, and costs
     # tens of seconds even on a few thousand vectors.
     faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     n = len(vectors)
-    size = max(config.train_sample, MIN_TRAIN_PER_LIST * int(params["nlist"]))
+    centroids = max(int(params["nlist"]), 2 ** int(params["pq_nbits"]))
+    size = max(config.train_sample, MIN_TRAIN_PER_CENTROID * centroids)
     rng = np.random.default_rng(config.seed)
     sample = vectors if n <= size else vectors[np.sort(rng.choice(n, size, replace=False))]
     params["train_sample"] = len(sample)

@@ -260,8 +260,9 @@ def resume(
     state = load_checkpoint(ckpt, device, model, opt, sched, progress)
     if main:
         say(f"resuming {label} after epoch {state['epoch']} from {ckpt}")
-        for stats in progress.history if on_epoch else ():
-            on_epoch(stats)
+        if on_epoch:
+            for stats in progress.history:
+                on_epoch(stats)
     return ckpt, state
 
 

@@ -194,7 +194,7 @@ class IndexConfig(_Config):
         8, ge=1, description="ivfpq: PQ candidates re-ranked per neighbour asked for; at 4, recall@10 trails recall@100 "
         "(python -m bench.index).")
     train_sample: int = Field(
-        100_000, ge=1, description="ivfpq: vectors sampled to train the quantizers (at least 39 per IVF list).")
+        100_000, ge=1, description="ivfpq: vectors sampled to train the quantizers (at least 39 per k-means centroid).")
     nprobe: int = 32
     seed: int = 0
     recall_k: int = 100

@@ -24,7 +24,7 @@ def _catalog(n: int, seed: int):
     import numpy as np
     import torch
 
-    from models.batch import FeatureSizes, ItemFeatures
+    from towerflow.models.batch import FeatureSizes, ItemFeatures
 
     rng = np.random.default_rng(seed)
     genres = rng.integers(1, 201, (n + 1, 4))
@@ -47,9 +47,9 @@ def _run(n: int, batch_sizes: list[int], threads: list[int], seed: int) -> dict:
     import numpy as np
     import torch
 
-    from models.item_tower import ItemTower
-    from tasks.embed_items import embed_items
     from towerflow.config import ModelConfig
+    from towerflow.models.item_tower import ItemTower
+    from towerflow.tasks.embed_items import embed_items
 
     sizes, feats = _catalog(n, seed)
     torch.manual_seed(seed)

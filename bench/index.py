@@ -49,9 +49,9 @@ def _run(n: int, dim: int, kinds: list[str], n_queries: int, seed: int, build_th
     import faiss
     import numpy as np
 
-    from tasks.build_index import build_index, measure
-    from tasks.embed_items import ItemEmbeddings
     from towerflow.config import IndexConfig
+    from towerflow.tasks.build_index import build_index, measure
+    from towerflow.tasks.embed_items import ItemEmbeddings
 
     build_threads = build_threads or faiss.omp_get_max_threads()
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ SASREC_SCRIPT = Path(__file__).resolve().parent / "peers" / "recbole_sasrec.py"
 def sasrec_row(events, ex, args: argparse.Namespace, batch_size: int) -> dict:
     """RecBole's SASRec on ``ex``'s split, ranked by towerflow's code: {"row": table row, **details for the JSON}."""
     from bench.peer import loo_sequences, run_peer
-    from tasks.evaluate import metrics_from_ranks, target_ranks
+    from towerflow.tasks.evaluate import metrics_from_ranks, target_ranks
 
     seqs = loo_sequences(events, ex)
     threads = args.threads or 1
@@ -60,12 +60,12 @@ def sasrec_row(events, ex, args: argparse.Namespace, batch_size: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from tasks.build_examples import build_examples
-    from tasks.evaluate import baseline_ranks, metrics_from_ranks
-    from tasks.scoring import model_ranks
-    from tasks.train import train
     from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig
     from towerflow.data.source import ParquetSource, SourceError
+    from towerflow.tasks.build_examples import build_examples
+    from towerflow.tasks.evaluate import baseline_ranks, metrics_from_ranks
+    from towerflow.tasks.scoring import model_ranks
+    from towerflow.tasks.train import train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="ML-100K in the contract's layout")

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.build_examples import HISTORY_ACTIONS, Examples
 from towerflow.contract import POSITIVE_ACTIONS
 from towerflow.errors import TowerflowError
+from towerflow.tasks.build_examples import HISTORY_ACTIONS, Examples
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-recbole" / "bin" / "python"

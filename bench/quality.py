@@ -33,9 +33,9 @@ MODELS = ("contextual", "no-context", "popularity", "co-occurrence", "stale")
 
 
 def _examples(src, users, items, start: datetime, end: datetime):
-    from tasks.augment_context import augment_context
-    from tasks.build_examples import build_examples
     from towerflow.config import AugmentConfig, ExamplesConfig
+    from towerflow.tasks.augment_context import augment_context
+    from towerflow.tasks.build_examples import build_examples
 
     ex = build_examples(src.read_events(start, end), users, items, end,
                         ExamplesConfig(validation=True, max_holdout_users=None))
@@ -44,8 +44,8 @@ def _examples(src, users, items, start: datetime, end: datetime):
 
 
 def _train(ex, config, name: str) -> tuple[object, dict]:
-    from tasks.train import train
     from towerflow.progress import say
+    from towerflow.tasks.train import train
 
     say(f"training {name} on {len(ex.train):,} examples")
     t0 = time.perf_counter()
@@ -56,11 +56,11 @@ def _train(ex, config, name: str) -> tuple[object, dict]:
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     """One world: every model's ranks on the newest-day holdout, and what it cost."""
-    from tasks.evaluate import baseline_ranks
-    from tasks.scoring import model_ranks, remap_examples
     from towerflow.config import TrainConfig, WorldConfig
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
+    from towerflow.tasks.evaluate import baseline_ranks
+    from towerflow.tasks.scoring import model_ranks, remap_examples
 
     world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
     config = TrainConfig(num_threads=args.threads)
@@ -98,8 +98,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 
 def _metrics(ranks: np.ndarray, surface: np.ndarray) -> dict[str, dict[str, float]]:
-    from tasks.evaluate import metrics_from_ranks
     from towerflow.contract import SURFACES
+    from towerflow.tasks.evaluate import metrics_from_ranks
 
     masks = {"all": np.ones(len(ranks), dtype=bool)}
     masks |= {f"surface={s}": surface == i for i, s in enumerate(SURFACES)}

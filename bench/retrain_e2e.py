@@ -43,24 +43,24 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     """The flow's stages as plain calls of the pure functions, in the flow's order -> (seconds per stage, info)."""
     import numpy as np
 
-    from infra.releases import load_release_dir, new_release_id, write_release
-    from models.two_tower import save_model
-    from serving.retrieval import answer
-    from tasks.augment_context import augment_context
-    from tasks.build_examples import build_examples
-    from tasks.build_index import build_index
-    from tasks.embed_items import embed_items
-    from tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
-    from tasks.extract import extract
-    from tasks.promote import promote, register_release
-    from tasks.scoring import model_ranks
-    from tasks.train import train
     from towerflow.data.source import ParquetSource
-    from validation.data import validate_snapshot
-    from validation.embeddings import check_embeddings
-    from validation.index import check_index_recall
-    from validation.model import gate_model, slices_by_name
-    from validation.release import check_release
+    from towerflow.infra.promote import promote, register_release
+    from towerflow.infra.releases import load_release_dir, new_release_id, write_release
+    from towerflow.models.two_tower import save_model
+    from towerflow.serving.retrieval import answer
+    from towerflow.tasks.augment_context import augment_context
+    from towerflow.tasks.build_examples import build_examples
+    from towerflow.tasks.build_index import build_index
+    from towerflow.tasks.embed_items import embed_items
+    from towerflow.tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
+    from towerflow.tasks.extract import extract
+    from towerflow.tasks.scoring import model_ranks
+    from towerflow.tasks.train import train
+    from towerflow.validation.data import validate_snapshot
+    from towerflow.validation.embeddings import check_embeddings
+    from towerflow.validation.index import check_index_recall
+    from towerflow.validation.model import gate_model, slices_by_name
+    from towerflow.validation.release import check_release
 
     times: dict[str, float] = {}
 
@@ -166,12 +166,12 @@ def _child(out_path: str, epochs: int, lookback_days: int, threads: int | None) 
     import torch
     from prefect import flow
 
-    import flows.retrain  # noqa: F401 - imports are not what the benchmark times
-    import serving.retrieval  # noqa: F401
-    from flows.retrain import retrain
-    from infra.tracking import ensure_store
+    import towerflow.flows.retrain  # noqa: F401 - imports are not what the benchmark times
+    import towerflow.serving.retrieval  # noqa: F401
     from towerflow.config import RetrainConfig, Settings, WorldConfig
     from towerflow.data.synthetic import generate_world
+    from towerflow.flows.retrain import retrain
+    from towerflow.infra.tracking import ensure_store
 
     if threads:
         torch.set_num_threads(threads)

@@ -37,12 +37,12 @@ def world_for(events: int):
 def _run(events: int, threads: int | None) -> dict:
     import torch
 
-    from tasks.build_examples import build_examples
-    from tasks.extract import extract
-    from tasks.train import train
     from towerflow.config import ExamplesConfig, TrainConfig
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
+    from towerflow.tasks.build_examples import build_examples
+    from towerflow.tasks.extract import extract
+    from towerflow.tasks.train import train
 
     if threads:
         torch.set_num_threads(threads)

@@ -66,9 +66,9 @@ def prepare(root: Path, quick: bool) -> dict[str, Any]:
     """World, two releases, states for both; returns (and caches in <root>/bench-ready.json) what they are."""
     if (root / READY).is_file():
         return json.loads((root / READY).read_text())
-    from flows.refresh_user_states import refresh_user_states
-    from flows.retrain import retrain
     from towerflow.data.synthetic import generate_world
+    from towerflow.flows.refresh_user_states import refresh_user_states
+    from towerflow.flows.retrain import retrain
 
     world = _world(quick)
     generate_world(str(root / "source"), world)
@@ -90,16 +90,16 @@ def prepare(root: Path, quick: bool) -> dict[str, Any]:
 
 def _requests(root: Path, n: int, seed: int = 0) -> list[dict]:
     """n requests over users with a state: a third homefeed, a third related (context item), a third search."""
-    from serving.state_store import SQLiteUserStateStore
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource
+    from towerflow.serving.state_store import SQLiteUserStateStore
 
     settings = Settings(data_root=root)
     store = SQLiteUserStateStore(settings.user_states_path)
     users = sorted(int(u) for u in ParquetSource(settings.source).read_users()["user_id"])
     champion = json.loads((root / READY).read_text())["champion"]["release"]
     active = sorted(store.get(users, champion))
-    from infra.releases import load_release
+    from towerflow.infra.releases import load_release
 
     item_ids = load_release(settings).item_ids
     rng = np.random.default_rng(seed)
@@ -274,9 +274,9 @@ def measure_in_process(root: Path, requests: list[dict], n: int = 500) -> dict[s
     """The two paths without HTTP, one request at a time, in this process (torch on 1 thread, as served)."""
     import torch
 
-    from serving.config import ServingConfig
-    from serving.service import RetrievalService
     from towerflow.config import Settings
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RetrievalService
 
     torch.set_num_threads(1)
     out = {}
@@ -308,8 +308,8 @@ def _expected(url: str, requests: list[dict]) -> tuple[str, list[list[int]]]:
 
 def measure_swap(root: Path, info: dict, requests: list[dict], concurrency: int, duration_s: float,
                  promote_after_s: float) -> dict[str, Any]:
-    from tasks.promote import promote, rollback
     from towerflow.config import Settings
+    from towerflow.infra.promote import promote, rollback
 
     settings = Settings(data_root=root)
     distinct = requests[:300]

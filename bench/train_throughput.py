@@ -33,10 +33,10 @@ def _examples(max_len: int, seed: int):
     import tempfile
     from datetime import UTC, datetime, timedelta
 
-    from tasks.build_examples import build_examples
     from towerflow.config import ExamplesConfig, WorldConfig
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
+    from towerflow.tasks.build_examples import build_examples
 
     world = WorldConfig(days=4, events_per_day=20_000, seed=seed)
     with tempfile.TemporaryDirectory(prefix="towerflow-bench-") as tmp:
@@ -59,7 +59,7 @@ def _cut(seq, length: int):
 
 def _step(model, opt, cfg, seq, user_feats, rng, batch_size: int) -> float:
     """One training step exactly as ``tasks.train.train`` takes it; returns its wall time in seconds."""
-    from tasks.train import batch_loss
+    from towerflow.tasks.train import batch_loss
 
     idx = rng.choice(len(seq), size=batch_size, replace=False)
     t0 = time.perf_counter()
@@ -78,9 +78,9 @@ def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_l
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.two_tower import TwoTower
-    from tasks.train import item_log_q
     from towerflow.config import ModelConfig, TrainConfig
+    from towerflow.models.two_tower import TwoTower
+    from towerflow.tasks.train import item_log_q
 
     torch.set_num_threads(threads)
     matmul = {str(n): round(matmul_gflops(n), 1) for n in MATMUL_SIZES}

@@ -46,8 +46,8 @@ def _io_error(task, task_run, state) -> bool:
 @task(name="extract", task_run_name="extract-{day}", retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error)
 def extract_day(source_uri: str, day: date, lookback_days: int, snapshots_dir: Path) -> dict:
     """Snapshot ``[day - lookback_days, day)``; returns the snapshot id, its path and its event count."""
-    from tasks.extract import extract
     from towerflow.data.source import ParquetSource
+    from towerflow.tasks.extract import extract
 
     snapshot = extract(ParquetSource(source_uri), day, lookback_days, snapshots_dir)
     return {"snapshot_id": snapshot.snapshot_id, "path": str(snapshot.path),
@@ -65,7 +65,7 @@ def _run_day(day: date, *, lookback_days: int, retrain: bool, promote: bool, con
         out.snapshot_id, out.events = snap["snapshot_id"], snap["events"]
         if retrain:
             # Imported here: the retrain flow pulls in torch and FAISS, which an extract-only backfill never needs.
-            from flows.retrain import retrain as retrain_flow
+            from towerflow.flows.retrain import retrain as retrain_flow
 
             cfg = config.model_copy(update={"promote": promote})
             result = retrain_flow.with_options(flow_run_name=f"retrain-{day}")(

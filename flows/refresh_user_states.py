@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from flows.stages import stage
 from towerflow.config import Settings
+from towerflow.flows.stages import stage
 
 
 class RefreshResult(BaseModel):
@@ -37,8 +37,8 @@ def _load(settings: Settings, release: str):
     """``release``: an alias (champion), a registered version number, or a release id."""
     from dataclasses import replace
 
-    from infra.releases import fetch_release, load_release, load_release_dir
-    from tasks.promote import resolve_version
+    from towerflow.infra.promote import resolve_version
+    from towerflow.infra.releases import fetch_release, load_release, load_release_dir
 
     if release.isdigit() or release.startswith("r-"):
         version = resolve_version(release, settings)
@@ -49,7 +49,7 @@ def _load(settings: Settings, release: str):
 
 @stage("load_release", io_retries=2)
 def load_serving_release(settings: Settings, release: str):
-    from serving.bundle import build_bundle
+    from towerflow.serving.bundle import build_bundle
 
     bundle = build_bundle(_load(settings, release), users=None)
     get_run_logger().info(f"computing states with release {bundle.release_id} (version {bundle.release.version})")
@@ -58,8 +58,8 @@ def load_serving_release(settings: Settings, release: str):
 
 @stage("read_events", io_retries=2)
 def read_events(settings: Settings, source_uri: str | None, as_of: datetime | None, lookback_days: int):
-    from serving.history import EventArrays, source_horizon
     from towerflow.data.source import ParquetSource
+    from towerflow.serving.history import EventArrays, source_horizon
 
     source = ParquetSource(source_uri or settings.source)
     as_of = source_horizon(source.days()) if as_of is None else (
@@ -71,8 +71,8 @@ def read_events(settings: Settings, source_uri: str | None, as_of: datetime | No
 
 @stage("compute_states")
 def compute_states(bundle, events, as_of: datetime, max_seen: int, batch_size: int) -> list:
-    from serving.history import to_us
-    from serving.states import compute_user_states
+    from towerflow.serving.history import to_us
+    from towerflow.serving.states import compute_user_states
 
     return list(compute_user_states(bundle.release, bundle.vocab, events, to_us(as_of), bundle.max_seq_len,
                                     max_seen, batch_size, bundle.item_table))
@@ -80,7 +80,7 @@ def compute_states(bundle, events, as_of: datetime, max_seen: int, batch_size: i
 
 @stage("write_states", io_retries=2)
 def write_states(settings: Settings, states: list, keep_releases: int) -> list[str]:
-    from serving.state_store import SQLiteUserStateStore
+    from towerflow.serving.state_store import SQLiteUserStateStore
 
     store = SQLiteUserStateStore(settings.user_states_path)
     try:

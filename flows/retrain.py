@@ -14,25 +14,10 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
 
-from flows import retrain_tasks as t
-from flows.refresh_user_states import RefreshResult
 from towerflow.config import RetrainConfig, Settings
-
-
-class RetrainResult(BaseModel):
-    status: str = Field(description="promoted | not_promoted | already_champion")
-    release_id: str | None = None
-    snapshot_id: str
-    model_version: str | None = None
-    mlflow_run_id: str | None = None
-    metrics: dict[str, float] = {}
-    comparison: dict[str, dict[str, float]] = Field({}, description="holdout metrics of candidate, champion, baselines")
-    previous_champion: str | None = None
-    user_states: RefreshResult | None = Field(None, description="the states stored for the promoted release")
-    user_states_error: str | None = Field(
-        None, description="why those states were not stored; the release stays champion, served on the online path")
+from towerflow.flows import retrain_tasks as t
+from towerflow.flows.retrain_tasks import RetrainResult
 
 
 def window_end(as_of: date | datetime | None) -> datetime:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from prefect import get_run_logger
 from prefect.context import get_run_context
+from pydantic import BaseModel, Field
 
-from flows.stages import StageFailed, cached, content_key, publish_gate, publish_table, stage
 from towerflow.config import (
     AugmentConfig,
     EvalConfig,
@@ -23,6 +23,23 @@ from towerflow.config import (
     Settings,
     TrainConfig,
 )
+from towerflow.flows.refresh_user_states import RefreshResult
+from towerflow.flows.stages import StageFailed, cached, content_key, publish_gate, publish_table, stage
+
+
+class RetrainResult(BaseModel):
+    status: str = Field(description="promoted | not_promoted | already_champion")
+    release_id: str | None = None
+    snapshot_id: str
+    model_version: str | None = None
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = {}
+    comparison: dict[str, dict[str, float]] = Field({}, description="holdout metrics of candidate, champion, baselines")
+    previous_champion: str | None = None
+    user_states: RefreshResult | None = Field(None, description="the states stored for the promoted release")
+    user_states_error: str | None = Field(
+        None, description="why those states were not stored; the release stays champion, served on the online path")
+
 
 PROMOTE_LIMIT = "towerflow-promote"
 
@@ -63,7 +80,7 @@ def _metric_name(name: str) -> str:
 
 @stage("start_tracking")
 def start_tracking(settings: Settings, end: datetime, lookback_days: int, config: RetrainConfig) -> Tracking:
-    from infra.tracking import get_or_create_experiment, tracking_client
+    from towerflow.infra.tracking import get_or_create_experiment, tracking_client
 
     client = tracking_client(settings)
     experiment_id = get_or_create_experiment(settings, client)
@@ -100,8 +117,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 @stage("extract", io_retries=2)
 def extract(settings: Settings, source_uri: str | None, end: datetime, lookback_days: int):
-    from tasks.extract import extract as extract_snapshot
     from towerflow.data.source import ParquetSource
+    from towerflow.tasks.extract import extract as extract_snapshot
 
     snapshot = extract_snapshot(ParquetSource(source_uri or settings.source), end, lookback_days, settings.snapshots_dir)
     get_run_logger().info(str(snapshot))
@@ -110,7 +127,7 @@ def extract(settings: Settings, source_uri: str | None, end: datetime, lookback_
 
 @stage("validate_data")
 def validate_data(settings: Settings, snapshot, gates: GateConfig, tracking: Tracking) -> None:
-    from validation.data import SnapshotStats, validate_snapshot
+    from towerflow.validation.data import SnapshotStats, validate_snapshot
 
     stats_file = settings.data_root / "gates" / "last_data_stats.json"
     previous = SnapshotStats.from_dict(json.loads(stats_file.read_text())) if stats_file.exists() else None
@@ -126,8 +143,8 @@ def validate_data(settings: Settings, snapshot, gates: GateConfig, tracking: Tra
 
 @stage("build_examples")
 def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
-    from tasks.build_examples import Examples
-    from tasks.build_examples import build_examples as build
+    from towerflow.tasks.build_examples import Examples
+    from towerflow.tasks.build_examples import build_examples as build
 
     directory = settings.work_dir / "examples" / content_key(snapshot.snapshot_id, config.model_dump(mode="json"))
 
@@ -141,7 +158,7 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
 
 @stage("augment_context")
 def augment_context(examples, config: AugmentConfig):
-    from tasks.augment_context import augment_context as augment
+    from towerflow.tasks.augment_context import augment_context as augment
 
     augmented, stats = augment(examples.train, examples.item_feats, config)
     get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
@@ -152,8 +169,8 @@ def augment_context(examples, config: AugmentConfig):
 
 @stage("train")
 def train(settings: Settings, examples, config: TrainConfig, tracking: Tracking):
-    from tasks.train import TrainResult
-    from tasks.train import train as fit
+    from towerflow.tasks.train import TrainResult
+    from towerflow.tasks.train import train as fit
 
     key = content_key(examples.meta, len(examples.train), int(examples.train.target_items.sum()),
                       int(examples.train.context_items.sum()), config.model_dump(mode="json"))
@@ -192,7 +209,7 @@ class Evaluation:
 
 def _champion(settings: Settings):
     """The current champion release, or None when nothing was promoted yet."""
-    from infra.releases import ReleaseNotFoundError, load_release
+    from towerflow.infra.releases import ReleaseNotFoundError, load_release
 
     try:
         return load_release(settings)
@@ -202,9 +219,9 @@ def _champion(settings: Settings):
 
 @stage("evaluate")
 def evaluate(settings: Settings, snapshot, examples, trained, config: EvalConfig, tracking: Tracking) -> Evaluation:
-    from tasks.build_examples import Vocab, user_features
-    from tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
-    from tasks.scoring import model_ranks, remap_examples
+    from towerflow.tasks.build_examples import Vocab, user_features
+    from towerflow.tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
+    from towerflow.tasks.scoring import model_ranks, remap_examples
 
     ks, short = config.ks, config.short_history_max
     ranks = model_ranks(trained.model, examples.holdout, examples.user_feats, examples.holdout_seen)
@@ -266,8 +283,8 @@ def _log_recall_plot(ev: Evaluation, ks, tracking: Tracking) -> None:
 
 @stage("gate_model")
 def gate_model(ev: Evaluation, gates: GateConfig, tracking: Tracking) -> None:
-    from validation.model import gate_model as judge
-    from validation.model import slices_by_name
+    from towerflow.validation.model import gate_model as judge
+    from towerflow.validation.model import slices_by_name
 
     slices = slices_by_name(ev.slices, ev.champion_slices, ev.baseline_slices)
     result = judge(ev.candidate, ev.champion, ev.baselines, slices, gates)
@@ -278,9 +295,9 @@ def gate_model(ev: Evaluation, gates: GateConfig, tracking: Tracking) -> None:
 
 @stage("embed_items")
 def embed_items(trained, examples, gates: GateConfig, tracking: Tracking):
-    from infra.releases import new_release_id
-    from tasks.embed_items import embed_items as embed
-    from validation.embeddings import check_embeddings
+    from towerflow.infra.releases import new_release_id
+    from towerflow.tasks.embed_items import embed_items as embed
+    from towerflow.validation.embeddings import check_embeddings
 
     vocab = examples.vocab
     emb = embed(trained.model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids, new_release_id(),
@@ -293,8 +310,8 @@ def embed_items(trained, examples, gates: GateConfig, tracking: Tracking):
 
 @stage("build_index")
 def build_index(emb, config: IndexConfig, gates: GateConfig, tracking: Tracking):
-    from tasks.build_index import build_index as build
-    from validation.index import check_index_recall
+    from towerflow.tasks.build_index import build_index as build
+    from towerflow.validation.index import check_index_recall
 
     index = build(emb, config)
     rng = np.random.default_rng(0)
@@ -312,8 +329,8 @@ def assemble_release(settings: Settings, snapshot, examples, trained, emb, index
                      config: RetrainConfig, tracking: Tracking):
     import tempfile
 
-    from infra.releases import write_release
-    from models.two_tower import save_model
+    from towerflow.infra.releases import write_release
+    from towerflow.models.two_tower import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tower = save_model(trained.model, Path(tmp) / "user_tower")
@@ -329,9 +346,9 @@ def assemble_release(settings: Settings, snapshot, examples, trained, emb, index
 
 @stage("gate_release")
 def gate_release(settings: Settings, manifest, examples, gates: GateConfig, tracking: Tracking) -> None:
-    from infra.releases import load_release_dir
-    from serving.retrieval import answer
-    from validation.release import check_release
+    from towerflow.infra.releases import load_release_dir
+    from towerflow.serving.retrieval import answer
+    from towerflow.validation.release import check_release
 
     release = load_release_dir(manifest.path)  # exactly as serving loads it: verify every checksum and id
     holdout = examples.holdout
@@ -355,10 +372,9 @@ def gate_release(settings: Settings, manifest, examples, gates: GateConfig, trac
 
 @stage("promote", io_retries=2)
 def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do_promote: bool):
-    from flows.retrain import RetrainResult
-    from infra.tracking import ensure_store
-    from tasks.promote import promote as flip
-    from tasks.promote import register_release
+    from towerflow.infra.promote import promote as flip
+    from towerflow.infra.promote import register_release
+    from towerflow.infra.tracking import ensure_store
 
     ensure_store(settings)
     version = register_release(manifest.path, tracking.run_id, settings)
@@ -377,7 +393,7 @@ def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do
     with get_client(sync_client=True) as client:  # must exist before use, or concurrency() silently skips it
         client.upsert_global_concurrency_limit_by_name(PROMOTE_LIMIT, limit=1)
     # a global limit of 1 (created by the flow) so two retrains never promote at once; the registry-side lock
-    # and compare-and-set in tasks/promote.py back it up for promotions from outside Prefect
+    # and compare-and-set in infra/promote.py back it up for promotions from outside Prefect
     with concurrency(PROMOTE_LIMIT, occupy=1, strict=True):
         result = flip(version, settings, expected_champion=ev.champion_version)
     get_run_logger().info(str(result))
@@ -408,7 +424,7 @@ def refresh_states(release_id: str, source_uri: str | None, tracking: Tracking):
     hourly ``refresh-user-states`` deployment writes them on its next run. Failing the retrain here would instead
     make a rerun or a backfill retrain and promote yet another release.
     """
-    from flows.refresh_user_states import refresh_user_states
+    from towerflow.flows.refresh_user_states import refresh_user_states
 
     log = get_run_logger()
     try:

@@ -22,9 +22,9 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.build_index import IndexArtifact
-from tasks.embed_items import ItemEmbeddings
 from towerflow.config import IndexConfig
+from towerflow.tasks.build_index import IndexArtifact
+from towerflow.tasks.embed_items import ItemEmbeddings
 
 # Inputs are big arrays: hashing them for a cache key would cost more than the work.
 _TASK = {"cache_policy": NO_CACHE}
@@ -34,8 +34,8 @@ _TASK = {"cache_policy": NO_CACHE}
 def embed_shard(model_dir: str, item_index: np.ndarray, item_ids: np.ndarray, release_id: str, model_version: str,
                 batch_size: int) -> ItemEmbeddings:
     """One shard of the catalog through the item tower: item_index (m,), item_ids (m,) -> (m, d) vectors."""
-    from models.two_tower import load_model
-    from tasks.embed_items import embed_items
+    from towerflow.models.two_tower import load_model
+    from towerflow.tasks.embed_items import embed_items
 
     model = load_model(model_dir)  # eval mode: no dropout, so a shard's vectors do not depend on the shard
     return embed_items(model.item_vectors, item_index, item_ids, release_id, batch_size, model_version=model_version)
@@ -43,14 +43,14 @@ def embed_shard(model_dir: str, item_index: np.ndarray, item_ids: np.ndarray, re
 
 @task(name="train_index", **_TASK)
 def train_index(emb: ItemEmbeddings, config: IndexConfig) -> tuple[np.ndarray, str, str, dict]:
-    from tasks.sharded_index import train_empty_index
+    from towerflow.tasks.sharded_index import train_empty_index
 
     return train_empty_index(emb, config)
 
 
 @task(name="add_index_shard", **_TASK)
 def add_index_shard(empty_index: np.ndarray, part: ItemEmbeddings) -> np.ndarray:
-    from tasks.sharded_index import add_shard
+    from towerflow.tasks.sharded_index import add_shard
 
     return add_shard(empty_index, part)
 
@@ -58,7 +58,7 @@ def add_index_shard(empty_index: np.ndarray, part: ItemEmbeddings) -> np.ndarray
 @task(name="build_index_whole", **_TASK)
 def build_index_whole(emb: ItemEmbeddings, config: IndexConfig) -> IndexArtifact:
     """HNSW: one graph, built in one process from every vector (FAISS threads it internally)."""
-    from tasks.build_index import build_index
+    from towerflow.tasks.build_index import build_index
 
     return build_index(emb, config)
 
@@ -84,9 +84,9 @@ def sharded_embed_index(
 ) -> ShardedBuild:
     """Embed every item of ``vocab_path``'s catalog with the model in ``model_dir`` in ``n_shards`` shards, index
     them, and (with ``out_dir``) save ``embeddings/`` and ``index/`` with their sidecars."""
-    from tasks.build_examples import Vocab
-    from tasks.build_index import choose_kind
-    from tasks.sharded_index import (
+    from towerflow.tasks.build_examples import Vocab
+    from towerflow.tasks.build_index import choose_kind
+    from towerflow.tasks.sharded_index import (
         MERGEABLE_KINDS,
         assemble_index,
         concat_embeddings,

@@ -20,7 +20,7 @@ A release is one directory named by its id (``r-YYYYmmddTHHMMSS-<6 hex>``)::
 The user tower and the index must never be served mismatched, so ``verify_release`` refuses a directory unless
 every file is listed with the right sha256, nothing unlisted is present, and every sidecar names the same release
 (and model version); the index's sidecar must also name the embeddings it was built from. The registry (see
-tasks/promote.py) holds a release as one model version whose artifacts are exactly this directory, and the
+infra/promote.py) holds a release as one model version whose artifacts are exactly this directory, and the
 ``release_sha256`` tag on that version pins release.json, so a consistently rewritten manifest is refused too.
 ``load_release`` resolves an alias to one version, downloads it into a local cache (only a verified copy is ever
 renamed into place), verifies it, and loads index, ids, vectors, q table and model.
@@ -28,7 +28,6 @@ renamed into place), verifies it, and loads index, ids, vectors, q table and mod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,13 +44,14 @@ import numpy as np
 
 from towerflow.config import Settings
 from towerflow.errors import TowerflowError
+from towerflow.tasks.build_index import file_sha256  # one checksum for index sidecars and release manifests
 
 if TYPE_CHECKING:
     import faiss
     from mlflow import MlflowClient
 
-    from tasks.build_index import IndexArtifact
-    from tasks.embed_items import ItemEmbeddings
+    from towerflow.tasks.build_index import IndexArtifact
+    from towerflow.tasks.embed_items import ItemEmbeddings
 
 MANIFEST = "release.json"
 USER_TOWER_DIR = "user_tower"
@@ -67,7 +67,7 @@ SIDECARS = (USER_TOWER_META, EMB_META, INDEX_META, Q_TABLE_META, VOCAB_META, CON
 REQUIRED = (USER_TOWER_META, EMB_VECTORS, EMB_IDS, EMB_META, INDEX_FILE, INDEX_META, CONFIG)
 FORMAT_VERSION = 1
 
-# Tags on the registered model version that holds a release (written by tasks/promote.py).
+# Tags on the registered model version that holds a release (written by infra/promote.py).
 TAG_RELEASE_ID = "release_id"
 TAG_MANIFEST_SHA = "release_sha256"
 CHAMPION = "champion"
@@ -94,13 +94,6 @@ def check_release_id(release_id: str) -> str:
         raise ReleaseIntegrityError(f"{release_id!r} is not a release id (expected r-YYYYmmddTHHMMSS-<6 hex>)")
     return release_id
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -300,7 +293,7 @@ class LoadedRelease:
 
 
 def _default_load_model(path: Path) -> Any:
-    from models.two_tower import load_model
+    from towerflow.models.two_tower import load_model
 
     return load_model(path)
 
@@ -317,7 +310,7 @@ def load_release_dir(
 
     ``load_model(path_to_user_tower_dir)`` loads the user tower (default: ``models.two_tower.load_model``).
     """
-    from tasks.build_index import IndexArtifact
+    from towerflow.tasks.build_index import IndexArtifact
 
     directory = Path(directory)
     manifest = manifest or verify_release(directory, expected_release_id=expected_release_id,
@@ -355,7 +348,7 @@ def fetch_release(settings: Settings, version: int | str, client: MlflowClient |
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from infra.tracking import tracking_client
+    from towerflow.infra.tracking import tracking_client
 
     client = client or tracking_client(settings)
     name = settings.registered_model
@@ -400,7 +393,7 @@ def resolve_alias(settings: Settings, alias: str = CHAMPION, client: MlflowClien
     """The registered model version an alias points at, read once."""
     from mlflow.exceptions import MlflowException
 
-    from infra.tracking import tracking_client
+    from towerflow.infra.tracking import tracking_client
 
     client = client or tracking_client(settings)
     try:
@@ -419,7 +412,7 @@ def load_release(
     """Load the release an alias points at, the way serving does: resolve the alias ONCE to a version (so a
     concurrent promotion yields the old release or the new one, never parts of both), fetch and verify every
     artifact, and load index, ids, vectors, q table, config and user tower."""
-    from infra.tracking import tracking_client
+    from towerflow.infra.tracking import tracking_client
 
     client = tracking_client(settings)
     version = resolve_alias(settings, alias, client)

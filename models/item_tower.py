@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.batch import FeatureSizes, ItemFeatures
-from models.layers import mlp
 from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
+from towerflow.models.batch import FeatureSizes, ItemFeatures
+from towerflow.models.layers import mlp
 
 
 class FeatureTableError(TowerflowError, ValueError):

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.batch import Batch, FeatureSizes, ItemFeatures
-from models.item_tower import ItemTower
-from models.user_tower import UserTower
 from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
+from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
+from towerflow.models.item_tower import ItemTower
+from towerflow.models.user_tower import UserTower
 
 FORMAT = "towerflow.two_tower"
 FORMAT_VERSION = 1

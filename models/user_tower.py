@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.batch import N_ACTIONS, N_SURFACES, POSITIVE_ACTION_IDS, FeatureSizes
-from models.item_tower import ItemTower
-from models.layers import EncoderBlock, FastDropout, mlp
 from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
+from towerflow.models.batch import N_ACTIONS, N_SURFACES, POSITIVE_ACTION_IDS, FeatureSizes
+from towerflow.models.item_tower import ItemTower
+from towerflow.models.layers import EncoderBlock, FastDropout, mlp
 
 
 class UserTowerInputError(TowerflowError, ValueError):

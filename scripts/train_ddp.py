@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tasks.build_examples import Examples
-from tasks.distributed import env_from_torchrun, init_distributed, train_ddp
 from towerflow.config import TrainConfig
 from towerflow.errors import TowerflowError
+from towerflow.tasks.build_examples import Examples
+from towerflow.tasks.distributed import env_from_torchrun, init_distributed, train_ddp
 
 
 def load_train_config(path: str | None, epochs: int | None, batch_size: int | None) -> TrainConfig:

@@ -21,9 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from serving.config import ServingConfig
-from serving.service import RequestError, RetrievalService, ServiceNotReady
 from towerflow.config import Settings
+from towerflow.serving.config import ServingConfig
+from towerflow.serving.service import RequestError, RetrievalService, ServiceNotReady
 
 log = logging.getLogger("towerflow.serving")
 INT64 = 2**63 - 1

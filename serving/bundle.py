@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from infra.releases import LoadedRelease, ReleaseIntegrityError
-from serving.history import item_index
-from serving.retrieval import answer, context_batch
-from tasks.build_examples import Vocab, user_features
 from towerflow.config import ExamplesConfig
+from towerflow.infra.releases import LoadedRelease, ReleaseIntegrityError
+from towerflow.serving.history import item_index
+from towerflow.serving.retrieval import answer, context_batch
+from towerflow.tasks.build_examples import Vocab, user_features
 
 
 @dataclass(frozen=True)

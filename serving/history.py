@@ -18,8 +18,8 @@ from datetime import UTC, date, datetime, time, timedelta
 import numpy as np
 import pandas as pd
 
-from tasks.build_examples import ACTION_INDEX, HISTORY_ACTIONS, Vocab, gap_bucket
 from towerflow.contract import ContractError, check_columns
+from towerflow.tasks.build_examples import ACTION_INDEX, HISTORY_ACTIONS, Vocab, gap_bucket
 
 _HISTORY_CODES = np.array([ACTION_INDEX[a] for a in HISTORY_ACTIONS], dtype=np.int64)
 

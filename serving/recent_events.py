@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from serving.history import EventArrays, source_horizon, to_us
 from towerflow.data.source import EventSource
+from towerflow.serving.history import EventArrays, source_horizon, to_us
 
 
 class RecentEvents:

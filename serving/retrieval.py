@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from infra.releases import LoadedRelease
-from models.batch import Batch
+from towerflow.infra.releases import LoadedRelease
+from towerflow.models.batch import Batch
 
 
 def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor) -> Batch:

@@ -26,18 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from infra.releases import ReleaseNotFoundError, load_release, resolve_alias
-from serving.bundle import ServingBundle, UserProfiles, build_bundle
-from serving.config import ServingConfig
-from serving.history import build_histories
-from serving.recent_events import RecentEvents
-from serving.retrieval import answer, context_batch, encode_histories, search
-from serving.state_store import SQLiteUserStateStore, UserStateStore
-from serving.states import history_batch
-from tasks.build_examples import SURFACE_INDEX
 from towerflow.config import Settings
 from towerflow.data.source import EventSource, ParquetSource, SourceError
 from towerflow.errors import TowerflowError
+from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve_alias
+from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
+from towerflow.serving.config import ServingConfig
+from towerflow.serving.history import build_histories
+from towerflow.serving.recent_events import RecentEvents
+from towerflow.serving.retrieval import answer, context_batch, encode_histories, search
+from towerflow.serving.state_store import SQLiteUserStateStore, UserStateStore
+from towerflow.serving.states import history_batch
+from towerflow.tasks.build_examples import SURFACE_INDEX
 
 log = logging.getLogger("towerflow.serving")
 PATHS = ("state", "online", "context", "popularity")  # how a response's user vector was obtained
@@ -134,7 +134,7 @@ class RetrievalService:
         Returns the new release id, or None when nothing changed. A release that fails to load leaves the
         current one serving (the error is kept in ``last_error``) and is retried after retry_failed_release_s.
         """
-        from infra.tracking import tracking_client
+        from towerflow.infra.tracking import tracking_client
 
         with self._write_lock:
             self._client = self._client or tracking_client(self.settings)

@@ -23,8 +23,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from serving.history import from_us, to_us
 from towerflow.errors import TowerflowError
+from towerflow.serving.history import from_us, to_us
 
 
 class StateStoreError(TowerflowError):

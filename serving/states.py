@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from infra.releases import LoadedRelease
-from models.batch import Batch
-from serving.history import EventArrays, Histories, build_histories, from_us
-from serving.retrieval import encode_histories
-from serving.state_store import UserState
-from tasks.build_examples import Vocab
+from towerflow.infra.releases import LoadedRelease
+from towerflow.models.batch import Batch
+from towerflow.serving.history import EventArrays, Histories, build_histories, from_us
+from towerflow.serving.retrieval import encode_histories
+from towerflow.serving.state_store import UserState
+from towerflow.tasks.build_examples import Vocab
 
 
 def history_batch(hist: Histories, rows) -> Batch:

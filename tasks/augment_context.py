@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.batch import ItemFeatures
-from tasks.build_examples import SequenceExamples
 from towerflow.config import AugmentConfig
+from towerflow.models.batch import ItemFeatures
+from towerflow.tasks.build_examples import SequenceExamples
 
 SESSION_NEIGHBOURS = 4  # positive events looked at on each side of the target in the user's timeline
 MIN_SESSION_SUPPORT = 2  # sessions (over all users) in which a pair must co-occur to count as related

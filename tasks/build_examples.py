@@ -45,7 +45,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.batch import Batch, FeatureSizes, ItemFeatures
 from towerflow.config import ExamplesConfig
 from towerflow.contract import (
     ACTIONS,
@@ -57,6 +56,7 @@ from towerflow.contract import (
     demographic_columns,
 )
 from towerflow.errors import TowerflowError
+from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
 
 ACTION_INDEX: dict[str, int] = {a: i + 1 for i, a in enumerate(ACTIONS)}  # 0 = padding (models/batch.py)
 SURFACE_INDEX: dict[str, int] = {s: i for i, s in enumerate(SURFACES)}

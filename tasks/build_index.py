@@ -14,6 +14,7 @@ sha256 of the index file and the content hash of the embeddings it was built fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,13 +25,21 @@ from typing import Any
 import faiss
 import numpy as np
 
-from infra.releases import file_sha256  # one checksum for index sidecars and release manifests
-from tasks.embed_items import ItemEmbeddings
 from towerflow.config import IndexConfig
 from towerflow.errors import TowerflowError
+from towerflow.tasks.embed_items import ItemEmbeddings
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file, read in chunks; one checksum for index sidecars and release manifests."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class IndexBuildError(TowerflowError):

@@ -34,9 +34,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from models.two_tower import TwoTower
-from tasks.build_examples import Examples
-from tasks.train import (
+from towerflow.config import TrainConfig
+from towerflow.models.two_tower import TwoTower
+from towerflow.progress import say
+from towerflow.tasks.build_examples import Examples
+from towerflow.tasks.train import (
     EpochStats,
     Progress,
     TrainError,
@@ -52,8 +54,6 @@ from tasks.train import (
     stopping_split,
     torch_threads,
 )
-from towerflow.config import TrainConfig
-from towerflow.progress import say
 
 
 @dataclass(frozen=True)

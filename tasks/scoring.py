@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.two_tower import TwoTower
-from tasks.build_examples import SeenItems, SequenceExamples, Vocab
-from tasks.evaluate import metrics_from_ranks, vector_ranks
+from towerflow.models.two_tower import TwoTower
+from towerflow.tasks.build_examples import SeenItems, SequenceExamples, Vocab
+from towerflow.tasks.evaluate import metrics_from_ranks, vector_ranks
 
 
 @torch.no_grad()

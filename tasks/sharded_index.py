@@ -23,8 +23,10 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
+from towerflow.config import IndexConfig
+
 # build_index's own factory and search-parameter helpers: a shard-built index must be configured exactly alike
-from tasks.build_index import (
+from towerflow.tasks.build_index import (
     IndexArtifact,
     IndexBuildError,
     _apply_search_params,
@@ -32,8 +34,7 @@ from tasks.build_index import (
     choose_kind,
     train_ivfpq,
 )
-from tasks.embed_items import EmbeddingError, ItemEmbeddings
-from towerflow.config import IndexConfig
+from towerflow.tasks.embed_items import EmbeddingError, ItemEmbeddings
 
 MERGEABLE_KINDS = ("flat", "ivfpq")
 
@@ -138,7 +139,7 @@ def assemble_index(merged: faiss.Index, emb: ItemEmbeddings, kind: str, factory:
 def build_index_sharded(emb: ItemEmbeddings, config: IndexConfig, n_shards: int) -> IndexArtifact:
     """The three steps above in this process (what the Dask flow spreads over workers); HNSW falls back to
     ``build_index``. Same index as ``build_index(emb, config)``."""
-    from tasks.build_index import build_index
+    from towerflow.tasks.build_index import build_index
 
     if choose_kind(emb.n_items, config) not in MERGEABLE_KINDS:
         return build_index(emb, config)

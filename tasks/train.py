@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.batch import Batch
-from models.frequency import StreamingFrequencyEstimator, exact_log_q
-from models.loss import in_batch_softmax_loss, mixed_negatives_log_q
-from models.two_tower import TwoTower, load_model, save_model
-from tasks.build_examples import Examples, SeenItems, SequenceExamples
-from tasks.scoring import model_metrics
 from towerflow.config import TrainConfig
 from towerflow.errors import TowerflowError
+from towerflow.models.batch import Batch
+from towerflow.models.frequency import StreamingFrequencyEstimator, exact_log_q
+from towerflow.models.loss import in_batch_softmax_loss, mixed_negatives_log_q
+from towerflow.models.two_tower import TwoTower, load_model, save_model
 from towerflow.progress import say
+from towerflow.tasks.build_examples import Examples, SeenItems, SequenceExamples
+from towerflow.tasks.scoring import model_metrics
 
 
 class TrainError(TowerflowError):

@@ -25,7 +25,7 @@ import pandas as pd
 from towerflow.config import GateConfig
 from towerflow.contract import ACTIONS, POSITIVE_ACTIONS, REQUIRED_COLUMNS, SURFACES
 from towerflow.errors import TowerflowError
-from validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
+from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
 
 # GX type names per contract column. GX compares ``dtype.type``: "int64" accepts int64 and Int64, "Timestamp"
 # accepts tz-aware datetimes only, "str" accepts pandas 3's ``str`` dtype and object columns holding strings.

@@ -11,7 +11,7 @@ import numpy as np
 
 from towerflow.config import GateConfig
 from towerflow.errors import TowerflowError
-from validation.result import MAX_EXAMPLES, Check, GateResult
+from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult
 
 
 def _pairs(m: int, n_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from towerflow.config import GateConfig
 from towerflow.errors import TowerflowError
-from validation.result import MAX_EXAMPLES, Check, GateResult
+from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult
 
 IndexSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 _CHUNK_ELEMENTS = 1 << 24  # bound the (queries x items) exact score block to ~64 MB of float32

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 
 from towerflow.config import GateConfig
-from validation.result import Check, GateResult
+from towerflow.validation.result import Check, GateResult
 
 Metrics = Mapping[str, float]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from towerflow.config import GateConfig
-from validation.result import MAX_EXAMPLES, Check, GateResult
+from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult
 
 
 def _field(obj: Any, name: str) -> Any:

@@ -9,8 +9,8 @@ import pytest
 
 from towerflow.config import GateConfig
 from towerflow.contract import conform
-from validation.data import SnapshotStats, validate_snapshot
-from validation.result import GateFailed
+from towerflow.validation.data import SnapshotStats, validate_snapshot
+from towerflow.validation.result import GateFailed
 
 START, END, NOW = "2026-01-01", "2026-01-03", "2026-01-04"  # a two-day window, validated the day after
 # 20 events: 4 click + 2 save + 1 conversion = 7 positives -> positive rate 0.35

@@ -56,7 +56,7 @@ def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, ti
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.backfill import backfill
+    from towerflow.flows.backfill import backfill
 
     first = backfill(start=JAN[2], end=JAN[3], lookback_days=2, retrain=False, source_uri=tiny_source)
     assert first.ran == [JAN[2], JAN[3]] and first.skipped == [] and first.failed == []
@@ -91,7 +91,7 @@ def test_backfill_runs_days_then_skips_them_and_force_reruns(data_root: Path, ti
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path, tiny_source: str):
-    from flows.backfill import backfill
+    from towerflow.flows.backfill import backfill
 
     # lookback 1: Jan 1's window [Dec 31, Jan 1) is empty and fails; Jan 2's window [Jan 1, Jan 2) has 1 event.
     state = backfill(start=JAN[0], end=JAN[1], lookback_days=1, retrain=False, source_uri=tiny_source,
@@ -111,9 +111,9 @@ def test_a_failed_day_does_not_stop_the_others_and_fails_the_run(data_root: Path
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
 def test_backfill_with_retrain_promotes_through_the_retrain_subflow_once(data_root: Path):
-    from flows.backfill import backfill
-    from infra.releases import load_release
     from towerflow.config import Settings
+    from towerflow.flows.backfill import backfill
+    from towerflow.infra.releases import load_release
 
     write_tiny_world(data_root)
     # orchestration under test, not a 2-epoch model's quality (the popularity gate is relaxed);

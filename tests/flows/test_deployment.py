@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.stack import StackConfig, StackError, down, read_pid, up
 from towerflow.backfill import Ledger
+from towerflow.infra.stack import StackConfig, StackError, down, read_pid, up
 
 REPO = Path(__file__).resolve().parents[2]
 RANGE = ("--param", "start=2026-01-03", "--param", "end=2026-01-04", "--param", "retrain=false",

@@ -37,7 +37,7 @@ class Run(NamedTuple):
 
 
 def run_retrain(config: RetrainConfig) -> Run:
-    from flows.retrain import retrain
+    from towerflow.flows.retrain import retrain
 
     state = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config, return_state=True)
     assert state.is_completed(), state
@@ -73,7 +73,7 @@ def promoted(world: Settings, held_back: Run) -> Run:
 
 def stored(settings: Settings) -> dict[str, int]:
     """release id -> states held in the store ({} when no state was ever written)."""
-    from serving.state_store import SQLiteUserStateStore
+    from towerflow.serving.state_store import SQLiteUserStateStore
 
     if not settings.user_states_path.exists():
         return {}
@@ -85,7 +85,7 @@ def stored(settings: Settings) -> dict[str, int]:
 
 
 def _champion(settings: Settings) -> str:
-    from infra.releases import load_release
+    from towerflow.infra.releases import load_release
 
     return load_release(settings).release_id
 
@@ -105,9 +105,9 @@ def test_a_run_that_does_not_promote_stores_no_states(world: Settings, held_back
 
 
 def test_promotion_stores_the_new_champions_states(world: Settings, promoted: Run):
-    from serving.state_store import SQLiteUserStateStore
-    from tasks.build_examples import Vocab
     from towerflow.data.source import ParquetSource
+    from towerflow.serving.state_store import SQLiteUserStateStore
+    from towerflow.tasks.build_examples import Vocab
 
     r = promoted.result
     assert r.status == "promoted" and _champion(world) == r.release_id
@@ -137,8 +137,8 @@ def test_promotion_stores_the_new_champions_states(world: Settings, promoted: Ru
 
 
 def test_a_failed_gate_stores_no_states(world: Settings, promoted: Run):
-    from flows.retrain import retrain
-    from flows.stages import StageFailed
+    from towerflow.flows.retrain import retrain
+    from towerflow.flows.stages import StageFailed
 
     # the same model, but a lift over popularity no recall can reach: the model gate stops the run
     base = config()

@@ -38,13 +38,13 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def champion(world: Settings):
-    from flows.retrain import retrain
+    from towerflow.flows.retrain import retrain
 
     return retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config())
 
 
 def _champion_release(settings: Settings) -> str:
-    from infra.releases import load_release
+    from towerflow.infra.releases import load_release
 
     return load_release(settings).release_id
 
@@ -72,9 +72,9 @@ def test_promotes_one_release_whose_tower_and_index_share_its_id(world: Settings
 
 
 def test_bad_data_stops_before_promotion_and_champion_keeps_serving(world: Settings, champion, tmp_path):
-    from flows.retrain import retrain
-    from flows.stages import StageFailed
     from towerflow.data.source import ParquetSink, ParquetSource
+    from towerflow.flows.retrain import retrain
+    from towerflow.flows.stages import StageFailed
 
     # a copy of the source whose last day has an action outside the contract's set
     src, bad = ParquetSource(world.source), tmp_path / "bad-source"
@@ -94,8 +94,8 @@ def test_bad_data_stops_before_promotion_and_champion_keeps_serving(world: Setti
 
 
 def test_worse_model_than_champion_is_not_promoted(world: Settings, champion):
-    from flows.retrain import retrain
-    from flows.stages import StageFailed
+    from towerflow.flows.retrain import retrain
+    from towerflow.flows.stages import StageFailed
 
     # one epoch at a learning rate that cannot move the weights: far below the champion on the same holdout
     with pytest.raises(StageFailed, match=r"(?s)stage 'gate_model' failed: .*recall@10 vs champion"):
@@ -105,7 +105,7 @@ def test_worse_model_than_champion_is_not_promoted(world: Settings, champion):
 
 def test_killed_after_training_resumes_without_retraining(world: Settings, champion, tmp_path):
     """SIGKILL a real retrain process once its training output is published; the rerun reuses it."""
-    from flows.retrain import retrain
+    from towerflow.flows.retrain import retrain
 
     config = small_config(seed=7)  # a new train key: this run trains from scratch
     # another seed on a tiny holdout may land a little below the champion; this test is about resuming

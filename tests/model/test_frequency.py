@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.frequency import FrequencyError, StreamingFrequencyEstimator, exact_log_q
+from towerflow.models.frequency import FrequencyError, StreamingFrequencyEstimator, exact_log_q
 
 
 def test_hand_traced_stream():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.loss import LossInputError, in_batch_softmax_loss, mixed_negatives_log_q, softmax_logits
+from towerflow.models.loss import LossInputError, in_batch_softmax_loss, mixed_negatives_log_q, softmax_logits
 
 # Two users, two positives. With temperature 0.5 the logits u @ v.T / 0.5 are
 #   row 0: [1, 0.6] / 0.5 = [2, 1.2]      (positive in column 0)

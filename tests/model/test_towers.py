@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batch import Batch, FeatureSizes, ItemFeatures
-from models.item_tower import FeatureTableError
-from models.loss import in_batch_softmax_loss
-from models.two_tower import TwoTower, load_model, save_model
-from models.user_tower import UserTowerInputError
 from towerflow.config import ModelConfig
+from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
+from towerflow.models.item_tower import FeatureTableError
+from towerflow.models.loss import in_batch_softmax_loss
+from towerflow.models.two_tower import TwoTower, load_model, save_model
+from towerflow.models.user_tower import UserTowerInputError
 
 N_ITEMS = 30
 SIZES = FeatureSizes(

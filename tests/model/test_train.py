@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.build_examples import Examples, build_examples
-from tasks.evaluate import PopularityBaseline, metrics_from_ranks, target_ranks
-from tasks.scoring import model_metrics
-from tasks.train import TrainError, TrainResult, train
 from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig
+from towerflow.tasks.build_examples import Examples, build_examples
+from towerflow.tasks.evaluate import PopularityBaseline, metrics_from_ranks, target_ranks
+from towerflow.tasks.scoring import model_metrics
+from towerflow.tasks.train import TrainError, TrainResult, train
 
 START = pd.Timestamp("2026-01-01", tz="UTC")
 N_TOPICS, ITEMS_PER_TOPIC, N_USERS = 6, 20, 300

@@ -11,13 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from models.batch import FeatureSizes, ItemFeatures
-from models.two_tower import TwoTower, load_model, save_model
-from tasks.build_examples import Vocab
-from tasks.build_index import IndexArtifact, IndexBuildError, build_index, file_sha256
-from tasks.embed_items import EmbeddingError, ItemEmbeddings, embed_items
-from tasks.sharded_index import build_index_sharded, concat_embeddings, shard_bounds, train_empty_index
 from towerflow.config import IndexConfig, ModelConfig
+from towerflow.models.batch import FeatureSizes, ItemFeatures
+from towerflow.models.two_tower import TwoTower, load_model, save_model
+from towerflow.tasks.build_examples import Vocab
+from towerflow.tasks.build_index import IndexArtifact, IndexBuildError, build_index, file_sha256
+from towerflow.tasks.embed_items import EmbeddingError, ItemEmbeddings, embed_items
+from towerflow.tasks.sharded_index import (
+    build_index_sharded,
+    concat_embeddings,
+    shard_bounds,
+    train_empty_index,
+)
 
 N_ITEMS = 3_000
 RELEASE = "r-20260101T000000-abcdef"
@@ -104,7 +109,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
 def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[str, str], tmp_path: Path):
-    from flows.sharded_index import sharded_embed_index_dask
+    from towerflow.flows.sharded_index import sharded_embed_index_dask
 
     model_dir, vocab_path = catalog
     config = IndexConfig(kind="ivfpq", **SMALL_IVFPQ)
@@ -136,7 +141,7 @@ def test_flow_on_a_two_process_dask_cluster_equals_one_process(catalog: tuple[st
 @pytest.mark.flow
 @pytest.mark.usefixtures("prefect_harness")
 def test_same_flow_runs_on_the_default_thread_pool_and_builds_hnsw_whole(catalog: tuple[str, str]):
-    from flows.sharded_index import sharded_embed_index
+    from towerflow.flows.sharded_index import sharded_embed_index
 
     model_dir, vocab_path = catalog
     vocab = Vocab.from_json(Path(vocab_path).read_text())

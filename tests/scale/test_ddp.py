@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from models.two_tower import TwoTower
-from tasks.build_examples import Examples, build_examples
-from tasks.distributed import (
+from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig, WorldConfig
+from towerflow.data.source import ParquetSource
+from towerflow.data.synthetic import generate_world
+from towerflow.models.two_tower import TwoTower
+from towerflow.tasks.build_examples import Examples, build_examples
+from towerflow.tasks.distributed import (
     DistEnv,
     env_from_torchrun,
     global_batch_loss,
@@ -28,11 +31,8 @@ from tasks.distributed import (
     torchrun_command,
     train_ddp,
 )
-from tasks.scoring import model_metrics
-from tasks.train import EpochStats, TrainError, TrainResult, batch_loss, init_model, train
-from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig, WorldConfig
-from towerflow.data.source import ParquetSource
-from towerflow.data.synthetic import generate_world
+from towerflow.tasks.scoring import model_metrics
+from towerflow.tasks.train import EpochStats, TrainError, TrainResult, batch_loss, init_model, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ModelConfig(dim=32, d_model=32, hidden=64, n_layers=1)

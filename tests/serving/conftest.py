@@ -39,8 +39,8 @@ class ServedWorld:
 
 @pytest.fixture(scope="session")
 def served(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedWorld]:
-    from flows.refresh_user_states import refresh_user_states
-    from flows.retrain import retrain
+    from towerflow.flows.refresh_user_states import refresh_user_states
+    from towerflow.flows.retrain import retrain
 
     root = tmp_path_factory.mktemp("serving") / "towerflow"
     world = ServedWorld(root, None, None, None, None)
@@ -67,15 +67,15 @@ def world_events(served: ServedWorld):
 
 @pytest.fixture(scope="session")
 def champion_release(served: ServedWorld):
-    from infra.releases import load_release
+    from towerflow.infra.releases import load_release
 
     return load_release(served.settings)
 
 
 def service_for(served: ServedWorld, **config):
     """A started RetrievalService on the world (no watcher), the serving clock at the world's horizon."""
-    from serving.config import ServingConfig
-    from serving.service import RetrievalService
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RetrievalService
 
     store = config.pop("store", None)
     svc = RetrievalService(served.settings, ServingConfig(**config), store=store)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
-from serving.state_store import InMemoryUserStateStore, SQLiteUserStateStore, UserState
 from tests.serving.conftest import HORIZON, service_for
+from towerflow.serving.app import create_app
+from towerflow.serving.state_store import InMemoryUserStateStore, SQLiteUserStateStore, UserState
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,8 @@ def test_a_tower_and_item_vectors_of_different_models_are_refused(served, champi
     """Checksums pass, ids match, sizes match: only the vectors tell that the tower is another model's."""
     from dataclasses import replace
 
-    from infra.releases import ReleaseIntegrityError, fetch_release, load_release_dir
-    from serving.bundle import build_bundle
+    from towerflow.infra.releases import ReleaseIntegrityError, fetch_release, load_release_dir
+    from towerflow.serving.bundle import build_bundle
 
     other = load_release_dir(fetch_release(served.settings, int(served.other.model_version)).path)
     assert build_bundle(other, None).release_id == served.other.release_id  # each is fine on its own

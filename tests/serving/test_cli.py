@@ -27,7 +27,7 @@ def torch_threads():
 
 def test_serve_query_prints_the_champions_answer(served, capsys, monkeypatch, torch_threads):
     served.env(monkeypatch)
-    from serving.state_store import SQLiteUserStateStore
+    from towerflow.serving.state_store import SQLiteUserStateStore
 
     store = SQLiteUserStateStore(served.settings.user_states_path)
     user = min(store.get(list(range(1000)), served.champion.release_id))

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.history import EventArrays, build_histories, from_us, source_horizon, to_us
-from tasks.build_examples import Vocab
+from towerflow.serving.history import EventArrays, build_histories, from_us, source_horizon, to_us
+from towerflow.tasks.build_examples import Vocab
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -84,10 +84,10 @@ def test_source_horizon_is_the_end_of_the_last_day_unless_that_is_in_the_future(
 
 def test_histories_equal_those_build_examples_gives_the_holdout(tmp_path):
     """For every holdout example, the history at its target's time is exactly the example's history."""
-    from tasks.build_examples import build_examples
     from towerflow.config import ExamplesConfig, WorldConfig
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
+    from towerflow.tasks.build_examples import build_examples
 
     generate_world(str(tmp_path), WorldConfig(n_users=60, n_items=80, n_topics=4, days=3, events_per_day=800,
                                               new_items_per_day=3, seed=4))

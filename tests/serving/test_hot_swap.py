@@ -11,8 +11,8 @@ import httpx
 import pytest
 import uvicorn
 
-from serving.app import create_app
-from serving.config import ServingConfig
+from towerflow.serving.app import create_app
+from towerflow.serving.config import ServingConfig
 
 
 def _free_port() -> int:
@@ -55,7 +55,7 @@ def _answers(url: str, requests: list[dict]) -> dict[str, list[int]]:
 
 
 def test_promotion_swaps_release_under_load_and_every_response_is_consistent(served, server):
-    from tasks.promote import promote, rollback
+    from towerflow.infra.promote import promote, rollback
 
     url, app = server
     champ, other = served.champion.release_id, served.other.release_id

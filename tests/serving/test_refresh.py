@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from serving.history import EventArrays, build_histories, to_us
-from serving.state_store import SQLiteUserStateStore
-from tasks.build_examples import Vocab
 from tests.serving.conftest import HORIZON
+from towerflow.serving.history import EventArrays, build_histories, to_us
+from towerflow.serving.state_store import SQLiteUserStateStore
+from towerflow.tasks.build_examples import Vocab
 
 
 def test_states_for_every_active_user_tagged_with_the_champion(served, world_events, champion_release):
@@ -49,7 +49,7 @@ def test_state_is_the_towers_encoding_of_the_users_history(served, world_events,
 
 
 def test_the_release_to_refresh_with_can_be_an_alias_a_version_or_an_id(served):
-    from flows.refresh_user_states import _load
+    from towerflow.flows.refresh_user_states import _load
 
     assert _load(served.settings, "champion").release_id == served.champion.release_id
     assert _load(served.settings, "1").release_id == served.other.release_id

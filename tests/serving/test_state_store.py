@@ -8,7 +8,12 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from serving.state_store import InMemoryUserStateStore, SQLiteUserStateStore, UserState, UserStateStore
+from towerflow.serving.state_store import (
+    InMemoryUserStateStore,
+    SQLiteUserStateStore,
+    UserState,
+    UserStateStore,
+)
 
 A, B = "r-20260101T000000-aaaaaa", "r-20260102T000000-bbbbbb"
 T = datetime(2026, 1, 5, tzinfo=UTC)

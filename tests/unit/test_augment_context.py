@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.batch import ItemFeatures
-from tasks.augment_context import augment_context
-from tasks.build_examples import SequenceExamples
 from towerflow.config import AugmentConfig
+from towerflow.models.batch import ItemFeatures
+from towerflow.tasks.augment_context import augment_context
+from towerflow.tasks.build_examples import SequenceExamples
 
 
 def _train(users, ts, targets, context) -> SequenceExamples:

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.build_examples import (
+from towerflow.config import ExamplesConfig
+from towerflow.contract import ContractError
+from towerflow.tasks.build_examples import (
     ACTION_INDEX,
     Examples,
     ExamplesError,
@@ -21,8 +23,6 @@ from tasks.build_examples import (
     item_features,
     user_features,
 )
-from towerflow.config import ExamplesConfig
-from towerflow.contract import ContractError
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 DAY = 86_400

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.batch import ItemFeatures
-from tasks.build_examples import ACTION_INDEX, Examples, SeenItems, SequenceExamples, Vocab
-from tasks.evaluate import (
+from towerflow.models.batch import ItemFeatures
+from towerflow.tasks.build_examples import ACTION_INDEX, Examples, SeenItems, SequenceExamples, Vocab
+from towerflow.tasks.evaluate import (
     CooccurrenceBaseline,
     EvaluationError,
     PopularityBaseline,

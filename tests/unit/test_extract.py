@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.extract import EmptyWindowError, ExtractError, Snapshot, SnapshotError, extract
 from towerflow.cli import main
 from towerflow.contract import ContractError
 from towerflow.data.source import ParquetSink, ParquetSource, SourceError
+from towerflow.tasks.extract import EmptyWindowError, ExtractError, Snapshot, SnapshotError, extract
 
 # (event_id, user_id, item_id, action, ts) by partition day; timestamps sit exactly on the boundaries under test.
 EVENTS = {
@@ -295,7 +295,7 @@ def test_cli_bad_input_is_one_error_line(source, data_root, tmp_path, capsys):
 
 
 def test_losing_a_publish_race_keeps_the_winner(source, tmp_path):
-    from tasks.extract import _publish
+    from towerflow.tasks.extract import _publish
 
     won = extract(source, JAN[3], 2, tmp_path / "snaps")
     inode = won.path.stat().st_ino

@@ -13,11 +13,11 @@ import pytest
 
 from towerflow.config import GateConfig
 from towerflow.errors import TowerflowError
-from validation.embeddings import check_embeddings
-from validation.index import check_index_recall
-from validation.model import gate_model, slices_by_name
-from validation.release import check_release
-from validation.result import Check, GateFailed, GateResult
+from towerflow.validation.embeddings import check_embeddings
+from towerflow.validation.index import check_index_recall
+from towerflow.validation.model import gate_model, slices_by_name
+from towerflow.validation.release import check_release
+from towerflow.validation.result import Check, GateFailed, GateResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.build_index import (
+from towerflow.config import GateConfig, IndexConfig
+from towerflow.tasks.build_index import (
     IndexArtifact,
     IndexBuildError,
     build_index,
@@ -16,8 +17,7 @@ from tasks.build_index import (
     exact_search,
     measure,
 )
-from tasks.embed_items import EmbeddingError, ItemEmbeddings, embed_items
-from towerflow.config import GateConfig, IndexConfig
+from towerflow.tasks.embed_items import EmbeddingError, ItemEmbeddings, embed_items
 
 RID = "r-20260101T000000-abcdef"
 

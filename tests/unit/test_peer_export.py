@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from bench.peer import PeerError, loo_sequences, run_peer
-from tasks.build_examples import build_examples
-from tasks.evaluate import metrics_from_ranks, target_ranks
 from tests.scripts import load_script
 from tests.unit.test_build_examples import T0, _events, _items, _users
 from towerflow.config import ExamplesConfig
+from towerflow.tasks.build_examples import build_examples
+from towerflow.tasks.evaluate import metrics_from_ranks, target_ranks
 
 LOO = ExamplesConfig(split="leave_one_out", validation=True, max_holdout_users=None, max_seq_len=4)
 AS_OF = T0 + np.timedelta64(1, "D")

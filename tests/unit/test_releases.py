@@ -18,20 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from infra.releases import (
-    ReleaseIntegrityError,
-    ReleaseNotFoundError,
-    check_release_id,
-    load_release,
-    load_release_dir,
-    new_release_id,
-    verify_release,
-    write_release,
-)
-from infra.tracking import ensure_store, tracking_client
-from tasks.build_index import build_index
-from tasks.embed_items import embed_items
-from tasks.promote import (
+from towerflow.cli import main
+from towerflow.config import IndexConfig, Settings
+from towerflow.infra.promote import (
     STEPS,
     PromotionConflictError,
     PromotionError,
@@ -41,8 +30,19 @@ from tasks.promote import (
     rollback,
     show_release,
 )
-from towerflow.cli import main
-from towerflow.config import IndexConfig, Settings
+from towerflow.infra.releases import (
+    ReleaseIntegrityError,
+    ReleaseNotFoundError,
+    check_release_id,
+    load_release,
+    load_release_dir,
+    new_release_id,
+    verify_release,
+    write_release,
+)
+from towerflow.infra.tracking import ensure_store, tracking_client
+from towerflow.tasks.build_index import build_index
+from towerflow.tasks.embed_items import embed_items
 
 N_ITEMS, DIM = 40, 8
 
@@ -159,7 +159,7 @@ def copy_of(tmp_path, releases):
 def rewrite_checksums(path: Path) -> None:
     """What a careless hand-fix would do: make release.json agree with whatever files are there now."""
     m = json.loads((path / "release.json").read_text())
-    from infra.releases import file_sha256
+    from towerflow.infra.releases import file_sha256
 
     m["files"] = {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*"))
                   if p.is_file() and p.name != "release.json"}
@@ -198,8 +198,8 @@ def test_missing_and_unlisted_files_are_refused(copy_of):
 
 
 def test_write_release_refuses_an_index_of_other_embeddings(tmp_path, releases):
-    from tasks.build_index import IndexArtifact
-    from tasks.embed_items import ItemEmbeddings
+    from towerflow.tasks.build_index import IndexArtifact
+    from towerflow.tasks.embed_items import ItemEmbeddings
 
     emb1 = ItemEmbeddings.load(releases[1])
     index2 = IndexArtifact.load(releases[2])

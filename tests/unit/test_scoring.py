@@ -1,7 +1,7 @@
 import numpy as np
 
-from tasks.build_examples import SeenItems, SequenceExamples, Vocab
-from tasks.scoring import remap_examples
+from towerflow.tasks.build_examples import SeenItems, SequenceExamples, Vocab
+from towerflow.tasks.scoring import remap_examples
 
 
 def _vocab(item_ids, user_ids):

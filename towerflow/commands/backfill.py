@@ -51,7 +51,7 @@ def _backfill(args: argparse.Namespace) -> int:
             if config is not None:
                 params["config"] = config.model_dump(mode="json")
             return _via_deployment({k: v.isoformat() if isinstance(v, date) else v for k, v in params.items()})
-        from flows.backfill import backfill
+        from towerflow.flows.backfill import backfill
 
         summary = backfill(**params, **({"config": config} if config is not None else {}))
         print(summary.to_text())

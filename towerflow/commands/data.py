@@ -84,9 +84,9 @@ def _import_interactions(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from tasks.extract import extract
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource
+    from towerflow.tasks.extract import extract
 
     settings = Settings()
     snapshot = extract(ParquetSource(args.source or settings.source), args.as_of, args.lookback_days,

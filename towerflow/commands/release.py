@@ -1,4 +1,4 @@
-"""``towerflow release``: list and show registered releases, promote one, roll back. Thin over tasks/promote.py."""
+"""``towerflow release``: list and show registered releases, promote one, roll back. Thin over infra/promote.py."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _metrics(m: dict[str, float]) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from tasks.promote import list_releases
     from towerflow.config import Settings
+    from towerflow.infra.promote import list_releases
 
     releases = list_releases(Settings())
     if args.json:
@@ -50,8 +50,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from tasks.promote import show_release
     from towerflow.config import Settings
+    from towerflow.infra.promote import show_release
 
     info = show_release(args.id, Settings())
     if args.json:
@@ -68,9 +68,9 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from infra.releases import ReleaseNotFoundError
-    from tasks.promote import promote, register_release, resolve_version
     from towerflow.config import Settings
+    from towerflow.infra.promote import promote, register_release, resolve_version
+    from towerflow.infra.releases import ReleaseNotFoundError
 
     settings = Settings()
     try:
@@ -86,8 +86,8 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from tasks.promote import rollback
     from towerflow.config import Settings
+    from towerflow.infra.promote import rollback
 
     print(rollback(Settings()))
     return 0

@@ -45,8 +45,8 @@ def load_config(path: str | None, epochs: int | None = None, promote: bool = Tru
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
     from towerflow.config import Settings
+    from towerflow.flows.retrain import retrain
     from towerflow.report import print_result
 
     settings = Settings()

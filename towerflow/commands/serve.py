@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, **extra):
-    from serving.config import ServingConfig
+    from towerflow.serving.config import ServingConfig
 
     return ServingConfig(alias=args.alias, mode=args.mode, on_missing_state=args.on_missing_state, as_of=args.as_of,
                          lookback_days=args.lookback_days, **extra)
@@ -80,8 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from serving.app import create_app
     from towerflow.config import Settings
+    from towerflow.serving.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _threads(args.torch_threads)
@@ -92,8 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from serving.service import RetrievalService
     from towerflow.config import Settings
+    from towerflow.serving.service import RetrievalService
 
     _threads(args.torch_threads)
     service = RetrievalService(Settings(), _config(args)).start(watch=False)
@@ -109,7 +109,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _refresh(args: argparse.Namespace) -> int:
-    from flows.refresh_user_states import refresh_user_states
+    from towerflow.flows.refresh_user_states import refresh_user_states
 
     result = refresh_user_states(release=args.release, as_of=args.as_of, lookback_days=args.lookback_days,
                                  source_uri=args.source)

@@ -34,7 +34,7 @@ def _data_root() -> Path:
 
 
 def _recorded():
-    from infra.stack import StackConfig
+    from towerflow.infra.stack import StackConfig
 
     return StackConfig.load(_data_root()) or StackConfig(data_root=_data_root())
 
@@ -47,7 +47,7 @@ def _print_status(rows) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from infra.stack import StackConfig, up
+    from towerflow.infra.stack import StackConfig, up
     from towerflow.progress import say
 
     services = tuple(s for s in ("prefect", "mlflow", "worker")
@@ -67,7 +67,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from infra.stack import down
+    from towerflow.infra.stack import down
     from towerflow.progress import say
 
     stopped = down(_recorded(), say=say)
@@ -76,7 +76,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from infra.stack import status
+    from towerflow.infra.stack import status
 
     rows = status(_recorded())
     _print_status(rows)

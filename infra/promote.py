@@ -37,7 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.releases import (
+from towerflow.config import Settings
+from towerflow.errors import TowerflowError
+from towerflow.infra.releases import (
     CHAMPION,
     MANIFEST,
     TAG_MANIFEST_SHA,
@@ -48,9 +50,7 @@ from infra.releases import (
     file_sha256,
     verify_release,
 )
-from infra.tracking import LockHeldError, file_lock, get_or_create_experiment, tracking_client
-from towerflow.config import Settings
-from towerflow.errors import TowerflowError
+from towerflow.infra.tracking import LockHeldError, file_lock, get_or_create_experiment, tracking_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -5,9 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 from towerflow.commands.common import add_source_option, prefect_api
+
+
+def _lookback(text: str) -> int | str:
+    """A positive number of days, or ``all`` (from the source's first day)."""
+    if text == "all":
+        return text
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days or 'all', got {text!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 day, got {days}")
+    return days
+
+
+def default_window(days: list[date], as_of: date | None, lookback: int | str,
+                   today: date | None = None) -> tuple[date, int]:
+    """The window ``towerflow retrain`` trains on, given the source's day partitions.
+
+    ``as_of`` None: the source's horizon, the day after its last day, or today when that is earlier (in production
+    the last partition is today's; for imported or replayed data it is where the data ends, the serving clock).
+    ``lookback`` ``all``: back to the source's first day.
+    """
+    today = today or datetime.now(UTC).date()
+    end = as_of or (min(today, max(days) + timedelta(days=1)) if days else today)
+    if lookback != "all":
+        return end, int(lookback)
+    return end, max(1, (end - min(days)).days) if days else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the champion release is then untouched. A rerun with the same inputs resumes after the last "
                     "finished stage.",
     )
-    p.add_argument("--as-of", type=date.fromisoformat, help="end of the window (exclusive), YYYY-MM-DD; default today")
-    p.add_argument("--lookback-days", type=int, default=7, help="window length in days (default 7)")
+    p.add_argument("--as-of", type=date.fromisoformat,
+                   help="end of the window (exclusive), YYYY-MM-DD; default: the source's horizon (today, or the day "
+                        "after the last event of imported or replayed data)")
+    p.add_argument("--lookback-days", type=_lookback, default=7,
+                   help="window length in days, or 'all' for everything in the source (default 7)")
     p.add_argument("--config", help="RetrainConfig as YAML or JSON (see towerflow/config.py)")
     add_source_option(p)
     p.add_argument("--epochs", type=int, help="override train.epochs")
@@ -52,8 +83,14 @@ def _retrain(args: argparse.Namespace) -> int:
     settings = Settings()
     config = load_config(args.config, args.epochs, promote=not args.no_promote,
                          refresh_states=not args.no_refresh_states)
+    as_of, lookback_days = args.as_of, args.lookback_days
+    if as_of is None or lookback_days == "all":
+        from towerflow.data.source import ParquetSource
+
+        as_of, lookback_days = default_window(ParquetSource(args.source or settings.source).days(), as_of,
+                                              lookback_days)
     with prefect_api(settings):
-        result = retrain(as_of=args.as_of, lookback_days=args.lookback_days, config=config, source_uri=args.source)
+        result = retrain(as_of=as_of, lookback_days=lookback_days, config=config, source_uri=args.source)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:

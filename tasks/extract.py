@@ -5,7 +5,8 @@ A snapshot is a directory ``<snapshots_dir>/<snapshot_id>/`` holding::
     events.parquet   events with start <= ts < end, sorted by (ts, event_id)
     users.parquet    every user
     items.parquet    items created before as_of, and items whose created_ts is unknown
-    manifest.json    window, source, row counts, event time range, action counts, sha256 of every file
+    manifest.json    window, source (with its feedback kind), row counts, event time range, action counts,
+                     sha256 of every file
 
 The id is derived from the inputs' content (the window and the source's fingerprint of what the window reads),
 so the same inputs give the same id wherever the source lives, and an existing snapshot is returned as it is,
@@ -35,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import towerflow
-from towerflow.contract import ACTIONS, SURFACES, ContractError, arrow_schema, conform
+from towerflow.contract import ACTIONS, DEFAULT_FEEDBACK, SURFACES, ContractError, arrow_schema, conform
 from towerflow.data.source import EventSource, SourceError, day_range
 from towerflow.errors import TowerflowError
 from towerflow.progress import progress, say, step
@@ -118,6 +119,11 @@ class Snapshot:
         return self._table("items")
 
     @property
+    def feedback(self) -> str:
+        """The source's feedback kind when extracted (``towerflow.contract.FEEDBACK_KINDS``)."""
+        return self.manifest["source"].get("feedback", DEFAULT_FEEDBACK)
+
+    @property
     def window(self) -> tuple[datetime, datetime]:
         w = self.manifest["window"]
         return datetime.fromisoformat(w["start"]), datetime.fromisoformat(w["end"])
@@ -183,7 +189,7 @@ def extract(source: EventSource, as_of: datetime, lookback_days: int, snapshots_
             manifest = {
                 "snapshot_id": sid, "as_of": as_of.isoformat(), "lookback_days": lookback_days,
                 "window": {"start": start.isoformat(), "end": as_of.isoformat()},
-                "source": {"uri": source.uri, "fingerprint": fingerprint},
+                "source": {"uri": source.uri, "fingerprint": fingerprint, "feedback": source.feedback()},
                 "missing_days": [d.isoformat() for d in absent],
                 **_build(source, tmp, start, as_of, present, window),
             }

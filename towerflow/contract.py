@@ -11,6 +11,11 @@ Three tables:
 
 Ids are int64. Importers of string ids factorize them and keep the mapping beside the tables.
 Timestamps are UTC, microsecond precision.
+
+A source also records what kind of feedback its events carry (``FEEDBACK_KINDS``, in ``source.json`` beside the
+tables): ``explicit`` actions (positives and negatives both logged), ``ratings`` (stars mapped to actions, so low
+stars are negatives) or ``implicit`` (only engagements are logged: every event is a positive and no negative can
+exist). A source without the record is ``explicit``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ ACTIONS: tuple[str, ...] = ("impression", "click", "save", "conversion", "skip",
 POSITIVE_ACTIONS: tuple[str, ...] = ("click", "save", "conversion")
 NEGATIVE_ACTIONS: tuple[str, ...] = ("skip", "hide")
 SURFACES: tuple[str, ...] = ("homefeed", "related", "search")
+FEEDBACK_KINDS: tuple[str, ...] = ("explicit", "ratings", "implicit")
+DEFAULT_FEEDBACK = "explicit"
+
+
+def check_feedback(feedback: object, where: str = "") -> str:
+    """``feedback`` if it is one of FEEDBACK_KINDS, else a ContractError (naming ``where``, if given)."""
+    if feedback not in FEEDBACK_KINDS:
+        place = f"{where}: " if where else ""
+        raise ContractError(f"{place}unknown feedback kind {feedback!r} (allowed: {list(FEEDBACK_KINDS)})")
+    return str(feedback)
+
+
+def negatives_possible(feedback: str) -> bool:
+    """Whether a source of this feedback kind can hold negative events (so a positive rate means something)."""
+    return check_feedback(feedback) != "implicit"
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 

@@ -3,7 +3,8 @@
 Checks (one ``Check`` each, named ``<table>.<what>``): required columns present, column types, not-null keys,
 ``action`` in ACTIONS and ``surface`` in SURFACES, timestamps inside ``[window_start, window_end)`` and not after
 ``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set), and
-events-per-day and positive-rate bounds relative to the previous snapshot (an empty window always fails).
+events-per-day and positive-rate bounds relative to the previous snapshot (an empty window always fails). The
+positive-rate bounds apply only where negatives can exist: not to a source recorded as ``implicit`` feedback.
 
 A column that is missing or has the wrong dtype fails its own check; the value checks that need it are left out
 rather than crashing GX. Two checks run on derived columns added to a copy of the events: ``_is_positive`` (0/1,
@@ -23,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from towerflow.config import GateConfig
-from towerflow.contract import ACTIONS, POSITIVE_ACTIONS, REQUIRED_COLUMNS, SURFACES
+from towerflow.contract import (
+    ACTIONS,
+    DEFAULT_FEEDBACK,
+    POSITIVE_ACTIONS,
+    REQUIRED_COLUMNS,
+    SURFACES,
+    negatives_possible,
+)
 from towerflow.errors import TowerflowError
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
 
@@ -132,7 +140,8 @@ def _rate_bounds(previous: SnapshotStats | None, config: GateConfig) -> tuple[fl
 
 
 def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timestamp, now: pd.Timestamp,
-           previous: SnapshotStats | None, config: GateConfig, days: float) -> tuple[list[_Spec], dict[str, pd.Series]]:
+           previous: SnapshotStats | None, config: GateConfig, days: float,
+           rate_checked: bool) -> tuple[list[_Spec], dict[str, pd.Series]]:
     """The expectations to run, and the derived columns (name -> series) the events frame needs for them."""
     import great_expectations.expectations as gxe
 
@@ -185,6 +194,7 @@ def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timesta
     specs.append(_Spec("events", "events.row count", gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi)))
     if "action" in ok and len(ev):
         derived[POSITIVE_COL] = ev["action"].isin(POSITIVE_ACTIONS).astype("int64")
+    if rate_checked and POSITIVE_COL in derived:
         rlo, rhi, _ = _rate_bounds(previous, config)
         specs.append(_Spec("events", "events.positive rate",
                            gxe.ExpectColumnMeanToBeBetween(column=POSITIVE_COL, min_value=rlo, max_value=rhi)))
@@ -250,11 +260,14 @@ def validate_snapshot(
     previous: SnapshotStats | None,
     config: GateConfig,
     now: datetime | pd.Timestamp | None = None,
+    feedback: str = DEFAULT_FEEDBACK,
 ) -> DataGateResult:
     """Run the data suite on a snapshot whose events should lie in ``[window_start, window_end)``.
 
     ``previous`` is the stats of the last snapshot that passed (None on the first run: only an empty window fails
-    the volume check). ``now`` defaults to the current UTC time. Naive datetimes are taken as UTC.
+    the volume check). ``now`` defaults to the current UTC time. Naive datetimes are taken as UTC. ``feedback`` is
+    the source's kind (``Snapshot.feedback``): for ``implicit`` sources no negative can exist, so the positive rate
+    is not gated (the check is reported as passed, saying why).
     """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -265,7 +278,8 @@ def validate_snapshot(
     now_ts = _utc(now) if now is not None else pd.Timestamp.now(tz="UTC")
     days = (end - start).total_seconds() / 86_400
     frames = {"events": events, "users": users, "items": items}
-    specs, derived = _specs(frames, start, end, now_ts, previous, config, days)
+    rate_checked = negatives_possible(feedback)
+    specs, derived = _specs(frames, start, end, now_ts, previous, config, days, rate_checked)
     frames["events"] = events = events.assign(**derived)  # a new frame: the caller's snapshot is left as it was
     notes = {"events.row count": _volume_bounds(previous, days, config)[2],
              "events.positive rate": _rate_bounds(previous, config)[2]}
@@ -287,6 +301,9 @@ def validate_snapshot(
         gx_results[table] = jsonable(run.to_json_dict())
         done = {r.expectation_config.meta["check"]: r for r in run.results}
         checks += [_to_check(s, done[s.name], notes) for s in mine]
+    if not rate_checked:
+        checks.append(Check("events.positive rate", True, detail="not applied: implicit feedback (the source logs "
+                            "only engagements, so every event is positive and no negative can exist)"))
 
     rate = float(events[POSITIVE_COL].mean()) if POSITIVE_COL in events.columns and len(events) else float("nan")
     stats = SnapshotStats(len(events), rate, days)

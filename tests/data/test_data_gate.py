@@ -205,3 +205,24 @@ def test_positive_rate_jump_against_previous_fails():
     result = _gate(previous=SnapshotStats(20, 0.8, 2.0))
     assert _failed(result) == {"events.positive rate"}
     assert result.check("events.positive rate").threshold == "[0.4, 0.99]"
+
+
+def _all_clicks() -> pd.DataFrame:
+    return _events().assign(action="click")  # 20 of 20 positive: rate 1.0
+
+
+@pytest.mark.parametrize("feedback", ["explicit", "ratings"])
+def test_positive_rate_is_gated_where_negatives_can_exist(feedback):
+    result = validate_snapshot(_all_clicks(), _users(), _items(), START, END, None, GateConfig(), now=NOW,
+                               feedback=feedback)
+    assert _failed(result) == {"events.positive rate"}
+    assert result.check("events.positive rate").observed == pytest.approx(1.0)
+
+
+def test_implicit_feedback_is_not_gated_on_positive_rate():
+    result = validate_snapshot(_all_clicks(), _users(), _items(), START, END, SnapshotStats(20, 0.35, 2.0),
+                               GateConfig(), now=NOW, feedback="implicit")
+    assert result.passed, result.summary()
+    check = result.check("events.positive rate")
+    assert check.passed and check.detail.startswith("not applied: implicit feedback")
+    assert result.stats == SnapshotStats(row_count=20, positive_rate=1.0, window_days=2.0)

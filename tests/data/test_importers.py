@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from datetime import UTC, date, datetime, timedelta
@@ -247,6 +248,33 @@ def test_repeated_events_get_distinct_ids(tmp_path):
     assert [e[0] for e in _events(ParquetSource(str(tmp_path / "src")))] == ["1-2-1000000000", "1-2-1000000000-1"]
 
 
+@pytest.mark.parametrize(
+    ("header", "rows", "feedback"),
+    [
+        ("user,item,timestamp", ["1,2,1000000000", "2,2,1000000060"], "implicit"),
+        ("user,item,timestamp,rating", ["1,2,1000000000,5", "2,2,1000000060,1"], "ratings"),
+        ("user,item,timestamp,action", ["1,2,1000000000,click", "2,2,1000000060,skip"], "explicit"),
+    ],
+)
+def test_interactions_record_the_feedback_kind(tmp_path, header, rows, feedback):
+    f = tmp_path / "log.csv"
+    f.write_text("\n".join([header, *rows]) + "\n")
+    s = import_interactions(str(f), str(tmp_path / "src"))
+    assert json.loads((tmp_path / "src" / "source.json").read_text()) == {"feedback": feedback}
+    assert ParquetSource(str(tmp_path / "src")).feedback() == feedback
+    assert s.feedback == feedback and f"feedback {feedback}" in str(s)
+
+
+def test_movielens_records_ratings_and_a_source_without_record_is_explicit(tmp_path):
+    import_movielens(str(write_ml100k(tmp_path / "ml")), str(tmp_path / "src"))
+    assert ParquetSource(str(tmp_path / "src")).feedback() == "ratings"
+    (tmp_path / "src" / "source.json").unlink()
+    assert ParquetSource(str(tmp_path / "src")).feedback() == "explicit"
+    (tmp_path / "src" / "source.json").write_text('{"feedback": "likes"}')
+    with pytest.raises(ContractError, match=r"source\.json: unknown feedback kind 'likes'"):
+        ParquetSource(str(tmp_path / "src")).feedback()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -333,7 +361,7 @@ def test_failure_while_writing_removes_the_partial_source(tmp_path):
     users = pd.DataFrame({"user_id": [1], "signup_ts": [None]})
     items = pd.DataFrame({"item_id": [1], "category": ["c"], "genres": [None], "title": [None], "created_ts": [None]})
     with pytest.raises(ContractError, match="ids must be integers"):
-        write_source(str(tmp_path / "src"), events, users, items)
+        write_source(str(tmp_path / "src"), events, users, items, "explicit")
     assert _leftovers(tmp_path / "src") == []
 
 

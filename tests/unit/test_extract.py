@@ -305,3 +305,11 @@ def test_losing_a_publish_race_keeps_the_winner(source, tmp_path):
     assert _publish(late, won.path) == won
     assert won.path.stat().st_ino == inode and not late.exists()
     assert _entries(tmp_path / "snaps") == [won.snapshot_id]
+
+
+def test_manifest_records_the_feedback_kind_and_it_is_part_of_the_id(source, tmp_path):
+    snap = extract(source, JAN[3], 2, tmp_path / "snaps")
+    assert snap.manifest["source"]["feedback"] == "explicit" and snap.feedback == "explicit"  # no source.json
+    ParquetSink(source.uri).write_feedback("implicit")
+    implicit = extract(ParquetSource(source.uri), JAN[3], 2, tmp_path / "snaps")
+    assert implicit.snapshot_id != snap.snapshot_id and implicit.feedback == "implicit"

@@ -35,6 +35,7 @@ class ImportSummary:
     action_counts: tuple[tuple[str, int], ...]
     seconds: float
     notes: tuple[str, ...] = ()
+    feedback: str = "explicit"
 
     def __str__(self) -> str:
         actions = " · ".join(f"{a} {n:,}" for a, n in self.action_counts)
@@ -43,6 +44,8 @@ class ImportSummary:
             f"  events {self.n_events:,}   users {self.n_users:,}   items {self.n_items:,}   days {self.n_days:,}",
             f"  time   {self.first_ts:%Y-%m-%d %H:%M:%S} .. {self.last_ts:%Y-%m-%d %H:%M:%S} UTC",
             f"  actions {actions}",
+            f"  feedback {self.feedback}" + (" (only positives: the data gate skips its positive-rate checks)"
+                                             if self.feedback == "implicit" else ""),
             *(f"  note   {n}" for n in self.notes),
             f"  took {self.seconds:.1f}s",
         ]
@@ -170,11 +173,13 @@ def write_source(
     events: pd.DataFrame,
     users: pd.DataFrame,
     items: pd.DataFrame,
+    feedback: str,
     extra: dict[str, pd.DataFrame] | None = None,
     overwrite: bool = False,
 ) -> int:
     """Write a Parquet source (events partitioned by day) beside ``out_uri``, then move it into place.
 
+    ``feedback`` (one of ``towerflow.contract.FEEDBACK_KINDS``) is recorded in the source's ``source.json``.
     ``extra`` maps relative paths (``id_map/users.parquet``) to plain tables written as they are. On any failure
     the temporary directory is removed, so no partial source is ever left. Returns the number of day partitions.
     """
@@ -190,6 +195,7 @@ def write_source(
             sink.write_events_day(d.date(), g)
         sink.write_users(users)
         sink.write_items(items)
+        sink.write_feedback(feedback)
         for rel, df in (extra or {}).items():
             path = f"{sink.root}/{rel}"
             sink.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -220,7 +226,7 @@ def _publish(fs: fsspec.AbstractFileSystem, tmp: str, final: str, overwrite: boo
 
 def summarize(
     layout: str, source: str, out_uri: str, events: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-    n_days: int, seconds: float, notes: tuple[str, ...] = (),
+    n_days: int, seconds: float, notes: tuple[str, ...] = (), feedback: str = "explicit",
 ) -> ImportSummary:
     counts = events.action.value_counts()
     return ImportSummary(
@@ -228,5 +234,5 @@ def summarize(
         n_items=len(items), n_days=n_days, first_ts=events.ts.min().to_pydatetime(),
         last_ts=events.ts.max().to_pydatetime(),
         action_counts=tuple((a, int(counts.get(a, 0))) for a in ACTIONS if counts.get(a, 0)),
-        seconds=seconds, notes=notes,
+        seconds=seconds, notes=notes, feedback=feedback,
     )

@@ -10,7 +10,9 @@ Input: a CSV (``.csv``; ``.tsv`` is tab-separated) or Parquet (``.parquet``/``.p
   are UTC. Without it the file's row order is the time order: row i gets ``SYNTHETIC_EPOCH + i`` seconds.
 - ``rating`` or ``action``: optional, at most one. Ratings in [0.5, 5] map as for MovieLens
   (``towerflow.data.movielens.RATING_TO_ACTION``); actions are taken as they are and must be in ``ACTIONS``.
-  With neither, every row is a ``click``.
+  With neither, every row is a ``click`` and the source is recorded as ``implicit`` feedback (``source.json``):
+  no negative can exist, so the data gate does not apply its positive-rate checks. An ``action`` column is
+  ``explicit`` feedback, a ``rating`` column ``ratings``; both keep the positive-rate checks.
 - ``category``: optional; an item's category is the first value seen for it, else ``"unknown"``.
 
 Every event is on the ``homefeed`` surface with no context. Users and items tables are synthesized from the
@@ -148,11 +150,11 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
         ts = pd.Series(SYNTHETIC_EPOCH + pd.to_timedelta(np.arange(len(df)), unit="s")).astype("datetime64[us, UTC]")
         notes.append(f"no timestamp column: row order, 1 s apart from {SYNTHETIC_EPOCH:%Y-%m-%d}")
     if cols["action"]:
-        action = check_actions(df[cols["action"]].astype("str"), file, first_line)
+        action, feedback = check_actions(df[cols["action"]].astype("str"), file, first_line), "explicit"
     elif cols["rating"]:
-        action = rating_to_action(df[cols["rating"]], file, first_line)
+        action, feedback = rating_to_action(df[cols["rating"]], file, first_line), "ratings"
     else:
-        action = pd.Series(["click"] * len(df), dtype="str")
+        action, feedback = pd.Series(["click"] * len(df), dtype="str"), "implicit"
         notes.append("no rating or action column: every row is a click")
     events = events_frame(user_id, item_id, action, ts)
 
@@ -173,7 +175,7 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
             extra[f"id_map/{name}.parquet"] = mapping
             notes.append(f"{name[:-1]} ids factorized: id_map/{name}.parquet")
     with step(f"write source {out_uri}") as info:
-        n_days = write_source(out_uri, events, users, items, extra=extra, overwrite=overwrite)
+        n_days = write_source(out_uri, events, users, items, feedback, extra=extra, overwrite=overwrite)
         info["note"] = f"{len(events):,} events in {n_days} day partitions"
     return summarize(f"interactions ({os.path.basename(file)})", file, out_uri, events, users, items, n_days,
-                     time.perf_counter() - t0, tuple(notes))
+                     time.perf_counter() - t0, tuple(notes), feedback)

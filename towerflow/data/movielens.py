@@ -310,7 +310,7 @@ def import_movielens(path: str, out_uri: str, overwrite: bool = False) -> Import
             raise ContractError(f"{f}: duplicate {key} {int(df[key][dup].iloc[0])}")
     check_references(events, users, raw.items, rf)
     with step(f"write source {out_uri}") as info:
-        n_days = write_source(out_uri, events, users, raw.items, overwrite=overwrite)
+        n_days = write_source(out_uri, events, users, raw.items, "ratings", overwrite=overwrite)
         info["note"] = f"{len(events):,} events in {n_days} day partitions"
     return summarize(f"MovieLens ({layout})", path, out_uri, events, users, raw.items, n_days,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, feedback="ratings")

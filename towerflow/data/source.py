@@ -5,6 +5,7 @@ Layout of a Parquet source (a local path or any fsspec URL)::
     <root>/events/dt=YYYY-MM-DD/part-*.parquet
     <root>/users.parquet
     <root>/items.parquet
+    <root>/source.json           optional: {"feedback": "explicit" | "ratings" | "implicit"} (absent: explicit)
 
 ``EventSource`` is the adapter interface; ``ParquetSource`` reads only the day partitions inside a window.
 ``ParquetSink`` writes the same layout (the generator and the importers use it).
@@ -13,6 +14,7 @@ Layout of a Parquet source (a local path or any fsspec URL)::
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
@@ -21,7 +23,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from towerflow.contract import EVENTS_SCHEMA, ContractError, arrow_schema, conform
+from towerflow.contract import (
+    DEFAULT_FEEDBACK,
+    EVENTS_SCHEMA,
+    ContractError,
+    arrow_schema,
+    check_feedback,
+    conform,
+)
+
+SOURCE_META = "source.json"
 
 
 class SourceError(ContractError):
@@ -40,6 +51,8 @@ class EventSource(Protocol):
     def read_items(self) -> pd.DataFrame: ...
 
     def fingerprint(self, start: datetime, end: datetime) -> str: ...
+
+    def feedback(self) -> str: ...
 
 
 def day_range(start: datetime, end: datetime) -> list[date]:
@@ -109,14 +122,28 @@ class ParquetSource:
             raise SourceError(f"source {self.uri}: missing {name}")
         return p
 
+    def feedback(self) -> str:
+        """The feedback kind recorded in ``source.json`` (one of FEEDBACK_KINDS); ``explicit`` without the file."""
+        p = self._path(SOURCE_META)
+        if not self.fs.exists(p):
+            return DEFAULT_FEEDBACK
+        try:
+            with self.fs.open(p, "rb") as f:
+                kind = json.loads(f.read())["feedback"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"{p}: unreadable source record ({exc!r}); expected {{\"feedback\": ...}}") from exc
+        return check_feedback(kind, where=p)
+
     def fingerprint(self, start: datetime, end: datetime) -> str:
         """A hash of what a window would read: partition file names, sizes and modification-free checksums.
 
         Hashing bytes (not mtimes) makes the same inputs give the same snapshot id wherever they were copied.
+        ``source.json`` counts when present: the same events under another feedback kind are gated differently.
         """
         h = hashlib.sha256()
         files = [p for day in day_range(start, end) for p in self._day_files(day)]
         files += [self._require("users.parquet"), self._require("items.parquet")]
+        files += [p for p in (self._path(SOURCE_META),) if self.fs.exists(p)]
         for p in files:
             h.update(p[len(self.root):].encode())
             with self.fs.open(p, "rb") as f:
@@ -152,3 +179,9 @@ class ParquetSink:
 
     def write_items(self, df: pd.DataFrame) -> int:
         return self._write(df, "items", f"{self.root}/items.parquet")
+
+    def write_feedback(self, feedback: str) -> None:
+        """Record the source's feedback kind (``source.json``), which the data gate reads through the snapshot."""
+        check_feedback(feedback)
+        with self.fs.open(f"{self.root}/{SOURCE_META}", "w") as f:
+            f.write(json.dumps({"feedback": feedback}) + "\n")

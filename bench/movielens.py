@@ -38,7 +38,10 @@ SASREC_SCRIPT = Path(__file__).resolve().parent / "peers" / "recbole_sasrec.py"
 
 
 def sasrec_row(events, ex, args: argparse.Namespace, batch_size: int) -> dict:
-    """RecBole's SASRec on ``ex``'s split, ranked by towerflow's code: {"row": table row, **details for the JSON}."""
+    """RecBole's SASRec on ``ex``'s split, ranked by towerflow's code.
+
+    Returns {"row": table row, "ranks": (n,) holdout target ranks, seen excluded, **details for the JSON}.
+    """
     from bench.peer import loo_sequences, run_peer
     from towerflow.tasks.evaluate import metrics_from_ranks, target_ranks
 
@@ -54,7 +57,7 @@ def sasrec_row(events, ex, args: argparse.Namespace, batch_size: int) -> dict:
     unmasked = metrics_from_ranks(target_ranks(lambda rows: scores[rows], targets, n_items), ks=(10,))
     row = {"model": "SASRec (RecBole 1.2.1)", **metrics_from_ranks(ranks, ks=(10, 50)), "epochs": result["epochs"],
            "best_epoch": result["best_epoch"], "train_s": result["train_seconds"]}
-    return {"row": row, **result, "seen_not_excluded_recomputed_here": unmasked}
+    return {"row": row, "ranks": ranks, **result, "seen_not_excluded_recomputed_here": unmasked}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sasrec:
         peer = sasrec_row(events, ex, args, batch_size=config.batch_size)
         rows.append(peer.pop("row"))
+        peer.pop("ranks")
 
     print_table(rows, [("model", "model", ""), ("HR@10", "hr@10", ".4f"), ("NDCG@10", "ndcg@10", ".4f"),
                        ("HR@50", "hr@50", ".4f"), ("NDCG@50", "ndcg@50", ".4f"), ("epochs", "epochs", ""),

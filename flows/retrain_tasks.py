@@ -24,7 +24,7 @@ from towerflow.config import (
     TrainConfig,
 )
 from towerflow.flows.refresh_user_states import RefreshResult
-from towerflow.flows.stages import StageFailed, cached, content_key, publish_gate, publish_table, stage
+from towerflow.flows.stages import StageFailed, cached, publish_gate, publish_table, stage, stage_key
 
 
 class RetrainResult(BaseModel):
@@ -132,8 +132,7 @@ def validate_data(settings: Settings, snapshot, gates: GateConfig, tracking: Tra
     stats_file = settings.data_root / "gates" / "last_data_stats.json"
     previous = SnapshotStats.from_dict(json.loads(stats_file.read_text())) if stats_file.exists() else None
     start, end = snapshot.window
-    result = validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start, end, previous, gates,
-                               feedback=snapshot.feedback)
+    result = validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start, end, previous, gates)
     tracking.log_dict(result.to_dict(), "gates/data_gate.json")
     tracking.log_dict(result.gx_results, "gates/great_expectations.json")
     tracking.set_tags({"towerflow.snapshot_id": snapshot.snapshot_id, "towerflow.gate.data": result.passed})
@@ -147,7 +146,8 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
     from towerflow.tasks.build_examples import Examples
     from towerflow.tasks.build_examples import build_examples as build
 
-    directory = settings.work_dir / "examples" / content_key(snapshot.snapshot_id, config.model_dump(mode="json"))
+    directory = settings.work_dir / "examples" / stage_key("build_examples", snapshot.snapshot_id,
+                                                               config.model_dump(mode="json"))
 
     def compute(tmp: Path) -> None:
         build(snapshot.events(), snapshot.users(), snapshot.items(), snapshot.window[1], config).save(tmp / "examples")
@@ -173,8 +173,8 @@ def train(settings: Settings, examples, config: TrainConfig, tracking: Tracking)
     from towerflow.tasks.train import TrainResult
     from towerflow.tasks.train import train as fit
 
-    key = content_key(examples.meta, len(examples.train), int(examples.train.target_items.sum()),
-                      int(examples.train.context_items.sum()), config.model_dump(mode="json"))
+    key = stage_key("train", examples.meta, len(examples.train), int(examples.train.target_items.sum()),
+                    int(examples.train.context_items.sum()), config.model_dump(mode="json"))
     directory = settings.work_dir / "train" / key
 
     def on_epoch(stats) -> None:

@@ -3,13 +3,16 @@
 A task here does only what the pure function must not: read and write files, log to MLflow, publish Prefect
 artifacts, and turn failures into ``StageFailed`` naming the stage. Expensive stages keep their output in a
 content-addressed work directory (``<data_root>/work/<stage>/<key>``) so a failed run, started again with the same
-inputs, resumes from its last good stage instead of recomputing.
+inputs, resumes from its last good stage instead of recomputing. The key of that directory (``stage_key``) also
+hashes the source of the code that computes the stage, so editing a model or the example builder recomputes.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -35,6 +38,71 @@ def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (ids, configs) that identifies a stage's output."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The modules whose code computes each cached stage; every towerflow module they import (at module level or inside
+# a function, transitively) is hashed with them. The train stage's input comes out of augment_context uncached.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "build_examples": ("towerflow.tasks.build_examples",),
+    "train": ("towerflow.tasks.train", "towerflow.tasks.augment_context"),
+}
+
+
+def module_source(name: str) -> bytes | None:
+    """The source of module ``name``, or None when ``name`` is not a module with a source file.
+
+    Found without importing ``name`` (only the packages above it): the parent package's folders are searched.
+    """
+    parent, _, leaf = name.rpartition(".")
+    try:
+        spec = importlib.util.find_spec(parent) if parent else None
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:  # no parent, or "pkg.mod.func": mod is not a package
+        return None
+    for folder in spec.submodule_search_locations:
+        for path in (Path(folder) / leaf / "__init__.py", Path(folder) / f"{leaf}.py"):
+            if path.is_file():
+                return path.read_bytes()
+    return None
+
+
+def _imported(source: bytes, package: str) -> set[str]:
+    """Absolute names imported anywhere in ``source`` under ``package`` (``from a import b`` gives a and a.b)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == package or n.startswith(package + ".")}
+
+
+def code_digest(*roots: str, package: str = "towerflow") -> str:
+    """sha256 (16 hex) of the source of ``roots`` and every ``package`` module they import, transitively.
+
+    Deterministic (modules hashed in name order, with their names) and cheap: a few dozen small files parsed.
+    """
+    sources: dict[str, bytes] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in sources:
+            continue
+        source = module_source(name)
+        if source is None:
+            continue
+        sources[name] = source
+        todo += sorted(_imported(source, package) - sources.keys())
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        h.update(name.encode() + b"\0" + sources[name] + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stage_key(stage_name: str, *parts: Any) -> str:
+    """``content_key`` of a cached stage's inputs AND of the code that computes it (``STAGE_CODE``)."""
+    return content_key(stage_name, code_digest(*STAGE_CODE[stage_name]), *parts)
 
 
 def _is_io_error(task, task_run, state) -> bool:  # Prefect retry_condition_fn: retry I/O, never a gate

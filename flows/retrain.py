@@ -53,7 +53,7 @@ def retrain(
         index = t.build_index(embeddings, config.index, config.gates, run)
         release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
         t.gate_release(settings, release, examples, config.gates, run)
-        result = t.promote(settings, release, evaluation, run, config.promote)
+        result = t.promote(settings, release, evaluation, run, config.promote, config.promotion)
     except BaseException:
         t.finish_tracking(run, "FAILED")
         raise

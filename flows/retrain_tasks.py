@@ -19,6 +19,7 @@ from towerflow.config import (
     ExamplesConfig,
     GateConfig,
     IndexConfig,
+    PromotionConfig,
     RetrainConfig,
     Settings,
     TrainConfig,
@@ -40,8 +41,6 @@ class RetrainResult(BaseModel):
     user_states_error: str | None = Field(
         None, description="why those states were not stored; the release stays champion, served on the online path")
 
-
-PROMOTE_LIMIT = "towerflow-promote"
 
 
 @dataclass
@@ -372,7 +371,8 @@ def gate_release(settings: Settings, manifest, examples, gates: GateConfig, trac
 
 
 @stage("promote", io_retries=2)
-def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do_promote: bool):
+def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do_promote: bool,
+            lease: PromotionConfig = PromotionConfig()):  # noqa: B008 - a pydantic default, never mutated
     from towerflow.infra.promote import promote as flip
     from towerflow.infra.promote import register_release
     from towerflow.infra.tracking import ensure_store
@@ -388,15 +388,13 @@ def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do
     if not do_promote:
         publish_release_card(manifest, version, "registered, not promoted (promote=false)", tracking)
         return RetrainResult(status="not_promoted", **base)
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
-    with get_client(sync_client=True) as client:  # must exist before use, or concurrency() silently skips it
-        client.upsert_global_concurrency_limit_by_name(PROMOTE_LIMIT, limit=1)
-    # a global limit of 1 (created by the flow) so two retrains never promote at once; the registry-side lock
-    # and compare-and-set in infra/promote.py back it up for promotions from outside Prefect
-    with concurrency(PROMOTE_LIMIT, occupy=1, strict=True):
-        result = flip(version, settings, expected_champion=ev.champion_version)
+    # the promotion lease (infra/lease.py) makes two promotions on this data root take turns; a crashed holder
+    # frees it (at once on this host, after lease.lease_s elsewhere), and a waiter logs the holder and gives up
+    # after lease.wait_s; the compare-and-set on the alias catches promoters on other data roots
+    flow_run = getattr(getattr(get_run_context(), "task_run", None), "flow_run_id", None)
+    result = flip(version, settings, expected_champion=ev.champion_version, wait_s=lease.wait_s,
+                  lease_s=lease.lease_s, on_wait=get_run_logger().warning,
+                  note=f"retrain flow run {flow_run}" if flow_run else "")
     get_run_logger().info(str(result))
     tracking.set_tags({"towerflow.promoted": True})
     publish_release_card(manifest, version, str(result), tracking)

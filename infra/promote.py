@@ -16,8 +16,10 @@ that path, rather than as an ``mlflow.pyfunc`` model with ``artifacts={...}``:
 What is given up: ``mlflow.pyfunc.load_model`` cannot open the version; ``infra.releases.load_release`` is the
 one loader, and it verifies what it loads.
 
-Promotion protocol (DESIGN.md section 6): with the promotion lock held (a file lock on the data root, so two
-promotions on one data root exclude each other; the loser fails at once), the target release is fetched and
+Promotion protocol (DESIGN.md section 6): with the promotion lease held (``infra/lease.py``: a lease on the data
+root that its holder renews while alive and that frees itself when the holder dies, so two promotions on one data
+root exclude each other and a crashed one blocks nobody; the loser fails at once, or waits ``wait_s`` seconds and
+then fails naming the holder), the target release is fetched and
 verified, the current champion is read, the previous champion is recorded (tag ``previous_champion`` on the
 target, alias ``previous``), the champion alias is read again and the promotion fails if it moved (the guard for
 promoters that do not share the lock, e.g. on other machines), and then ``champion`` is flipped: the one atomic
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from towerflow.config import Settings
 from towerflow.errors import TowerflowError
+from towerflow.infra.lease import Lease, LeaseHeldError, LeaseLostError, OnWait, lease
 from towerflow.infra.releases import (
     CHAMPION,
     MANIFEST,
@@ -46,11 +49,12 @@ from towerflow.infra.releases import (
     TAG_RELEASE_ID,
     ReleaseIntegrityError,
     ReleaseNotFoundError,
+    check_release_id,
     fetch_release,
     file_sha256,
     verify_release,
 )
-from towerflow.infra.tracking import LockHeldError, file_lock, get_or_create_experiment, tracking_client
+from towerflow.infra.tracking import get_or_create_experiment, tracking_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -60,6 +64,7 @@ PREVIOUS_ALIAS = "previous"
 TAG_PREVIOUS = "previous_champion"
 STEPS = ("artifacts_logged", "registered", "locked", "previous_recorded", "before_flip", "flipped")
 OnStep = Callable[[str], None] | None
+LEASE_S = 60.0  # default of PromotionConfig.lease_s: a dead holder on another host blocks at most this long
 
 
 class PromotionError(TowerflowError):
@@ -67,7 +72,11 @@ class PromotionError(TowerflowError):
 
 
 class PromotionConflictError(PromotionError):
-    """Another promotion ran at the same time (lock held, or the champion moved under us)."""
+    """Another promotion ran at the same time (lease held, or the champion moved under us)."""
+
+
+class PromotionTimeoutError(PromotionConflictError):
+    """Waited for the promotion lease as long as allowed; another live promotion still holds it."""
 
 
 def _step(on_step: OnStep, name: str) -> None:
@@ -81,7 +90,7 @@ def _now() -> str:
 
 
 def _versions(client: MlflowClient, name: str, release_id: str | None = None) -> list[ModelVersion]:
-    flt = f"name = '{name}'" + (f" and tag.{TAG_RELEASE_ID} = '{release_id}'" if release_id else "")
+    flt = f"name = '{name}'" + (f" and tag.{TAG_RELEASE_ID} = '{release_id}'" if release_id is not None else "")
     return sorted(client.search_model_versions(flt), key=lambda mv: int(mv.version))
 
 
@@ -150,9 +159,10 @@ class PromotionResult:
         return f"{CHAMPION} -> version {self.version} (release {self.release_id}){prev} in {self.seconds:.2f}s"
 
 
-def _lock_path(settings: Settings) -> Path:
+def lease_path(settings: Settings) -> Path:
+    """The promotion lease of ``settings.registered_model`` on this data root."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.registered_model)
-    return settings.data_root / "locks" / f"promote-{safe}.lock"
+    return settings.data_root / "locks" / f"promote-{safe}.lease"
 
 
 def _champion(client: MlflowClient, name: str) -> int | None:
@@ -177,17 +187,28 @@ def _get_version(client: MlflowClient, name: str, version: int) -> ModelVersion:
     return mv
 
 
-def _locked(stack: ExitStack, settings: Settings, what: str) -> None:
+def promotion_lease(stack: ExitStack, settings: Settings, what: str, *, wait_s: float = 0.0,
+                    lease_s: float = LEASE_S, on_wait: OnWait = None) -> Lease:
+    """Hold the promotion lease for the rest of ``stack``; ``PromotionConflictError`` (``wait_s`` 0) or
+    ``PromotionTimeoutError`` naming the holder when another live promotion keeps it."""
+    name = settings.registered_model
     try:
-        stack.enter_context(file_lock(_lock_path(settings), blocking=False, note=what))
-    except LockHeldError as exc:
-        raise PromotionConflictError(f"another promotion of {settings.registered_model!r} is in progress ({exc}); "
-                                     "nothing was changed, retry when it has finished") from exc
+        return stack.enter_context(lease(lease_path(settings), note=what, lease_s=lease_s, wait_s=wait_s,
+                                         on_wait=on_wait))
+    except LeaseHeldError as exc:
+        error = PromotionTimeoutError if wait_s > 0 else PromotionConflictError
+        raise error(f"another promotion of {name!r} is in progress ({exc}); nothing was changed, retry when it has "
+                    "finished") from exc
 
 
-def _flip(client: MlflowClient, name: str, target: int, before: int | None, on_step: OnStep) -> None:
-    """Compare-and-set on the champion alias: re-read it just before the flip, fail if it moved."""
+def _flip(client: MlflowClient, name: str, target: int, before: int | None, on_step: OnStep, held: Lease) -> None:
+    """Compare-and-set on the champion alias: re-check the lease and re-read the alias just before the flip, fail
+    if either moved."""
     _step(on_step, "before_flip")
+    try:
+        held.check()
+    except LeaseLostError as exc:
+        raise PromotionConflictError(f"{exc}; nothing was changed by this promotion of version {target}") from exc
     now = _champion(client, name)
     if now != before:
         raise PromotionConflictError(f"{CHAMPION} of {name!r} moved from version {before} to {now} during this "
@@ -197,17 +218,22 @@ def _flip(client: MlflowClient, name: str, target: int, before: int | None, on_s
 
 
 def promote(version: int, settings: Settings, *, expected_champion: int | None | str = "any",
-            verify: bool = True, on_step: OnStep = None) -> PromotionResult:
+            verify: bool = True, on_step: OnStep = None, wait_s: float = 0.0, lease_s: float = LEASE_S,
+            on_wait: OnWait = None, note: str = "") -> PromotionResult:
     """Make registered ``version`` the champion with one alias flip, recording the previous champion first.
 
     ``expected_champion``: the version the caller's gate compared against (None: no champion); the promotion
     fails if the champion is another one. ``verify``: fetch and verify the release before it can be served.
-    Raises ``PromotionConflictError`` when another promotion holds the lock or moves the champion meanwhile.
+    ``wait_s``: how long to wait for another promotion's lease (told to ``on_wait``); ``lease_s``: how long this
+    one's lease outlives a crash of this process on another host; ``note`` tells waiters who holds it. Raises ``PromotionConflictError`` when another
+    promotion holds the lease (``PromotionTimeoutError`` after waiting) or moves the champion meanwhile.
     """
     t0 = time.perf_counter()
     client, name = tracking_client(settings), settings.registered_model
     with ExitStack() as stack:
-        _locked(stack, settings, f"promoting version {version} of {name} since {_now()}")
+        what = f"promoting version {version} of {name}" + (f", {note}" if note else "")
+        held = promotion_lease(stack, settings, what, wait_s=wait_s,
+                               lease_s=lease_s, on_wait=on_wait)
         _step(on_step, "locked")
         mv = _get_version(client, name, version)
         rid = mv.tags[TAG_RELEASE_ID]
@@ -227,7 +253,7 @@ def promote(version: int, settings: Settings, *, expected_champion: int | None |
             client.set_model_version_tag(name, str(version), TAG_PREVIOUS, str(before))
             client.set_registered_model_alias(name, PREVIOUS_ALIAS, str(before))
         _step(on_step, "previous_recorded")
-        _flip(client, name, int(version), before, on_step)
+        _flip(client, name, int(version), before, on_step, held)
         client.set_model_version_tag(name, str(version), "promoted_at", _now())
     return PromotionResult(int(version), rid, before, True, time.perf_counter() - t0)
 
@@ -236,7 +262,8 @@ def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None) -> PromotionResult:
+def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None, wait_s: float = 0.0,
+             on_wait: OnWait = None) -> PromotionResult:
     """Point ``champion`` back at the release that was champion before the current one, in one alias flip.
 
     Repeated rollbacks walk further back along the recorded chain. The ``previous`` alias then names the new
@@ -245,7 +272,7 @@ def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None)
     t0 = time.perf_counter()
     client, name = tracking_client(settings), settings.registered_model
     with ExitStack() as stack:
-        _locked(stack, settings, f"rolling back {name} since {_now()}")
+        held = promotion_lease(stack, settings, f"rolling back {name}", wait_s=wait_s, on_wait=on_wait)
         _step(on_step, "locked")
         current = _champion(client, name)
         if current is None:
@@ -258,7 +285,7 @@ def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None)
         tgt = _get_version(client, name, target)
         if verify:
             fetch_release(settings, target, client)
-        _flip(client, name, target, current, on_step)
+        _flip(client, name, target, current, on_step, held)
         client.set_model_version_tag(name, str(current), "rolled_back_at", _now())
         if (pp := _int(tgt.tags.get(TAG_PREVIOUS))) is not None:
             client.set_registered_model_alias(name, PREVIOUS_ALIAS, str(pp))
@@ -316,12 +343,36 @@ def list_releases(settings: Settings) -> list[ReleaseInfo]:
     return [_info(mv, aliases) for mv in reversed(_versions(client, name))]
 
 
+class InvalidReleaseRefError(PromotionError):
+    """A release reference that is neither a version number nor a release id (empty, blank, malformed)."""
+
+
+def check_ref(ref: str | int) -> str | int:
+    """``ref`` as given when it is a version number (>= 1) or a release id; else ``InvalidReleaseRefError``."""
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        if ref < 1:
+            raise InvalidReleaseRefError(f"version {ref} does not exist: versions start at 1")
+        return ref
+    text = str(ref).strip()
+    if not text:
+        raise InvalidReleaseRefError("the release id is empty: give a release id (r-YYYYmmddTHHMMSS-<6 hex>) or a "
+                                     "registered version number")
+    if text.isdigit():
+        return check_ref(int(text))
+    try:
+        return check_release_id(text)
+    except ReleaseIntegrityError as exc:
+        raise InvalidReleaseRefError(f"{exc}, nor a registered version number") from None
+
+
 def resolve_version(ref: str | int, settings: Settings, client: MlflowClient | None = None) -> int:
-    """A version number, or a release id looked up by its tag."""
+    """A version number, or a release id looked up by its tag; ``InvalidReleaseRefError`` for anything else
+    (an empty id must never drop the tag filter and pick some version)."""
+    ref = check_ref(ref)
+    if isinstance(ref, int):
+        return ref
     client, name = client or tracking_client(settings), settings.registered_model
-    if isinstance(ref, int) or str(ref).isdigit():
-        return int(ref)
-    found = _versions(client, name, str(ref))
+    found = _versions(client, name, ref)
     if not found:
         raise ReleaseNotFoundError(f"no version of {name!r} holds release {ref}")
     return int(found[0].version)

@@ -201,6 +201,17 @@ class IndexConfig(_Config):
     recall_sample: int = 500
 
 
+class PromotionConfig(_Config):
+    """The promotion lease (infra/lease.py) a retrain holds around the champion flip."""
+
+    lease_s: float = Field(
+        60.0, ge=5, description="A holder renews its lease every lease_s/4; one that died on this host frees it at "
+                                "once, one that stopped renewing elsewhere after lease_s seconds.")
+    wait_s: float = Field(
+        300.0, ge=0, description="How long a retrain waits for another promotion's lease (logging the holder) "
+                                 "before it fails naming the holder; 0 fails at once.")
+
+
 class RetrainConfig(_Config):
     """Everything a retrain run needs besides the window; the flow's parameters."""
 
@@ -211,6 +222,7 @@ class RetrainConfig(_Config):
     gates: GateConfig = GateConfig()
     index: IndexConfig = IndexConfig()
     promote: bool = True
+    promotion: PromotionConfig = PromotionConfig()
     refresh_user_states: bool = Field(
         True, description="After a promotion, store the new champion's offline user states (refresh-user-states "
                           "as a subflow); a failure there is reported, never undoes the promotion."

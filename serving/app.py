@@ -3,18 +3,23 @@
     POST /retrieve {"user_id": 42, "context": {"item_id": 1234, "surface": "related"}, "k": 10, "exclude_seen": true}
       -> 200 {"release": "r-...", "version": 3, "path": "state", "items": [{"item_id": 77, "score": 0.81}, ...]}
 
-Every error is JSON ``{"detail": "<what is wrong>"}``: 400 malformed JSON; 422 wrong types, missing or unknown
-fields, k out of range, a context item the served release does not know; 503 before any release is loaded.
-Unknown users are not an error: they get the context item's neighbours, or the most popular items.
+Every error is JSON ``{"detail": "<what is wrong>"}``: 400 malformed JSON; 413 a body over
+``ServingConfig.max_body_bytes`` (64 KiB), refused while it is read; 415 a body that is not ``application/json``;
+422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know; 503
+before any release is loaded. Unknown users are not an error: they get the context item's neighbours, or the most
+popular items. ``/docs``, ``/redoc`` and ``/openapi.json`` exist only with ``ServingConfig.docs``
+(``towerflow serve --docs``), and no response names a local filesystem path (``GET /release``, errors).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,6 +72,98 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+# an absolute path (also inside a file:// URI), not the path part of an http(s) URL: kept as ".../<last part>"
+_ABS_PATH = re.compile(r"(?:file://)?(?:(?<=file://)|(?<![\w:/.~>-]))/[^\s'\"(),;]+")
+
+
+def redact_paths(text: str, data_root: Path | None = None) -> str:
+    """``text`` with no local filesystem path: the data root becomes ``<data_root>``, any other absolute path
+    ``.../<its last part>`` (enough to name the file, nothing about the machine's layout)."""
+    if data_root is not None:
+        for root in {str(data_root.resolve()), str(data_root)} - {"", "."}:
+            text = text.replace(root, "<data_root>")
+    return _ABS_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def _public(value: Any, data_root: Path | None) -> Any:
+    """A JSON value with every string passed through ``redact_paths``."""
+    if isinstance(value, str):
+        return redact_paths(value, data_root)
+    if isinstance(value, dict):
+        return {k: _public(v, data_root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(v, data_root) for v in value]
+    return value
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+class BodyGuard:
+    """ASGI middleware for requests with a body (POST/PUT/PATCH): 415 unless the content type is JSON, 413 once
+    the body passes ``max_bytes``. The body is read here, chunk by chunk, and refused as soon as it is too long
+    (a declared Content-Length too large is refused before reading anything), so no more than ``max_bytes`` plus
+    one chunk is ever held; an accepted body is handed on to the app unchanged."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        where = f"{scope['method']} {scope['path']}"
+        ctype = headers.get("content-type")
+        if ctype is None or not _is_json(ctype):
+            got = f"content type {ctype!r}" if ctype else "no content type"
+            await _send_json(send, 415, f"{where} takes application/json, got {got}")
+            return
+        declared = headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            await _send_json(send, 400, f"Content-Length {declared!r} is not a number of bytes")
+            return
+        if declared is not None and int(declared) > self.max_bytes:
+            await _send_json(send, 413, f"request body of {declared} bytes refused: the limit is {self.max_bytes} "
+                                        f"bytes (ServingConfig.max_body_bytes)")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_json(send, 413, f"request body over {self.max_bytes} bytes refused: the limit is "
+                                            f"{self.max_bytes} bytes (ServingConfig.max_body_bytes)")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings | None = None, config: ServingConfig | None = None, *,
                service: RetrievalService | None = None, watch: bool = True) -> FastAPI:
     """The FastAPI app. Without ``service`` it builds one from ``settings``/``config``, loads the release at
@@ -74,6 +171,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     closes it)."""
     owned = service is None
     service = service or RetrievalService(settings or Settings(), config)
+    config, data_root = service.config, service.settings.data_root
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,9 +183,11 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
             if owned:
                 service.close()
 
-    app = FastAPI(title="towerflow retrieval", lifespan=lifespan,
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="towerflow retrieval", lifespan=lifespan, **docs,
                   description="Two-tower retrieval: history states computed offline, context combined online.")
     app.state.service = service
+    app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,16 +204,17 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=422)
 
     @app.exception_handler(ServiceNotReady)
     async def _not_ready(request: Request, exc: ServiceNotReady) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
+        return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=503)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return JSONResponse({"detail": redact_paths(f"internal error: {type(exc).__name__}: {exc}", data_root)},
+                            status_code=500)
 
     @app.post("/retrieve", response_model=RetrieveResponse)
     async def retrieve(req: RetrieveRequest) -> Response:
@@ -133,6 +234,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     @app.get("/release")
     def release() -> dict:
-        return service.status()
+        # the release's local directory is the server's business; its errors may name files: redacted
+        return _public({k: v for k, v in service.status().items() if k != "path"}, data_root)
 
     return app

@@ -20,12 +20,16 @@ class ServingConfig(BaseModel):
         "recompute", description="A user with no state FOR THE SERVED RELEASE (never refreshed, or refreshed for "
                                  "another release): recompute h online from recent events, or answer as for an "
                                  "unknown user (context neighbours / popularity).")
-    lookback_days: int = Field(7, ge=1, description="Window of recent events kept for the online path; use the "
-                                                    "refresh flow's lookback so both paths see the same history.")
+    lookback_days: int | None = Field(
+        None, ge=1, description="Window of events kept for the online path; default the history's max age "
+                                "(ExamplesConfig.max_history_days), the window the refresh flow reads.")
     as_of: datetime | None = Field(
         None, description="Pin the serving clock (time-gap reference) for replays of past data; default: "
                           "min(now, end of the source's last day).")
     events_reload_s: float = Field(300.0, gt=0, description="How often recent events and profiles are re-read.")
     max_k: int = Field(200, ge=1, description="Largest k a request may ask for.")
-    max_seen: int = Field(200, ge=0, description="Recent engaged items kept per user for exclude_seen.")
+    max_seen: int = Field(1000, ge=0, description="Recent engaged items kept per user for exclude_seen.")
     retry_failed_release_s: float = Field(60.0, ge=0, description="Wait before retrying a release that failed to load.")
+    max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body accepted (413 beyond it); the "
+                                                             "body is refused while it is read, never buffered whole.")
+    docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (towerflow serve --docs).")

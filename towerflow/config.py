@@ -165,6 +165,14 @@ class GateConfig(_Config):
     max_positive_rate_ratio: float = Field(
         2.0, gt=1, description="Data: fail when the positive rate moves by more than this factor vs the previous snapshot."
     )
+    max_misplaced_events: int = Field(
+        0, ge=0, description="Data: rows of the window's partitions whose ts is not on their partition's day (or is "
+                             "outside the window), which extract cannot keep; more than this fails."
+    )
+    max_empty_days: int = Field(
+        0, ge=0, description="Data: days of the window with no events (no partition, or an empty one) allowed; the "
+                             "last day must have events whatever this says."
+    )
     metric: str = Field("recall@10", description="Model: the primary metric, gated vs champion and popularity.")
     secondary_metrics: tuple[str, ...] = Field(
         ("ndcg@10",), description="Model: further metrics that may not regress vs champion."

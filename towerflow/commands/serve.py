@@ -1,6 +1,7 @@
 """``towerflow serve``: run the retrieval service, ask it one query in-process, or refresh the user states.
 
-    towerflow serve [--host 127.0.0.1] [--port 8000]          the HTTP service (serving/app.py) under uvicorn
+    towerflow serve [--host 127.0.0.1] [--port 8000] [--docs] [--max-body-bytes 65536]
+                                                              the HTTP service (serving/app.py) under uvicorn
     towerflow serve query USER_ID [--context-item ID] [--surface related] [-k 10]
                                                               one retrieval from the champion, no server
     towerflow serve refresh [--release champion] [--as-of T]   the refresh-user-states flow, here
@@ -26,7 +27,8 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
                         "an unknown user")
     p.add_argument("--as-of", type=datetime.fromisoformat,
                    help="pin the serving clock, for replayed data (default: min(now, end of the source's last day))")
-    p.add_argument("--lookback-days", type=int, default=7, help="recent events kept for the online path (7)")
+    p.add_argument("--lookback-days", type=int, default=None,
+                   help="days of events kept for online histories (default: the history's max age, 365)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (default 1: requests run in parallel; per-op threading of "
                         "batch-1 inference only adds contention)")
@@ -40,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--docs", action="store_true", help="also serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024,
+                   help="largest request body accepted; a longer one is refused with 413 while it is read "
+                        "(default 65536)")
     _serving_options(p)
     p.set_defaults(handler=_serve)
     ssub = p.add_subparsers(dest="serve_command", metavar="SUBCOMMAND")
@@ -57,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = ssub.add_parser("refresh", help="compute and store user history states (the refresh-user-states flow)")
     r.add_argument("--release", default="champion", help="alias, version number or release id (default champion)")
     r.add_argument("--as-of", type=datetime.fromisoformat, help="default: the source's horizon")
-    r.add_argument("--lookback-days", type=int, default=7)
+    r.add_argument("--lookback-days", type=int, default=None,
+                   help="days of events read (default: the release's max history age)")
     add_source_option(r)
     r.set_defaults(handler=_refresh)
 
@@ -85,8 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _threads(args.torch_threads)
-    app = create_app(Settings(), _config(args, poll_interval_s=args.poll_s))
-    print(f"serving on http://{args.host}:{args.port} (POST /retrieve, GET /healthz, GET /release)", file=sys.stderr)
+    app = create_app(Settings(), _config(args, poll_interval_s=args.poll_s, docs=args.docs,
+                                         max_body_bytes=args.max_body_bytes))
+    docs = ", GET /docs" if args.docs else ""
+    print(f"serving on http://{args.host}:{args.port} (POST /retrieve, GET /healthz, GET /release{docs})",
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

@@ -1,12 +1,13 @@
-"""Refresh the offline user history states (DESIGN.md section 7): the hourly ``refresh-user-states`` deployment,
+"""Refresh the offline user history states (docs/architecture.md): the hourly ``refresh-user-states`` deployment,
 and a subflow of the retrain flow right after it promotes (``RetrainConfig.refresh_user_states``).
 
-    load the release (the champion by default) -> read the last lookback_days of events -> h = encode_history(...)
-    for every active user -> write the states, tagged with the release id, to the user-state store
+    load the release (the champion by default) -> which users acted since this release's last refresh ->
+    read their histories (the release's max_history_days) -> h = encode_history(...) -> write the states
 
-Active users are those with at least one non-impression action, on an item the release knows, in the window.
-Histories are built as for training (serving/history.py) with gaps measured from ``as_of``; the service's online
-path reads the same window, so a stored state equals what it would compute. States of releases other than the
+Every user with a history keeps a state. The refresh is incremental: a state depends only on the user's history
+(tasks/history.py: time gaps are measured from the user's own latest action, not from the refresh time), so only
+users with an action since the release's last refresh (the store's ``last_as_of``) are recomputed; the first refresh
+of a release, or one whose as_of is not after the last, computes every user. States of releases other than the
 newest ``keep_releases`` written are dropped (the previous champion's stay, for a rollback).
 """
 
@@ -31,6 +32,7 @@ class RefreshResult(BaseModel):
     seconds: float
     store: str
     pruned_releases: list[str] = []
+    incremental_since: datetime | None = None  # the previous refresh of this release; None: every user computed
 
 
 def _load(settings: Settings, release: str):
@@ -57,24 +59,28 @@ def load_serving_release(settings: Settings, release: str):
 
 
 @stage("read_events", io_retries=2)
-def read_events(settings: Settings, source_uri: str | None, as_of: datetime | None, lookback_days: int):
+def read_events(settings: Settings, source_uri: str | None, as_of: datetime | None, lookback_days: int,
+                since: datetime | None):
     from towerflow.data.source import ParquetSource
-    from towerflow.serving.history import EventArrays, source_horizon
+    from towerflow.serving.history import source_horizon
+    from towerflow.serving.states import refresh_events
 
     source = ParquetSource(source_uri or settings.source)
     as_of = source_horizon(source.days()) if as_of is None else (
         as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC))
-    events = EventArrays.from_events(source.read_events(as_of - timedelta(days=lookback_days), as_of))
-    get_run_logger().info(f"{len(events):,} history actions in [{as_of - timedelta(days=lookback_days)}, {as_of})")
-    return events, as_of
+    events, incremental = refresh_events(source, as_of, lookback_days, since)
+    start = as_of - timedelta(days=lookback_days)
+    get_run_logger().info(f"{len(events):,} history actions in [{start}, {as_of})" + (
+        f" of the {len(set(events.user_id.tolist())):,} users who acted since {since}" if incremental else ""))
+    return events, as_of, incremental
 
 
 @stage("compute_states")
 def compute_states(bundle, events, as_of: datetime, max_seen: int, batch_size: int) -> list:
-    from towerflow.serving.history import to_us
     from towerflow.serving.states import compute_user_states
+    from towerflow.tasks.history import to_us
 
-    return list(compute_user_states(bundle.release, bundle.vocab, events, to_us(as_of), bundle.max_seq_len,
+    return list(compute_user_states(bundle.release, bundle.vocab, events, to_us(as_of), bundle.history,
                                     max_seen, batch_size, bundle.item_table))
 
 
@@ -90,19 +96,31 @@ def write_states(settings: Settings, states: list, keep_releases: int) -> list[s
         store.close()
 
 
+def last_refresh(settings: Settings, release_id: str) -> datetime | None:
+    from towerflow.serving.state_store import SQLiteUserStateStore
+
+    store = SQLiteUserStateStore(settings.user_states_path)
+    try:
+        return store.last_as_of(release_id)
+    finally:
+        store.close()
+
+
 @flow(name="refresh-user-states", log_prints=True)
 def refresh_user_states(
     release: str = "champion",
     as_of: datetime | None = None,
-    lookback_days: int = 7,
+    lookback_days: int | None = None,
     source_uri: str | None = None,
-    max_seen: int = 200,
+    max_seen: int = 1000,
     batch_size: int = 1024,
     keep_releases: int = 3,
+    incremental: bool = True,
 ) -> RefreshResult:
-    """Compute and store h for every user active in ``[as_of - lookback_days, as_of)`` with ``release``.
+    """Store h for every user with a history at ``as_of`` (incrementally: see the module docstring).
 
     ``as_of`` None: the source's horizon (now, or where replayed data ends). ``release``: alias, version or id.
+    ``lookback_days`` None: the release's ``max_history_days`` (histories never reach further back).
     """
     import time
 
@@ -111,15 +129,18 @@ def refresh_user_states(
     t0 = time.perf_counter()
     settings = Settings()
     bundle = load_serving_release(settings, release)
-    events, as_of = read_events(settings, source_uri, as_of, lookback_days)
-    states = compute_states(bundle, events, as_of, max_seen, batch_size)
+    lookback_days = lookback_days or bundle.history.max_history_days
+    since = last_refresh(settings, bundle.release_id) if incremental else None
+    events, as_of, is_incremental = read_events(settings, source_uri, as_of, lookback_days, since)
+    states = compute_states(bundle, events, as_of, max_seen, batch_size) if len(events) else []
     pruned = write_states(settings, states, keep_releases)
     result = RefreshResult(release_id=bundle.release_id, version=bundle.release.version, as_of=as_of,
                            lookback_days=lookback_days, n_events=len(events), n_users=len(states),
                            seconds=round(time.perf_counter() - t0, 3), store=str(settings.user_states_path),
-                           pruned_releases=pruned)
+                           pruned_releases=pruned, incremental_since=since if is_incremental else None)
     create_markdown_artifact(key="user-states", description=f"{len(states)} states for {bundle.release_id}",
                              markdown="\n".join(["| field | value |", "| --- | --- |",
                                                  *(f"| {k} | {v} |" for k, v in result.model_dump().items())]))
-    get_run_logger().info(f"stored {len(states):,} user states for release {bundle.release_id} as of {as_of}")
+    what = f"users who acted since {since}" if is_incremental else "every user with a history"
+    get_run_logger().info(f"stored {len(states):,} user states ({what}) for release {bundle.release_id} as of {as_of}")
     return result

@@ -152,7 +152,9 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
         build(snapshot.events(), snapshot.users(), snapshot.items(), snapshot.window[1], config).save(tmp / "examples")
 
     examples = cached(directory, compute, lambda d: Examples.load(d / "examples"), "build_examples")
-    get_run_logger().info(f"examples: {len(examples.train):,} train, {len(examples.holdout):,} holdout")
+    m = examples.meta
+    get_run_logger().info(f"examples: {len(examples.train):,} train, {m.get('n_valid', 0):,} validation, "
+                          f"{len(examples.holdout):,} holdout; split {m.get('split')} ({m.get('split_reason')})")
     return examples
 
 

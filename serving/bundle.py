@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towerflow.config import ExamplesConfig
 from towerflow.infra.releases import LoadedRelease, ReleaseIntegrityError
-from towerflow.serving.history import item_index
 from towerflow.serving.retrieval import answer, context_batch
-from towerflow.tasks.build_examples import Vocab, user_features
+from towerflow.tasks.history import HistoryFormatError, HistorySpec
+from towerflow.tasks.vocabulary import Vocab, user_features
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,7 @@ class ServingBundle:
     item_table: torch.Tensor  # (n_items + 1, d): the item tower's vector of each item index (row 0: padding)
     popular_ids: np.ndarray  # (n,) item ids, most popular first (the release's q table)
     popular_scores: np.ndarray  # (n,) their sampling probability q
-    max_seq_len: int  # the history length the release was trained with
-    gap_buckets: int
+    history: HistorySpec  # how the release's histories are built (tasks/history.py), from its config.json
     loaded_at: datetime
 
     @property
@@ -66,12 +64,16 @@ class ServingBundle:
         return self.release.release_id
 
     @property
+    def max_seq_len(self) -> int:
+        return self.history.max_seq_len
+
+    @property
     def history_dim(self) -> int:
         return int(self.release.model.history_dim)
 
     def item_index(self, item_ids) -> np.ndarray:
         """(b,) raw item ids -> (b,) indices of this release's vocabulary, 0 for items it does not know."""
-        return item_index(self.vocab, item_ids)
+        return self.vocab.item_index(np.asarray(item_ids, dtype=np.int64))
 
     def item_row(self, item_id: int) -> int | None:
         """Row of ``item_id`` in the release's item vectors, or None when the release has no such item."""
@@ -92,11 +94,15 @@ def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingB
     if model.sizes.n_items != vocab.n_items:
         raise ReleaseIntegrityError(f"release {release.release_id}: the user tower knows {model.sizes.n_items} "
                                     f"items, its vocabulary {vocab.n_items}")
-    examples = release.config.get("examples", {}) if isinstance(release.config, dict) else {}
-    max_seq_len = int(examples.get("max_seq_len", ExamplesConfig().max_seq_len))
-    if not 1 <= max_seq_len <= model.cfg.max_seq_len:
-        raise ReleaseIntegrityError(f"release {release.release_id}: history length {max_seq_len} does not fit the "
-                                    f"tower's position table ({model.cfg.max_seq_len})")
+    try:
+        history = HistorySpec.from_release_config(release.release_id, release.config if isinstance(
+            release.config, dict) else {})
+    except HistoryFormatError as exc:
+        raise ReleaseIntegrityError(str(exc)) from exc
+    if not 1 <= history.max_seq_len <= model.cfg.max_seq_len or history.gap_buckets != model.cfg.gap_buckets:
+        raise ReleaseIntegrityError(f"release {release.release_id}: histories of {history.max_seq_len} actions in "
+                                    f"{history.gap_buckets} gap buckets do not fit its tower (position table "
+                                    f"{model.cfg.max_seq_len}, {model.cfg.gap_buckets} gap buckets)")
     item_table = _item_table(release, vocab)
     log_q = release.q_table if release.q_table is not None else np.zeros(vocab.n_items + 1)
     order = np.argsort(-np.asarray(log_q[1:], dtype=np.float64), kind="stable")
@@ -104,7 +110,7 @@ def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingB
         release=release, vocab=vocab, profiles=UserProfiles.build(users, vocab),
         item_order=np.argsort(release.item_ids, kind="stable"), item_table=item_table,
         popular_ids=vocab.item_ids[order], popular_scores=np.exp(np.asarray(log_q[1:], dtype=np.float64))[order],
-        max_seq_len=max_seq_len, gap_buckets=int(model.cfg.gap_buckets), loaded_at=datetime.now(UTC),
+        history=history, loaded_at=datetime.now(UTC),
     )
     b = context_batch(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                       torch.from_numpy(bundle.profiles.of(np.zeros(1, dtype=np.int64))))

@@ -1,8 +1,8 @@
 """Recent user actions held in memory for the service's online path (a stream-fed store plays this role in
 production: anything with ``get(user_ids) -> EventArrays`` and an ``as_of``).
 
-Built from the event source's last ``lookback_days`` before ``as_of``, the same window the refresh flow reads, so
-the online path and a stored state see the same history.
+Built from the event source's last ``lookback_days`` before ``as_of`` (by default the history's ``max_history_days``,
+the window the refresh flow reads), so the online path and a stored state see the same history.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from towerflow.data.source import EventSource
-from towerflow.serving.history import EventArrays, source_horizon, to_us
+from towerflow.serving.history import source_horizon
+from towerflow.tasks.history import EventArrays, to_us
 
 
 class RecentEvents:

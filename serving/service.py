@@ -26,18 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from towerflow.config import Settings
+from towerflow.config import ExamplesConfig, Settings
 from towerflow.data.source import EventSource, ParquetSource, SourceError
 from towerflow.errors import TowerflowError
 from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve_alias
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
-from towerflow.serving.history import build_histories
 from towerflow.serving.recent_events import RecentEvents
 from towerflow.serving.retrieval import answer, context_batch, encode_histories, search
 from towerflow.serving.state_store import SQLiteUserStateStore, UserStateStore
 from towerflow.serving.states import history_batch
-from towerflow.tasks.build_examples import SURFACE_INDEX
+from towerflow.tasks.history import SURFACE_INDEX, build_histories
 
 log = logging.getLogger("towerflow.serving")
 PATHS = ("state", "online", "context", "popularity")  # how a response's user vector was obtained
@@ -113,6 +112,11 @@ class RetrievalService:
                 log.warning("release watcher: %s", exc)
                 self.last_error = {"error": str(exc), "at": datetime.now(UTC).isoformat()}
 
+    @property
+    def lookback_days(self) -> int:
+        """Days of events kept for online histories: ``config.lookback_days``, by default the history's max age."""
+        return self.config.lookback_days or ExamplesConfig().max_history_days
+
     def reload_events(self) -> None:
         """Re-read recent events and the users table; refresh the current bundle's profiles from it."""
         if self.source is None:
@@ -121,7 +125,7 @@ class RetrievalService:
             as_of = self.config.as_of
             if as_of is not None and as_of.tzinfo is None:
                 as_of = as_of.replace(tzinfo=UTC)
-            recent = RecentEvents.from_source(self.source, self.config.lookback_days, as_of)
+            recent = RecentEvents.from_source(self.source, self.lookback_days, as_of)
             self._recent = recent
             self._events_loaded_at = time.monotonic()
             if (b := self._bundle) is not None:
@@ -218,8 +222,7 @@ class RetrievalService:
         recent = self._recent
         if recent is None:
             return None, none, None
-        hist = build_histories(recent.get([user_id]), b.vocab, recent.as_of_us, b.max_seq_len, b.gap_buckets,
-                               self.config.max_seen)
+        hist = build_histories(recent.get([user_id]), b.vocab, recent.as_of_us, b.history, self.config.max_seen)
         if len(hist) == 0:
             return None, none, None
         h = encode_histories(b.release, history_batch(hist, [0]), b.item_table)[0].numpy()

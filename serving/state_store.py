@@ -148,6 +148,12 @@ class SQLiteUserStateStore:
             con.executemany("INSERT OR REPLACE INTO user_states VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
+    def last_as_of(self, release_id: str) -> datetime | None:
+        """The latest ``as_of`` of any state of ``release_id`` (the last refresh that wrote one); None if none."""
+        (us,) = self._con().execute("SELECT MAX(as_of_us) FROM user_states WHERE release_id = ?",
+                                    [release_id]).fetchone()
+        return None if us is None else from_us(us)
+
     def releases(self) -> dict[str, int]:
         """release id -> number of states held, newest written first."""
         rows = self._con().execute("SELECT release_id, COUNT(*), MAX(written_us) AS w FROM user_states "

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import numpy as np
 import torch
 
+from towerflow.data.source import EventSource
 from towerflow.infra.releases import LoadedRelease
 from towerflow.models.batch import Batch
-from towerflow.serving.history import EventArrays, Histories, build_histories, from_us
 from towerflow.serving.retrieval import encode_histories
 from towerflow.serving.state_store import UserState
-from towerflow.tasks.build_examples import Vocab
+from towerflow.tasks.history import EventArrays, Histories, HistorySpec, build_histories, from_us
+from towerflow.tasks.vocabulary import Vocab
 
 
 def history_batch(hist: Histories, rows) -> Batch:
@@ -43,15 +45,35 @@ def compute_user_states(
     vocab: Vocab,
     events: EventArrays,
     as_of_us: int,
-    max_seq_len: int,
-    max_seen: int = 200,
+    spec: HistorySpec,
+    max_seen: int = 1000,
     batch_size: int = 1024,
     item_table: torch.Tensor | None = None,
 ) -> Iterator[UserState]:
     """States of every user with an action on a known item in ``events`` before ``as_of_us``, tagged with
-    ``release.release_id``. Histories as build_examples builds them (serving/history.py), gaps from ``as_of``."""
-    hist = build_histories(events, vocab, as_of_us, max_seq_len, release.model.cfg.gap_buckets, max_seen)
+    ``release.release_id``. Histories as training builds them (tasks/history.py), as of ``as_of_us``."""
+    hist = build_histories(events, vocab, as_of_us, spec, max_seen)
     h = encode(release, hist, batch_size, item_table)
     as_of = from_us(as_of_us)
     for i, user_id in enumerate(hist.user_id.tolist()):
         yield UserState(user_id, release.release_id, h[i], from_us(hist.last_event_us[i]), as_of, hist.seen[i])
+
+
+def refresh_events(source: EventSource, as_of: datetime, lookback_days: int,
+                   since: datetime | None) -> tuple[EventArrays, bool]:
+    """The history actions a refresh at ``as_of`` computes states from -> (events, incremental).
+
+    ``since`` (the release's last refresh) inside ``(as_of - lookback_days, as_of]``: only the users who acted in
+    ``[since, as_of)``, with their whole window (a state depends on nothing else, tasks/history.py); otherwise
+    every user's actions in ``[as_of - lookback_days, as_of)``.
+    """
+    start = as_of - timedelta(days=lookback_days)
+    if since is None or not start < since <= as_of:
+        return EventArrays.from_events(source.read_events(start, as_of)), False
+    if since == as_of:
+        return EventArrays.empty(), True
+    recent = EventArrays.from_events(source.read_events(since, as_of))
+    if len(recent) == 0:
+        return recent, True
+    older = EventArrays.from_events(source.read_events(start, since))
+    return older.take(np.isin(older.user_id, np.unique(recent.user_id))).concat(recent), True

@@ -1,14 +1,9 @@
-"""Point-in-time training examples: user sequences, a time (or leave-one-out) split, and the catalog features.
+"""Point-in-time training examples and their splits (the history itself is defined in tasks/history.py).
 
 One example = one positive action (click / save / conversion) of a user: the target. Its inputs are what was known
-strictly before it:
-
-- history: the user's last L actions before the target, positive AND negative (skip / hide), as TransAct does.
-  Impressions are left out: they are an order of magnitude more numerous than actions, carry no preference on their
-  own, and would push every real action out of a short window.
-- gap: the time between each history action and the target, bucketed by ``gap_bucket`` (2 octaves of seconds per
-  bucket, so 16 buckets cover one second to years).
-- context: the event's ``context_item_id`` (the viewed item on ``related``; 0 when none) and its surface.
+strictly before it: the user's history at the target's time (tasks/history.py: last L actions, positive and
+negative, at most ``max_history_days`` old, time gaps from the user's latest action), the event's
+``context_item_id`` (the viewed item on ``related``; 0 when none) and its surface.
 
 "Before" means strictly earlier ``ts`` for the time split: actions in the same microsecond as the target never
 enter its history (no leakage even when importers write several actions with one timestamp). For the
@@ -23,10 +18,13 @@ Splits:
   its history is the state the service had at the start of the day, which is what offline user states serve).
   Holdout histories include train-period events and earlier holdout-window events, never later ones.
 - ``leave_one_out``: each user's last positive is the holdout, every earlier positive is a train target.
+- ``auto`` (the default): ``time`` when the holdout window holds positives of at least ``auto_min_share`` of the
+  window's users or ``auto_min_users`` users, else ``leave_one_out`` (data spread thinly over months, where one day
+  holds a handful of users); ``meta["split"]`` and ``meta["split_reason"]`` say which and why.
 
-With ``validation=True`` a validation split for early stopping is cut the same way just before the holdout (the
-``holdout_days`` before it, or each user's second-to-last positive), so the holdout stays untouched by model
-selection. The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
+With ``validation=True`` (the default) a validation split for early stopping is cut the same way just before the
+holdout (the ``holdout_days`` before it, or each user's second-to-last positive), so the holdout stays untouched by
+model selection. The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
 
 Events at or after ``as_of`` and events on items missing from the catalog are dropped; users missing from the users
 table get user index 0 (unknown demographics).
@@ -37,7 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -46,192 +44,39 @@ import pandas as pd
 import torch
 
 from towerflow.config import ExamplesConfig
-from towerflow.contract import (
-    ACTIONS,
-    NEGATIVE_ACTIONS,
-    POSITIVE_ACTIONS,
-    SURFACES,
-    ContractError,
-    check_columns,
-    demographic_columns,
-)
+from towerflow.contract import POSITIVE_ACTIONS, SURFACES, ContractError, check_columns
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
+from towerflow.tasks.history import (
+    ACTION_INDEX,
+    HISTORY_ACTIONS,
+    HISTORY_CODES,
+    SURFACE_INDEX,
+    HistorySpec,
+    SeenItems,
+    action_codes,
+    gap_bucket,
+    history_tokens,
+    history_window,
+    to_us,
+)
+from towerflow.tasks.vocabulary import (
+    Vocab,
+    build_vocab,
+    feature_sizes,
+    item_features,
+    user_features,
+    value_codes,
+)
 
-ACTION_INDEX: dict[str, int] = {a: i + 1 for i, a in enumerate(ACTIONS)}  # 0 = padding (models/batch.py)
-SURFACE_INDEX: dict[str, int] = {s: i for i, s in enumerate(SURFACES)}
-HISTORY_ACTIONS: tuple[str, ...] = POSITIVE_ACTIONS + NEGATIVE_ACTIONS  # impressions excluded (module docstring)
-EXAMPLES_FORMAT = 1
+# names other modules have imported from here since before the split
+__all__ = ["ACTION_INDEX", "HISTORY_ACTIONS", "SURFACE_INDEX", "Examples", "ExamplesError", "SeenItems",
+           "SequenceExamples", "Vocab", "build_examples", "gap_bucket", "user_features"]
+EXAMPLES_FORMAT = 2  # 2: token gaps from the user's latest action, max_history_days
 
 
 class ExamplesError(TowerflowError):
     """Examples cannot be built or loaded; the message names the reason (empty split, missing file...)."""
-
-
-# --------------------------------------------------------------------------------------------------- vocabulary
-
-
-def _lookup(sorted_ids: np.ndarray, ids) -> np.ndarray:
-    """Index (1-based) of each id in ``sorted_ids``; 0 for unknown or null ids."""
-    vals = pd.array(ids, dtype="Int64").to_numpy(dtype=np.int64, na_value=np.iinfo(np.int64).min)
-    if len(sorted_ids) == 0:
-        return np.zeros(len(vals), dtype=np.int64)
-    pos = np.searchsorted(sorted_ids, vals)
-    found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == vals)
-    return np.where(found, pos + 1, 0).astype(np.int64)
-
-
-@dataclass
-class Vocab:
-    """Id <-> index maps. Item index i + 1 <-> ``item_ids[i]`` (0 = padding / unknown); same for users.
-
-    Category, genre and demographic value j + 1 <-> ``categories[j]`` etc. (0 = unknown).
-    """
-
-    item_ids: np.ndarray  # (n_items,) int64, sorted, unique
-    user_ids: np.ndarray  # (n_users,) int64, sorted, unique
-    categories: list[str]
-    genres: list[str]
-    demographic_fields: list[str]
-    demographic_values: list[list[str]]  # per field, its values
-
-    def __post_init__(self) -> None:
-        self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
-        self.user_ids = np.asarray(self.user_ids, dtype=np.int64)
-        for name, ids in (("item_ids", self.item_ids), ("user_ids", self.user_ids)):
-            if len(ids) > 1 and not (np.diff(ids) > 0).all():
-                raise ExamplesError(f"Vocab.{name} must be sorted and unique")
-        if len(self.demographic_fields) != len(self.demographic_values):
-            raise ExamplesError("Vocab: one value list per demographic field")
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    def item_index(self, ids) -> np.ndarray:
-        """(n,) int64 item indices of ``ids``; 0 for unknown or null ids."""
-        return _lookup(self.item_ids, ids)
-
-    def user_index(self, ids) -> np.ndarray:
-        """(n,) int64 user indices of ``ids``; 0 for unknown or null ids."""
-        return _lookup(self.user_ids, ids)
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["item_ids"] = self.item_ids.tolist()
-        d["user_ids"] = self.user_ids.tolist()
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, text: str) -> Vocab:
-        d = json.loads(text)
-        return cls(**d)
-
-
-def _sorted_strings(values: pd.Series) -> list[str]:
-    return sorted(values.dropna().astype("str").unique().tolist())
-
-
-def build_vocab(users: pd.DataFrame, items: pd.DataFrame) -> Vocab:
-    """The vocabulary of a catalog and user table (contract columns; extra user columns are demographics)."""
-    check_columns(users, "users")
-    check_columns(items, "items")
-    for table, df, col in (("users", users, "user_id"), ("items", items, "item_id")):
-        if df[col].duplicated().any():
-            dup = df.loc[df[col].duplicated(), col].iloc[0]
-            raise ContractError(f"{table}: duplicate {col} {dup}")
-    genres = items["genres"].dropna().astype(str).str.split("|").explode()
-    fields_ = demographic_columns(users)
-    return Vocab(
-        item_ids=np.sort(items["item_id"].to_numpy(dtype=np.int64)),
-        user_ids=np.sort(users["user_id"].to_numpy(dtype=np.int64)),
-        categories=_sorted_strings(items["category"]),
-        genres=[g for g in _sorted_strings(genres) if g],
-        demographic_fields=fields_,
-        demographic_values=[_sorted_strings(users[f]) for f in fields_],
-    )
-
-
-def _codes(values: pd.Series, categories: list[str]) -> np.ndarray:
-    """1-based codes of ``values`` in ``categories``; 0 for null or unknown."""
-    # astype("str") keeps nulls null (pandas 3), and spells values exactly as _sorted_strings does
-    return pd.Categorical(values.astype("str"), categories=categories).codes.astype(np.int64) + 1
-
-
-def item_features(items: pd.DataFrame, vocab: Vocab, max_genres: int = 4) -> ItemFeatures:
-    """Catalog features, row i = item index i (row 0 = padding, all zeros).
-
-    category (n+1,) long; genres (n+1, max_genres) long, 0-padded; dense (n+1, D) float32 from the optional
-    ``features`` list column (missing rows are zeros), or None when the catalog has no dense features.
-    """
-    n = vocab.n_items
-    idx = vocab.item_index(items["item_id"])
-    known = idx > 0
-    items, idx = items.loc[known], idx[known]
-    category = np.zeros(n + 1, dtype=np.int64)
-    category[idx] = _codes(items["category"], vocab.categories)
-
-    genres = np.zeros((n + 1, max_genres), dtype=np.int64)
-    split = items["genres"].astype(object).where(items["genres"].notna(), "").astype(str).str.split("|")
-    exploded = pd.DataFrame({"row": idx}).assign(g=split.to_numpy()).explode("g")
-    exploded = exploded[exploded["g"].notna() & (exploded["g"] != "")]
-    codes = _codes(exploded["g"], vocab.genres)
-    slot = exploded.groupby("row").cumcount().to_numpy()
-    keep = (slot < max_genres) & (codes > 0)
-    genres[exploded["row"].to_numpy()[keep], slot[keep]] = codes[keep]
-
-    dense = None
-    if "features" in items.columns and items["features"].notna().any():
-        present = items["features"].notna().to_numpy()
-        rows = [np.asarray(v, dtype=np.float32) for v in items["features"].to_numpy()[present]]
-        dims = {r.shape for r in rows}
-        if len(dims) != 1 or len(next(iter(dims))) != 1:
-            raise ContractError(f"items.features: every vector must have the same length; got shapes {sorted(dims)}")
-        dense = np.zeros((n + 1, rows[0].shape[0]), dtype=np.float32)
-        dense[idx[present]] = np.stack(rows)
-        if not np.isfinite(dense).all():
-            raise ContractError("items.features: NaN or infinite values")
-    return ItemFeatures(
-        category=torch.from_numpy(category),
-        genres=torch.from_numpy(genres),
-        dense=None if dense is None else torch.from_numpy(dense),
-    )
-
-
-def user_features(users: pd.DataFrame, vocab: Vocab) -> np.ndarray:
-    """(n_users + 1, F) int64 demographic value indices, row 0 = unknown user, 0 = unknown value."""
-    out = np.zeros((vocab.n_users + 1, len(vocab.demographic_fields)), dtype=np.int64)
-    idx = vocab.user_index(users["user_id"])
-    known = idx > 0
-    for j, (f, values) in enumerate(zip(vocab.demographic_fields, vocab.demographic_values, strict=True)):
-        col = users[f] if f in users.columns else pd.Series([None] * len(users), index=users.index)
-        out[idx[known], j] = _codes(col, values)[known]
-    return out
-
-
-def feature_sizes(vocab: Vocab, item_feats: ItemFeatures) -> FeatureSizes:
-    """Table sizes for the towers."""
-    return FeatureSizes(
-        n_items=vocab.n_items,
-        n_categories=len(vocab.categories),
-        n_genres=len(vocab.genres),
-        dense_dim=0 if item_feats.dense is None else int(item_feats.dense.shape[1]),
-        demographic_cardinalities=tuple(len(v) for v in vocab.demographic_values),
-    )
-
-
-def gap_bucket(gap_seconds: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Time-gap bucket of non-negative gaps in seconds: ``1 + floor(log2(1 + s) / 2)``, capped at n_buckets - 1.
-
-    Two octaves per bucket: 1 = under 3 s, 2 = under 15 s, 4 = under 4 min, 6 = under 4.5 h, 8 = under 3 days,
-    10 = under 48 days, ... Bucket 0 is padding. ``n_buckets`` must equal ``ModelConfig.gap_buckets``.
-    """
-    s = np.maximum(np.asarray(gap_seconds, dtype=np.float64), 0.0)
-    return (1 + np.minimum(np.floor(np.log2(1.0 + s) / 2.0), n_buckets - 2)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------- examples
@@ -302,37 +147,6 @@ class SequenceExamples:
         e = np.zeros(0, dtype=np.int64)
         h = np.zeros((0, max_seq_len), dtype=np.int64)
         return cls(e, h, h.copy(), h.copy(), e.copy(), e.copy(), e.copy(), e.copy())
-
-
-@dataclass
-class SeenItems:
-    """Per-row item indices (CSR): row r's items are ``indices[indptr[r]:indptr[r + 1]]``, sorted, unique."""
-
-    indptr: np.ndarray  # (n + 1,) int64
-    indices: np.ndarray  # (nnz,) int64
-
-    def __len__(self) -> int:
-        return len(self.indptr) - 1
-
-    def row(self, r: int) -> np.ndarray:
-        return self.indices[self.indptr[r] : self.indptr[r + 1]]
-
-    @classmethod
-    def from_lists(cls, rows: list) -> SeenItems:
-        rows = [np.unique(np.asarray(r, dtype=np.int64)) for r in rows]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum([len(r) for r in rows])
-        indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        return cls(indptr, indices.astype(np.int64))
-
-    def take(self, idx) -> SeenItems:
-        """The rows ``idx`` (an index array or boolean mask) as a new object."""
-        idx = np.arange(len(self))[idx]
-        lengths = self.indptr[idx + 1] - self.indptr[idx]
-        indptr = np.zeros(len(idx) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum(lengths)
-        offsets = np.arange(indptr[-1]) - np.repeat(indptr[:-1], lengths)
-        return SeenItems(indptr, self.indices[np.repeat(self.indptr[idx], lengths) + offsets])
 
 
 @dataclass
@@ -431,20 +245,11 @@ class _Events:
     n_dropped_unknown_items: int
 
 
-def _timestamp_us(ts) -> int:
-    t = pd.Timestamp(ts)
-    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-    return int(t.value) // 1000  # .value is nanoseconds whatever the unit
-
-
 def _prepare_events(events: pd.DataFrame, vocab: Vocab, as_of_us: int) -> _Events:
     check_columns(events, "events")
     ts = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
-    action = _codes(events["action"], list(ACTIONS))
-    if (action == 0).any():
-        bad = sorted(set(events["action"][action == 0].astype(str)))
-        raise ContractError(f"events.action: values outside {ACTIONS}: {bad[:5]}")
-    surface = _codes(events["surface"], list(SURFACES)) - 1
+    action = action_codes(events["action"])
+    surface = value_codes(events["surface"], list(SURFACES)) - 1
     if (surface < 0).any():
         bad = sorted(set(events["surface"][surface < 0].astype(str)))
         raise ContractError(f"events.surface: values outside {SURFACES}: {bad[:5]}")
@@ -468,10 +273,10 @@ def _prepare_events(events: pd.DataFrame, vocab: Vocab, as_of_us: int) -> _Event
 class _HistoryIndex:
     """History events (non-impressions) sorted by (user, time), searchable for "everything before event t"."""
 
-    def __init__(self, ev: _Events, strict_time: bool):
-        self.ev = ev
+    def __init__(self, ev: _Events, strict_time: bool, spec: HistorySpec):
+        self.ev, self.spec = ev, spec
         n = len(ev.ts_us)
-        is_hist = np.isin(ev.action, [ACTION_INDEX[a] for a in HISTORY_ACTIONS])
+        is_hist = np.isin(ev.action, HISTORY_CODES)
         # Within a user, rank by distinct timestamp (strict: same-ts events are not "before") or by position.
         # ev.ts_us is sorted, so the dense rank of distinct timestamps is a running count of changes.
         self.rank = np.concatenate([[0], np.cumsum(np.diff(ev.ts_us) != 0)]) if strict_time else np.arange(n)
@@ -482,43 +287,30 @@ class _HistoryIndex:
         self.key = ev.user[self.h] * self.scale + self.rank[self.h]
 
     def bounds(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For target events ``t``: [start, end) into ``self.h`` of the same user's history strictly before."""
+        """For target events ``t``: [start, end) into ``self.h`` of the same user's history at the target's time
+        (strictly before it, at most max_history_days old: tasks/history.py)."""
         u = self.ev.user[t]
         end = np.searchsorted(self.key, u * self.scale + self.rank[t], side="left")
         start = np.searchsorted(self.key, u * self.scale, side="left")
+        start = history_window(self.ev.user[self.h], self.ev.ts_us[self.h], start, end, u, self.ev.ts_us[t],
+                               self.spec.max_history_days)
         return start, end
 
-    def sequences(self, t: np.ndarray, max_len: int, n_buckets: int) -> SequenceExamples:
-        ev = self.ev
+    def sequences(self, t: np.ndarray) -> SequenceExamples:
+        ev, h = self.ev, self.h
         start, end = self.bounds(t)
-        pos = end[:, None] - max_len + np.arange(max_len)[None, :]  # (n, L), last column = latest
-        real = pos >= start[:, None]
-        src = self.h[np.clip(pos, 0, max(len(self.h) - 1, 0))] if len(self.h) else np.zeros_like(pos)
-        gap_s = (ev.ts_us[t][:, None] - ev.ts_us[src]) / 1e6
+        items, actions, gaps = history_tokens(ev.item[h], ev.action[h], ev.ts_us[h], start, end,
+                                              self.spec.max_seq_len, self.spec.gap_buckets)
         return SequenceExamples(
-            user_idx=ev.user_idx[t],
-            hist_items=np.where(real, ev.item[src], 0),
-            hist_actions=np.where(real, ev.action[src], 0),
-            hist_gaps=np.where(real, gap_bucket(gap_s, n_buckets), 0),
-            context_items=ev.context[t],
-            surface=ev.surface[t],
-            target_items=ev.item[t],
+            user_idx=ev.user_idx[t], hist_items=items, hist_actions=actions, hist_gaps=gaps,
+            context_items=ev.context[t], surface=ev.surface[t], target_items=ev.item[t],
             ts=ev.ts_us[t] // 1_000_000,
         )
 
     def seen(self, t: np.ndarray) -> SeenItems:
         """Per target: the distinct items of every history event before it (not only the last L)."""
         start, end = self.bounds(t)
-        lengths = end - start
-        rows = np.repeat(np.arange(len(t)), lengths)
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        items = self.ev.item[self.h[np.repeat(start, lengths) + offsets]]
-        scale = np.int64(self.ev.item.max(initial=0) + 1)
-        pairs = np.unique(rows * scale + items)
-        r, i = pairs // scale, pairs % scale
-        indptr = np.zeros(len(t) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum(np.bincount(r, minlength=len(t)))
-        return SeenItems(indptr, i.astype(np.int64))
+        return SeenItems.from_ranges(self.ev.item[self.h], start, end)
 
 
 def _first_per_user(user: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -539,6 +331,20 @@ def _cap_users(t: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(t, size=cap, replace=False))
 
 
+def choose_split(ev_user: np.ndarray, ev_ts_us: np.ndarray, positive: np.ndarray, as_of_us: int,
+                 config: ExamplesConfig) -> tuple[str, str]:
+    """-> (split, reason): ``config.split``, or for ``auto`` the split the data supports (module docstring)."""
+    if config.split != "auto":
+        return config.split, "configured"
+    users = len(np.unique(ev_user[positive]))
+    recent = positive[ev_ts_us[positive] >= as_of_us - np.int64(config.holdout_days) * 86_400_000_000]
+    in_holdout = len(np.unique(ev_user[recent]))
+    enough = in_holdout >= min(config.auto_min_users, config.auto_min_share * users) and in_holdout > 0
+    return ("time" if enough else "leave_one_out"), (
+        f"{in_holdout:,} of {users:,} users have a positive in the last {config.holdout_days} day(s); the time split "
+        f"needs {min(config.auto_min_users, int(np.ceil(config.auto_min_share * users))):,}")
+
+
 def build_examples(
     events: pd.DataFrame,
     users: pd.DataFrame,
@@ -546,7 +352,7 @@ def build_examples(
     as_of: datetime | pd.Timestamp | str,
     config: ExamplesConfig | None = None,
 ) -> Examples:
-    """Point-in-time train / holdout (and optional validation) examples from one window of contract events.
+    """Point-in-time train / holdout (and validation) examples from one window of contract events.
 
     See the module docstring for the rules. Raises ExamplesError when a split comes out empty.
     """
@@ -554,12 +360,13 @@ def build_examples(
     vocab = build_vocab(users, items)
     item_feats = item_features(items, vocab, max_genres=config.max_genres)
     user_feats = user_features(users, vocab)
-    as_of_us = _timestamp_us(as_of)
+    as_of_us = to_us(as_of)
     ev = _prepare_events(events, vocab, as_of_us)
     positive = np.flatnonzero(np.isin(ev.action, [ACTION_INDEX[a] for a in POSITIVE_ACTIONS]))
+    split, reason = choose_split(ev.user, ev.ts_us, positive, as_of_us, config)
     valid_t = None
 
-    if config.split == "time":
+    if split == "time":
         span = np.int64(config.holdout_days) * 86_400_000_000
         boundary = as_of_us - span
         holdout_t = _first_per_user(ev.user, positive[ev.ts_us[positive] >= boundary])
@@ -583,20 +390,22 @@ def build_examples(
     for name, t in (("train", train_t), ("holdout", holdout_t), ("validation", valid_t)):
         if t is not None and len(t) == 0:
             raise ExamplesError(
-                f"build_examples: the {name} split is empty (split={config.split}, as_of={pd.Timestamp(as_of)}, "
+                f"build_examples: the {name} split is empty (split={split}, as_of={pd.Timestamp(as_of)}, "
                 f"{len(ev.ts_us)} usable events, {len(positive)} positives)"
             )
 
-    index = _HistoryIndex(ev, strict_time=config.split == "time")
-    L, nb = config.max_seq_len, config.gap_buckets
-    train = index.sequences(train_t, L, nb)
-    holdout = index.sequences(holdout_t, L, nb)
-    valid = index.sequences(valid_t, L, nb) if valid_t is not None else None
+    spec = HistorySpec.from_config(config)
+    index = _HistoryIndex(ev, strict_time=split == "time", spec=spec)
+    train = index.sequences(train_t)
+    holdout = index.sequences(holdout_t)
+    valid = index.sequences(valid_t) if valid_t is not None else None
     meta = {
-        "split": config.split,
+        "split": split,
+        "split_reason": reason,
         "as_of": str(pd.Timestamp(as_of_us, unit="us", tz="UTC")),
-        "max_seq_len": L,
-        "gap_buckets": nb,
+        "max_seq_len": spec.max_seq_len,
+        "gap_buckets": spec.gap_buckets,
+        "max_history_days": spec.max_history_days,
         "n_events": int(len(ev.ts_us)),
         "n_dropped_unknown_items": ev.n_dropped_unknown_items,
         "n_train": len(train),

@@ -21,7 +21,8 @@ import torch
 
 from towerflow.contract import ACTIONS, POSITIVE_ACTIONS, SURFACES
 from towerflow.errors import TowerflowError
-from towerflow.tasks.build_examples import Examples, SeenItems, SequenceExamples
+from towerflow.tasks.build_examples import Examples, SequenceExamples
+from towerflow.tasks.history import SeenItems
 
 SCORE_BUDGET = 1 << 24  # floats per chunk of scores (64 MiB as float32)
 DENSE_COOC_MAX_ITEMS = 8192  # co-occurrence as a dense float32 matrix up to 256 MiB

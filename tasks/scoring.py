@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 from towerflow.models.two_tower import TwoTower
-from towerflow.tasks.build_examples import SeenItems, SequenceExamples, Vocab
+from towerflow.tasks.build_examples import SequenceExamples
 from towerflow.tasks.evaluate import metrics_from_ranks, vector_ranks
+from towerflow.tasks.history import SeenItems
+from towerflow.tasks.vocabulary import Vocab
 
 
 @torch.no_grad()

@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from towerflow.config import TrainConfig
+from towerflow.config import TrainConfig, check_history_fits_model
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch
 from towerflow.models.frequency import StreamingFrequencyEstimator, exact_log_q
 from towerflow.models.loss import in_batch_softmax_loss, mixed_negatives_log_q
 from towerflow.models.two_tower import TwoTower, load_model, save_model
 from towerflow.progress import say
-from towerflow.tasks.build_examples import Examples, SeenItems, SequenceExamples
+from towerflow.tasks.build_examples import Examples, SequenceExamples
+from towerflow.tasks.history import SeenItems
 from towerflow.tasks.scoring import model_metrics
 
 
@@ -268,6 +269,11 @@ def resume(
 
 def init_model(examples: Examples, config: TrainConfig, device: torch.device) -> TwoTower:
     """Fresh TwoTower weights from ``config.seed`` (the same on every DDP rank), with ``item_log_q`` set."""
+    try:
+        check_history_fits_model(examples.train.max_seq_len,
+                                 int(examples.meta.get("gap_buckets", config.model.gap_buckets)), config.model)
+    except ValueError as exc:
+        raise TrainError(f"the examples do not fit the model: {exc}") from exc
     torch.manual_seed(config.seed)
     model = TwoTower(examples.sizes, examples.item_feats, config.model).to(device)
     model.set_log_q(item_log_q(examples, config))

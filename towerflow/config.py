@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,11 +76,27 @@ class WorldConfig(_Config):
 
 
 class ExamplesConfig(_Config):
+    """How examples and histories are built (tasks/history.py is THE history definition, tasks/build_examples.py the
+    splits). ``max_seq_len`` and ``gap_buckets`` must fit ``ModelConfig`` (RetrainConfig checks it)."""
+
     max_seq_len: int = Field(16, ge=1, description="Last L actions fed to the history encoder.")
-    holdout_days: int = Field(1, ge=1, description="The last N days of the window are held out.")
-    split: Literal["time", "leave_one_out"] = "time"
+    max_history_days: int = Field(
+        365, ge=1, description="Actions older than this (from the request time) leave the history; long enough for "
+                               "users who come back monthly.")
+    gap_reference: Literal["latest_action"] = Field(
+        "latest_action", description="Token time gaps are measured from the user's own latest action (not from the "
+                                     "request time); recorded so serving rebuilds the same features.")
+    holdout_days: int = Field(1, ge=1, description="time split: the last N days of the window are held out.")
+    split: Literal["auto", "time", "leave_one_out"] = Field(
+        "auto", description="auto: time when the holdout days hold positives of at least auto_min_share of the "
+                            "window's users (or auto_min_users users), else leave_one_out (e.g. a public dataset "
+                            "spread over months); the retrain says which it chose.")
+    auto_min_share: float = Field(0.25, ge=0, le=1, description="auto split: share of users needed in the holdout.")
+    auto_min_users: int = Field(1_000, ge=1, description="auto split: or this many users in the holdout.")
     max_holdout_users: int | None = Field(5_000, description="Cap on holdout examples scored (one per user).")
-    validation: bool = Field(False, description="Also cut a validation split before the holdout, for early stopping.")
+    validation: bool = Field(
+        True, description="Also cut a validation split before the holdout for early stopping, so the holdout the "
+                          "model gate judges is never used to select the model.")
     gap_buckets: int = Field(16, ge=2, description="Time-gap buckets; must equal ModelConfig.gap_buckets.")
     max_genres: int = Field(4, ge=1, description="Genres kept per item.")
     seed: int = Field(0, description="Seed of the holdout-user sample when capped.")
@@ -115,6 +131,17 @@ class ModelConfig(_Config):
     hidden: int = Field(64, ge=4, description="Hidden width of the tower MLPs.")
     id_dropout: float = Field(0.1, ge=0, lt=1, description="Chance an item's id embedding is dropped in training.")
     max_seq_len: int = Field(64, ge=1, description="Longest history the position table covers.")
+
+
+def check_history_fits_model(max_seq_len: int, gap_buckets: int, model: ModelConfig) -> None:
+    """The one check that histories (``ExamplesConfig``'s, or built examples') fit the model's tables: ValueError
+    naming both sides when they do not."""
+    if gap_buckets != model.gap_buckets:
+        raise ValueError(f"examples.gap_buckets ({gap_buckets}) must equal train.model.gap_buckets "
+                         f"({model.gap_buckets})")
+    if max_seq_len > model.max_seq_len:
+        raise ValueError(f"examples.max_seq_len ({max_seq_len}) exceeds train.model.max_seq_len "
+                         f"({model.max_seq_len}), the tower's position table")
 
 
 class TrainConfig(_Config):
@@ -235,6 +262,11 @@ class RetrainConfig(_Config):
         True, description="After a promotion, store the new champion's offline user states (refresh-user-states "
                           "as a subflow); a failure there is reported, never undoes the promotion."
     )
+
+    @model_validator(mode="after")
+    def _history_fits_model(self) -> RetrainConfig:
+        check_history_fits_model(self.examples.max_seq_len, self.examples.gap_buckets, self.train.model)
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> RetrainConfig:

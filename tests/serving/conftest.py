@@ -49,7 +49,7 @@ def served(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         # registered first without promotion, so neither run is gated against a champion
         world.other = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config(seed=1, promote=False))
         world.champion = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=small_config())
-        world.refresh = refresh_user_states()
+        world.refresh = refresh_user_states(incremental=False)  # every user (the retrain's own refresh ran too)
     assert (world.other.status, world.other.model_version) == ("not_promoted", "1")
     assert (world.champion.status, world.champion.model_version) == ("promoted", "2")
     yield world

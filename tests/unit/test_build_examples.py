@@ -26,6 +26,7 @@ from towerflow.tasks.build_examples import (
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 DAY = 86_400
+TIME = {"split": "time", "validation": False}  # the split these hand-built cases are worked for
 
 
 def _events(rows) -> pd.DataFrame:
@@ -130,7 +131,7 @@ def test_history_is_last_L_actions_strictly_before_the_target_without_impression
         ]
     )
     items = _items(list(range(101, 108)))
-    ex = build_examples(ev, _users([1]), items, T0 + pd.Timedelta(days=2), ExamplesConfig(max_seq_len=3))
+    ex = build_examples(ev, _users([1]), items, T0 + pd.Timedelta(days=2), ExamplesConfig(**TIME, max_seq_len=3))
     v = ex.vocab
     tr = ex.train
     assert [int(x) for x in tr.target_items] == [_id(v, i) for i in (101, 105, 106)]  # positives only, time order
@@ -138,8 +139,8 @@ def test_history_is_last_L_actions_strictly_before_the_target_without_impression
     assert tr.hist_items[row_105].tolist() == [_id(v, 101), _id(v, 102), _id(v, 104)]
     assert tr.hist_actions[row_105].tolist() == [ACTION_INDEX[a] for a in ("click", "skip", "hide")]
     assert tr.hist_items[row_106].tolist() == tr.hist_items[row_105].tolist()  # 105 (same ts) excluded
-    # gaps to t=20: 20 s -> 1 + floor(log2(21)/2) = 3; 10 s -> 2; 3 s -> 2
-    assert tr.hist_gaps[row_105].tolist() == [3, 2, 2]
+    # gaps to the latest history action (t=17), 1 + floor(log2(1 + s) / 2): 17 s -> 3; 7 s -> 2; 0 s -> 1
+    assert tr.hist_gaps[row_105].tolist() == [3, 2, 1]
     assert tr.hist_items[0].tolist() == [0, 0, 0] and tr.hist_gaps[0].tolist() == [0, 0, 0]  # nothing before
     assert tr.context_items.tolist() == [0, _id(v, 101), 0]
     assert tr.surface.tolist() == [0, 1, 0]
@@ -167,7 +168,7 @@ def test_no_leakage_histories_match_a_slow_reference_on_random_events():
          for i in range(n)]
     )
     as_of = T0 + pd.Timedelta(days=3)
-    ex = build_examples(ev, _users(range(1, 6)), _items(list(range(1000, 1000 + n))), as_of, ExamplesConfig(max_seq_len=6))
+    ex = build_examples(ev, _users(range(1, 6)), _items(list(range(1000, 1000 + n))), as_of, ExamplesConfig(**TIME, max_seq_len=6))
     ts_of = np.zeros(n + 1, dtype=np.int64)
     ts_of[ex.vocab.item_index(ev.item_id)] = (ev.ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
     for split in (ex.train, ex.holdout):
@@ -179,6 +180,33 @@ def test_no_leakage_histories_match_a_slow_reference_on_random_events():
             ts = pd.Timestamp(int(split.ts[r]), unit="s", tz="UTC")
             want = [_id(ex.vocab, i) if i else 0 for i in _reference_history(ev, user, ts, 6)]
             assert split.hist_items[r].tolist() == want
+
+
+def test_histories_drop_actions_older_than_max_history_days_before_the_target():
+    ev = _events([(1, 1, "click", 0), (1, 2, "click", DAY), (1, 3, "save", 2 * DAY + 1), (1, 4, "click", 3 * DAY)])
+    cfg = ExamplesConfig(split="leave_one_out", validation=False, max_seq_len=3, max_history_days=2)
+    ex = build_examples(ev, _users([1]), _items([1, 2, 3, 4]), T0 + pd.Timedelta(days=4), cfg)
+    v = ex.vocab
+    # target 3 (day 2 + 1 s): item 1 (day 0) is 2 days + 1 s old, out; item 2 in. Holdout target 4 (day 3): the
+    # cutoff is day 1 exactly, item 2 (day 1) is in (at most 2 days old)
+    assert ex.train.hist_items.tolist() == [[0, 0, 0], [0, 0, _id(v, 1)], [0, 0, _id(v, 2)]]
+    assert ex.holdout.hist_items.tolist() == [[0, _id(v, 2), _id(v, 3)]]
+    assert ex.holdout_seen.row(0).tolist() == sorted([_id(v, 2), _id(v, 3)])  # exclusion over the same history
+    assert ex.meta["max_history_days"] == 2
+
+
+def test_auto_split_is_time_when_the_last_day_holds_enough_users_else_leave_one_out():
+    # 4 users active on days 0 and 1 (2 positives each); as_of = day 2, holdout day = day 1
+    rows = [(u, 10 * u + d, "click", d * DAY + u) for u in range(1, 5) for d in (0, 1)]
+    busy = build_examples(_events(rows), _users(range(1, 5)), _items(sorted({r[1] for r in rows})),
+                          T0 + pd.Timedelta(days=2), ExamplesConfig(validation=False))
+    assert busy.meta["split"] == "time" and "4 of 4 users" in busy.meta["split_reason"]
+    # only user 1 comes back on day 1: 1 of 4 users, under half of them (auto_min_share=0.5 -> needs 2)
+    sparse = [r for r in rows if r[3] < DAY or r[0] == 1]
+    one = build_examples(_events(sparse), _users(range(1, 5)), _items(sorted({r[1] for r in sparse})),
+                         T0 + pd.Timedelta(days=2), ExamplesConfig(validation=False, auto_min_share=0.5))
+    assert one.meta["split"] == "leave_one_out" and "1 of 4 users" in one.meta["split_reason"]
+    assert "needs 2" in one.meta["split_reason"]
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -196,7 +224,7 @@ def test_time_split_boundaries_and_first_holdout_positive_per_user():
             (2, 6, "click", 3 * DAY),  # at as_of: outside the window
         ]
     )
-    ex = build_examples(ev, _users([1, 2]), _items([1, 2, 3, 4, 5, 6]), T0 + pd.Timedelta(days=3), ExamplesConfig())
+    ex = build_examples(ev, _users([1, 2]), _items([1, 2, 3, 4, 5, 6]), T0 + pd.Timedelta(days=3), ExamplesConfig(**TIME))
     v = ex.vocab
     assert ex.train.target_items.tolist() == [_id(v, 1)]
     assert ex.holdout.target_items.tolist() == [_id(v, 2), _id(v, 5)]
@@ -209,7 +237,7 @@ def test_time_split_boundaries_and_first_holdout_positive_per_user():
 def test_holdout_is_capped_to_max_users_with_a_seeded_sample():
     ev = _events([(u, u, "click", 0) for u in range(1, 9)] + [(u, 10 + u, "click", 2 * DAY + u) for u in range(1, 9)])
     items = _items(list(range(1, 9)) + list(range(11, 19)))
-    cfg = ExamplesConfig(max_holdout_users=3, seed=1)
+    cfg = ExamplesConfig(**TIME, max_holdout_users=3, seed=1)
     a = build_examples(ev, _users(range(1, 9)), items, T0 + pd.Timedelta(days=3), cfg)
     b = build_examples(ev, _users(range(1, 9)), items, T0 + pd.Timedelta(days=3), cfg)
     assert len(a.holdout) == 3 and len(set(a.holdout.user_idx.tolist())) == 3
@@ -228,7 +256,7 @@ def test_leave_one_out_holds_out_each_users_last_positive():
             (2, 6, "click", 30),
         ]
     )
-    cfg = ExamplesConfig(split="leave_one_out", max_seq_len=4)
+    cfg = ExamplesConfig(split="leave_one_out", validation=False, max_seq_len=4)
     ex = build_examples(ev, _users([1, 2]), _items(list(range(1, 7))), T0 + pd.Timedelta(days=1), cfg)
     v = ex.vocab
     assert sorted(ex.holdout.target_items.tolist()) == [_id(v, 2), _id(v, 6)]
@@ -242,7 +270,7 @@ def test_validation_split_sits_between_train_and_holdout():
     ev = _events(
         [(1, 1, "click", 0), (1, 2, "click", DAY + 5), (1, 3, "click", 2 * DAY + 5), (2, 4, "click", 2 * DAY + 9)]
     )
-    cfg = ExamplesConfig(validation=True)
+    cfg = ExamplesConfig(split="time", validation=True)
     ex = build_examples(ev, _users([1, 2]), _items([1, 2, 3, 4]), T0 + pd.Timedelta(days=3), cfg)
     v = ex.vocab
     assert ex.train.target_items.tolist() == [_id(v, 1)]
@@ -267,14 +295,14 @@ def test_holdout_seen_lists_every_earlier_action_item_but_not_impressions_or_lat
             (1, 5, "click", 2 * DAY + 60),  # later: not seen
         ]
     )
-    ex = build_examples(ev, _users([1]), _items([1, 2, 3, 4, 5]), T0 + pd.Timedelta(days=3), ExamplesConfig())
+    ex = build_examples(ev, _users([1]), _items([1, 2, 3, 4, 5]), T0 + pd.Timedelta(days=3), ExamplesConfig(**TIME))
     v = ex.vocab
     assert ex.holdout_seen.row(0).tolist() == sorted([_id(v, 1), _id(v, 2)])
 
 
 def test_unknown_items_are_dropped_and_unknown_users_get_index_zero():
     ev = _events([(1, 1, "click", 0), (1, 99, "click", 5), (7, 2, "click", 9), (1, 2, "click", 2 * DAY)])
-    ex = build_examples(ev, _users([1]), _items([1, 2]), T0 + pd.Timedelta(days=3), ExamplesConfig())
+    ex = build_examples(ev, _users([1]), _items([1, 2]), T0 + pd.Timedelta(days=3), ExamplesConfig(**TIME))
     assert ex.meta["n_dropped_unknown_items"] == 1
     assert ex.train.user_idx.tolist() == [1, 0]
 
@@ -282,9 +310,9 @@ def test_unknown_items_are_dropped_and_unknown_users_get_index_zero():
 def test_bad_inputs_and_empty_splits_raise_named_errors():
     users, items = _users([1]), _items([1])
     with pytest.raises(ContractError, match="action"):
-        build_examples(_events([(1, 1, "like", 0)]), users, items, T0 + pd.Timedelta(days=3))
+        build_examples(_events([(1, 1, "like", 0)]), users, items, T0 + pd.Timedelta(days=3), ExamplesConfig(**TIME))
     with pytest.raises(ExamplesError, match="holdout split is empty"):
-        build_examples(_events([(1, 1, "click", 0)]), users, items, T0 + pd.Timedelta(days=3))
+        build_examples(_events([(1, 1, "click", 0)]), users, items, T0 + pd.Timedelta(days=3), ExamplesConfig(**TIME))
 
 
 # --------------------------------------------------------------------------------------------- batches, files

@@ -2,7 +2,7 @@
 
 A snapshot is a directory ``<snapshots_dir>/<snapshot_id>/`` holding::
 
-    events.parquet   events with start <= ts < end, sorted by (ts, event_id)
+    events.parquet   events with start <= ts < end filed under their own day, sorted by (ts, event_id)
     users.parquet    every user
     items.parquet    items created before as_of, and items whose created_ts is unknown
     manifest.json    window, source (with its feedback kind), row counts, event time range, action counts,
@@ -22,8 +22,11 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -42,9 +45,12 @@ from towerflow.errors import TowerflowError
 from towerflow.progress import progress, say, step
 
 # Bump when what a snapshot contains changes for the same inputs, so old ids are not mistaken for new content.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: the manifest counts the rows not kept because their ts is not on their partition's day
 TABLE_FILES = {"events": "events.parquet", "users": "users.parquet", "items": "items.parquet"}
 MANIFEST = "manifest.json"
+MISPLACED_EXAMPLES = 5
+STALE_TMP_AGE_S = 24 * 3600  # a temporary snapshot dir whose owner cannot be checked is stale after a day unchanged
+_TMP_NAME = re.compile(r"\.(?P<sid>[^.]+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
 
 
 class ExtractError(TowerflowError, ValueError):
@@ -119,6 +125,12 @@ class Snapshot:
         return self._table("items")
 
     @property
+    def misplaced(self) -> dict[str, Any]:
+        """Rows of the window's partitions whose ``ts`` is not on their partition's day, so not in the snapshot:
+        ``{"rows", "outside_window", "by_day", "examples"}`` (zeros for a snapshot extracted before format 2)."""
+        return self.manifest.get("misplaced") or {"rows": 0, "outside_window": 0, "by_day": {}, "examples": []}
+
+    @property
     def feedback(self) -> str:
         """The source's feedback kind when extracted (``towerflow.contract.FEEDBACK_KINDS``)."""
         return self.manifest["source"].get("feedback", DEFAULT_FEEDBACK)
@@ -184,7 +196,8 @@ def extract(source: EventSource, as_of: datetime, lookback_days: int, snapshots_
             return snapshot
 
         snapshots_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{sid}.", suffix=".tmp", dir=snapshots_dir))
+        reap_stale_tmp(snapshots_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sid}.{_owner()}.", suffix=".tmp", dir=snapshots_dir))
         try:
             manifest = {
                 "snapshot_id": sid, "as_of": as_of.isoformat(), "lookback_days": lookback_days,
@@ -223,7 +236,11 @@ def _build(
     with step("  events") as info:
         ev = _write_events(source, tmp / TABLE_FILES["events"], start, end, days)
         if ev["rows"] == 0:
-            raise _empty_window(source, window, source.days())
+            err = _empty_window(source, window, source.days())
+            if ev["misplaced"]["rows"]:
+                err = EmptyWindowError(f"{err}; {ev['misplaced']['rows']} row(s) of the window's partitions have a "
+                                       f"ts outside their partition's day, e.g. {ev['misplaced']['examples'][:2]}")
+            raise err
         info["note"] = f"{ev['rows']:,} rows"
     with step("  users and items") as info:
         users = source.read_users()
@@ -240,22 +257,32 @@ def _build(
         "actions": ev["actions"],
         "surfaces": ev["surfaces"],
         "events_per_day": ev["per_day"],
+        "misplaced": ev["misplaced"],
     }
 
 
 def _write_events(source: EventSource, path: Path, start: datetime, end: datetime, days: list[date]) -> dict:
-    """Stream the window a day at a time into one Parquet file, so memory holds one day, not the window."""
+    """Stream the window a day at a time into one Parquet file, so memory holds one day, not the window.
+
+    Each partition is read whole: rows whose ``ts`` is not on the partition's day are not kept, but counted (with a
+    few examples) for the data gate, as are those of them that also lie outside the window.
+    """
     writer: pq.ParquetWriter | None = None
     schema: pa.Schema | None = None
     actions: Counter[str] = Counter()
     surfaces: Counter[str] = Counter()
     per_day: dict[str, int] = {}
+    misplaced: dict[str, Any] = {"rows": 0, "outside_window": 0, "by_day": {}, "examples": []}
     rows, tmin, tmax = 0, None, None
+    lo_w, hi_w = pd.Timestamp(start), pd.Timestamp(end)
     try:
         for day in progress(days, desc="days"):
-            day_start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
-            lo, hi = max(start, day_start), min(end, day_start + timedelta(days=1))
-            df = source.read_events(lo, hi)
+            day_start = pd.Timestamp(datetime.combine(day, datetime.min.time(), tzinfo=UTC))
+            raw = source.read_day(day)
+            off_day = (raw.ts < day_start) | (raw.ts >= day_start + pd.Timedelta(days=1))
+            if off_day.any():
+                _count_misplaced(misplaced, day, raw[off_day], lo_w, hi_w)
+            df = raw[~off_day & (raw.ts >= lo_w) & (raw.ts < hi_w)]
             if df.empty:
                 continue
             if schema is None:
@@ -286,7 +313,19 @@ def _write_events(source: EventSource, path: Path, start: datetime, end: datetim
         "actions": {a: actions.get(a, 0) for a in order},
         "surfaces": {s: surfaces.get(s, 0) for s in sorder},
         "per_day": per_day,
+        "misplaced": misplaced,
     }
+
+
+def _count_misplaced(misplaced: dict[str, Any], day: date, rows: pd.DataFrame, lo: pd.Timestamp,
+                     hi: pd.Timestamp) -> None:
+    """Add a partition's off-day rows to the running ``misplaced`` record (count, per day, first examples)."""
+    misplaced["rows"] += len(rows)
+    misplaced["outside_window"] += int(((rows.ts < lo) | (rows.ts >= hi)).sum())
+    misplaced["by_day"][day.isoformat()] = len(rows)
+    room = MISPLACED_EXAMPLES - len(misplaced["examples"])
+    misplaced["examples"] += [{"partition": f"dt={day.isoformat()}", "event_id": str(e), "ts": t.isoformat()}
+                              for e, t in zip(rows.event_id[:room], rows.ts[:room], strict=True)]
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -328,6 +367,52 @@ def _publish(tmp: Path, target: Path) -> Snapshot:
         shutil.rmtree(tmp, ignore_errors=True)
         return Snapshot.load(target)
     return Snapshot.load(target, verify=False)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
+
+
+def _owner() -> str:
+    """``<host>-<pid>`` of this process, in the temporary directory's name so a reaper can tell if it is alive."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def reap_stale_tmp(snapshots_dir: Path, max_age_s: float = STALE_TMP_AGE_S, now: float | None = None) -> list[Path]:
+    """Remove hidden ``.<id>.<host>-<pid>.*.tmp`` directories that a killed extract left; return what went.
+
+    One is stale when its process is gone (same host: the pid is not alive), or, when that cannot be told (another
+    host on shared storage, or a name from before the owner was recorded), when nothing in it changed for
+    ``max_age_s`` seconds. A live extract's directory is never touched.
+    """
+    now = time.time() if now is None else now
+    host, removed = _host(), []
+    for d in Path(snapshots_dir).glob(".*.tmp"):
+        if not d.is_dir():
+            continue
+        m = _TMP_NAME.fullmatch(d.name)
+        if m and m["host"] == host:
+            stale = not _alive(int(m["pid"]))
+        else:
+            newest = max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())])
+            stale = now - newest > max_age_s
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        say(f"  removed {len(removed)} stale temporary snapshot dir(s) of killed extracts: "
+            f"{', '.join(p.name for p in removed[:3])}")
+    return removed
 
 
 def _empty_window(source: EventSource, window: str, available: list[date]) -> EmptyWindowError:

@@ -32,6 +32,7 @@ from towerflow.contract import (
     SURFACES,
     negatives_possible,
 )
+from towerflow.data.source import day_range
 from towerflow.errors import TowerflowError
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
 
@@ -201,6 +202,35 @@ def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timesta
     return specs, derived
 
 
+def _coverage_checks(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, config: GateConfig,
+                     misplaced: dict | None, ts_ok: bool) -> list[Check]:
+    """What extract saw but the events frame cannot show: rows filed under another day (dropped), and days of the
+    window without events (every day, and the last one always: the holdout is cut from it)."""
+    m = misplaced or {}
+    n_bad, outside = int(m.get("rows", 0)), int(m.get("outside_window", 0))
+    limit = config.max_misplaced_events
+    by_day = ", ".join(f"dt={d}: {n}" for d, n in sorted((m.get("by_day") or {}).items()))
+    checks = [Check("events.ts on partition day", n_bad <= limit, n_bad, limit,
+                    f"{n_bad} row(s) of the window's partitions have a ts outside their partition's day, "
+                    f"{outside} of them outside the window; extract kept none of them"
+                    + (f" ({by_day})" if by_day else "") + f"; allowed {limit}",
+                    list(m.get("examples") or [])[:MAX_EXAMPLES])]
+    if not ts_ok:
+        return checks
+    days = [d.isoformat() for d in day_range(start.to_pydatetime(), end.to_pydatetime())]
+    inside = events.ts[(events.ts >= start) & (events.ts < end)]
+    counts = inside.dt.strftime("%Y-%m-%d").value_counts()
+    empty = [d for d in days if not counts.get(d, 0)]
+    allowed = config.max_empty_days
+    checks.append(Check("events.every day has events", len(empty) <= allowed, len(empty), allowed,
+                        f"{len(empty)} of {len(days)} day(s) of the window have no events; allowed {allowed}",
+                        empty[:MAX_EXAMPLES]))
+    last = days[-1]
+    checks.append(Check("events.last day has events", bool(counts.get(last, 0)), int(counts.get(last, 0)), 1,
+                        f"{int(counts.get(last, 0))} events on the window's last day {last}"))
+    return checks
+
+
 def _exception_message(info: dict) -> str | None:
     """GX nests exception info per metric when a metric failed to compute; find the first message."""
     if not info:
@@ -261,13 +291,15 @@ def validate_snapshot(
     config: GateConfig,
     now: datetime | pd.Timestamp | None = None,
     feedback: str = DEFAULT_FEEDBACK,
+    misplaced: dict | None = None,
 ) -> DataGateResult:
     """Run the data suite on a snapshot whose events should lie in ``[window_start, window_end)``.
 
     ``previous`` is the stats of the last snapshot that passed (None on the first run: only an empty window fails
     the volume check). ``now`` defaults to the current UTC time. Naive datetimes are taken as UTC. ``feedback`` is
     the source's kind (``Snapshot.feedback``): for ``implicit`` sources no negative can exist, so the positive rate
-    is not gated (the check is reported as passed, saying why).
+    is not gated (the check is reported as passed, saying why). ``misplaced`` is what extract counted but could
+    not keep (``Snapshot.misplaced``: rows filed under a day other than their ts); None means none.
     """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -301,6 +333,8 @@ def validate_snapshot(
         gx_results[table] = jsonable(run.to_json_dict())
         done = {r.expectation_config.meta["check"]: r for r in run.results}
         checks += [_to_check(s, done[s.name], notes) for s in mine]
+    ts_ok = "ts" in events.columns and _matches(events["ts"], "Timestamp")
+    checks += _coverage_checks(events, start, end, config, misplaced, ts_ok)
     if not rate_checked:
         checks.append(Check("events.positive rate", True, detail="not applied: implicit feedback (the source logs "
                             "only engagements, so every event is positive and no negative can exist)"))

@@ -178,7 +178,7 @@ def test_wrong_dtype_fails_its_type_check(column, bad, observed, skipped):
 
 def test_empty_window_fails():
     result = _gate(_events().iloc[:0])
-    assert _failed(result) == {"events.row count"}
+    assert _failed(result) == {"events.row count", "events.every day has events", "events.last day has events"}
     assert result.check("events.row count").observed == 0
     assert result.check("events.row count").detail.startswith("empty window")
     assert result.stats.row_count == 0
@@ -226,3 +226,47 @@ def test_implicit_feedback_is_not_gated_on_positive_rate():
     check = result.check("events.positive rate")
     assert check.passed and check.detail.startswith("not applied: implicit feedback")
     assert result.stats == SnapshotStats(row_count=20, positive_rate=1.0, window_days=2.0)
+
+
+def test_rows_extract_could_not_keep_are_gated():
+    # what extract reports for partition dt=2026-01-02 holding 6 rows stamped in 2030 and 1 stamped Jan 1
+    misplaced = {"rows": 7, "outside_window": 6, "by_day": {"2026-01-02": 7},
+                 "examples": [{"partition": "dt=2026-01-02", "event_id": "z1", "ts": "2030-01-02T00:00:00+00:00"}]}
+    result = validate_snapshot(_events(), _users(), _items(), START, END, None, GateConfig(), now=NOW,
+                               misplaced=misplaced)
+    assert _failed(result) == {"events.ts on partition day"}
+    check = result.check("events.ts on partition day")
+    assert (check.observed, check.threshold) == (7, 0)
+    assert check.detail.startswith("7 row(s) of the window's partitions have a ts outside their partition's day, "
+                                   "6 of them outside the window; extract kept none of them (dt=2026-01-02: 7)")
+    assert check.examples[0]["event_id"] == "z1"
+    relaxed = validate_snapshot(_events(), _users(), _items(), START, END, None,
+                                GateConfig(max_misplaced_events=7), now=NOW, misplaced=misplaced)
+    assert relaxed.passed and relaxed.check("events.ts on partition day").passed
+
+
+def test_an_empty_day_inside_the_window_fails_unless_gaps_are_allowed():
+    # a three-day window [Jan 1, Jan 4) whose middle day has no events; Jan 1 has 12 events, Jan 3 has 8
+    events = _events()
+    events["ts"] = events.ts.where(events.ts < pd.Timestamp("2026-01-02", tz="UTC"),
+                                   events.ts + pd.Timedelta(days=1))
+
+    def gate(config):
+        return validate_snapshot(events, _users(), _items(), START, "2026-01-04", None, config, now="2026-01-05")
+
+    result = gate(GateConfig())
+    assert _failed(result) == {"events.every day has events"}
+    check = result.check("events.every day has events")
+    assert (check.observed, check.threshold, check.examples) == (1, 0, ["2026-01-02"])
+    assert check.detail == "1 of 3 day(s) of the window have no events; allowed 0"
+    assert gate(GateConfig(max_empty_days=1)).passed
+
+
+def test_an_empty_last_day_fails_even_when_gaps_are_allowed():
+    # the window [Jan 1, Jan 4) holds Jan 1 and Jan 2 only: the day the holdout is cut from is empty
+    result = validate_snapshot(_events(), _users(), _items(), START, "2026-01-04", None,
+                               GateConfig(max_empty_days=5), now="2026-01-05")
+    assert _failed(result) == {"events.last day has events"}
+    check = result.check("events.last day has events")
+    assert (check.observed, check.detail) == (0, "0 events on the window's last day 2026-01-03")
+    assert result.check("events.every day has events").observed == 1

@@ -211,7 +211,9 @@ def test_empty_window_names_window_and_available_days(source, tmp_path):
 def test_partition_with_no_rows_in_window_is_empty_and_leaves_nothing(tmp_path):
     # The only partition of the window holds an event stamped the day before: nothing falls inside [Jan 5, Jan 6).
     root = _write_source(tmp_path / "src", {"2026-01-05": [("x", 1, 1, "click", "2026-01-04T10:00:00Z")]})
-    with pytest.raises(EmptyWindowError, match=r"days available: 2026-01-05$"):
+    with pytest.raises(EmptyWindowError, match=r"days available: 2026-01-05; 1 row\(s\) of the window's partitions "
+                                               r"have a ts outside their partition's day, e\.g\. \[\{'partition': "
+                                               r"'dt=2026-01-05', 'event_id': 'x', 'ts': '2026-01-04T10:00:00\+00:00'"):
         extract(ParquetSource(str(root)), JAN[6], 1, tmp_path / "snaps")
     assert _entries(tmp_path / "snaps") == []
 
@@ -313,3 +315,45 @@ def test_manifest_records_the_feedback_kind_and_it_is_part_of_the_id(source, tmp
     ParquetSink(source.uri).write_feedback("implicit")
     implicit = extract(ParquetSource(source.uri), JAN[3], 2, tmp_path / "snaps")
     assert implicit.snapshot_id != snap.snapshot_id and implicit.feedback == "implicit"
+
+
+def test_rows_filed_under_another_day_are_counted_not_kept(tmp_path):
+    # dt=2026-01-02 also holds a row stamped Jan 1 (inside the window) and one stamped 2030 (outside it)
+    events = {**EVENTS, "2026-01-02": [*EVENTS["2026-01-02"], ("early", 1, 1, "click", "2026-01-01T05:00:00Z"),
+                                       ("future", 2, 2, "click", "2030-01-02T00:00:00Z")]}
+    snap = extract(ParquetSource(str(_write_source(tmp_path / "src", events))), JAN[4], 3, tmp_path / "snaps")
+    assert snap.misplaced == {
+        "rows": 2, "outside_window": 1, "by_day": {"2026-01-02": 2},
+        "examples": [{"partition": "dt=2026-01-02", "event_id": "early", "ts": "2026-01-01T05:00:00+00:00"},
+                     {"partition": "dt=2026-01-02", "event_id": "future", "ts": "2030-01-02T00:00:00+00:00"}],
+    }
+    assert snap.events().event_id.tolist() == ["a", "b", "c", "d", "e", "f", "g"]  # the 7 rows on their own day
+    assert snap.manifest["events_per_day"] == {"2026-01-01": 2, "2026-01-02": 4, "2026-01-03": 1}
+
+
+def test_stale_temporary_snapshot_dirs_are_reaped_live_ones_kept(source, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from towerflow.tasks.extract import _owner, reap_stale_tmp
+
+    snaps = tmp_path / "snaps"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = _owner().rsplit("-", 1)[0]
+    killed = snaps / f".20260103-2d-aaaaaaaaaaaa.{host}-{int(dead.stdout)}.x1y2.tmp"  # its extract was killed
+    live = snaps / f".20260103-2d-bbbbbbbbbbbb.{_owner()}.x1y2.tmp"  # this process: still writing
+    old, fresh = snaps / ".20260103-2d-cccccccccccc.q9.tmp", snaps / ".20260103-2d-dddddddddddd.q8.tmp"  # no owner
+    for d in (killed, live, old, fresh):
+        d.mkdir(parents=True)
+        (d / "events.parquet").write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    for p in (old, old / "events.parquet"):
+        os.utime(p, (day_ago, day_ago))
+    assert sorted(p.name for p in reap_stale_tmp(snaps)) == sorted([killed.name, old.name])
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([live.name, fresh.name])
+
+    killed.mkdir()  # another kill: the next extract reaps it before writing its own snapshot
+    snap = extract(source, JAN[3], 2, snaps)
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([snap.snapshot_id, live.name, fresh.name])

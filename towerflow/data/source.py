@@ -46,6 +46,8 @@ class EventSource(Protocol):
 
     def read_events(self, start: datetime, end: datetime) -> pd.DataFrame: ...
 
+    def read_day(self, day: date) -> pd.DataFrame: ...
+
     def read_users(self) -> pd.DataFrame: ...
 
     def read_items(self) -> pd.DataFrame: ...
@@ -101,8 +103,18 @@ class ParquetSource:
             raise SourceError(f"{path}: cannot read Parquet ({exc})") from exc
         return conform(df, table, where=path)
 
+    def read_day(self, day: date) -> pd.DataFrame:
+        """Every row of partition ``dt=<day>`` as stored, including rows whose ``ts`` lies on another day."""
+        frames = [self._read(p, "events") for p in self._day_files(day)]
+        if not frames:
+            return conform(EVENTS_SCHEMA.empty_table().to_pandas(), "events")
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
     def read_events(self, start: datetime, end: datetime) -> pd.DataFrame:
-        """Events with ``start <= ts < end``, reading only the day partitions inside the window."""
+        """Events with ``start <= ts < end``, reading only the day partitions inside the window.
+
+        A row filed under a day other than its ``ts`` is not returned (extract counts such rows for the data gate).
+        """
         frames = [self._read(p, "events") for day in day_range(start, end) for p in self._day_files(day)]
         if not frames:
             return conform(EVENTS_SCHEMA.empty_table().to_pandas(), "events")

@@ -262,7 +262,11 @@ def run_towerflow(kind: str, source_args: list[str], root: Path, withheld: pd.Da
     out["releases_served"] = sorted({r["release"] for r in responses.values()})
 
     # internal holdout vs served: the release's holdout metric beside the same users' withheld items via /retrieve
-    users = np.unique(holdout_users(root))
+    try:
+        users = np.unique(holdout_users(root))
+    except (RuntimeError, OSError, ValueError) as exc:
+        out["internal_vs_served"] = {"error": f"holdout users not found: {exc}"}
+        return out
     served_same = figures([ranks[u] for u in users.tolist() if u in ranks])
     internal = out["retrain"]["metrics"] or {}
     cmp = {"holdout_users": len(users), "served_same_users": served_same}
@@ -406,7 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"served through POST /retrieve at the serving clock, seen excluded, k={K}")
     for kind, r in runs.items():
         c = r.get("internal_vs_served")
-        if c:
+        if c and "error" in c:
+            print(f"{kind}: internal holdout vs served: {c['error']}")
+        elif c:
             parts = [f"{m} internal {v['internal']:.4f} vs served {v['served']:.4f} (diff {v['diff']:+.4f}, "
                      f"se {v['se']:.4f}: {'within' if v['within_one_se'] else 'NOT within'} one se)"
                      for m, v in c.items() if isinstance(v, dict) and "internal" in v]

@@ -336,13 +336,16 @@ def choose_split(ev_user: np.ndarray, ev_ts_us: np.ndarray, positive: np.ndarray
     """-> (split, reason): ``config.split``, or for ``auto`` the split the data supports (module docstring)."""
     if config.split != "auto":
         return config.split, "configured"
+    span = np.int64(config.holdout_days) * 86_400_000_000
     users = len(np.unique(ev_user[positive]))
-    recent = positive[ev_ts_us[positive] >= as_of_us - np.int64(config.holdout_days) * 86_400_000_000]
-    in_holdout = len(np.unique(ev_user[recent]))
-    enough = in_holdout >= min(config.auto_min_users, config.auto_min_share * users) and in_holdout > 0
-    return ("time" if enough else "leave_one_out"), (
+    in_holdout = len(np.unique(ev_user[positive[ev_ts_us[positive] >= as_of_us - span]]))
+    needed = max(1, min(config.auto_min_users, int(np.ceil(config.auto_min_share * users))))
+    train_end = as_of_us - span * (2 if config.validation else 1)
+    if not (ev_ts_us[positive] < train_end).any():
+        return "leave_one_out", "the window has no positives before its validation and holdout days"
+    return ("time" if in_holdout >= needed else "leave_one_out"), (
         f"{in_holdout:,} of {users:,} users have a positive in the last {config.holdout_days} day(s); the time split "
-        f"needs {min(config.auto_min_users, int(np.ceil(config.auto_min_share * users))):,}")
+        f"needs {needed:,}")
 
 
 def build_examples(

@@ -89,7 +89,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _versions(client: MlflowClient, name: str, release_id: str | None = None) -> list[ModelVersion]:
+def release_versions(client: MlflowClient, name: str, release_id: str | None = None) -> list[ModelVersion]:
     flt = f"name = '{name}'" + (f" and tag.{TAG_RELEASE_ID} = '{release_id}'" if release_id is not None else "")
     return sorted(client.search_model_versions(flt), key=lambda mv: int(mv.version))
 
@@ -107,7 +107,7 @@ def register_release(release_dir: str | Path, run_id: str | None, settings: Sett
     manifest = verify_release(release_dir)
     rid, name = manifest.release_id, settings.registered_model
     client = tracking_client(settings)
-    if existing := _versions(client, name, rid):
+    if existing := release_versions(client, name, rid):
         return int(existing[0].version)
     created_run = run_id is None
     if run_id is None:
@@ -173,6 +173,14 @@ def _champion(client: MlflowClient, name: str) -> int | None:
     except MlflowException:
         return None
     return int(aliases[CHAMPION]) if CHAMPION in aliases else None
+
+
+def _exists(client: MlflowClient, name: str, version: int) -> bool:
+    try:
+        _get_version(client, name, version)
+    except (ReleaseNotFoundError, ReleaseIntegrityError):
+        return False
+    return True
 
 
 def _get_version(client: MlflowClient, name: str, version: int) -> ModelVersion:
@@ -287,7 +295,8 @@ def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None,
             fetch_release(settings, target, client)
         _flip(client, name, target, current, on_step, held)
         client.set_model_version_tag(name, str(current), "rolled_back_at", _now())
-        if (pp := _int(tgt.tags.get(TAG_PREVIOUS))) is not None:
+        # the predecessor may be gone (``towerflow release gc`` keeps the champion and ITS predecessor only)
+        if (pp := _int(tgt.tags.get(TAG_PREVIOUS))) is not None and _exists(client, name, pp):
             client.set_registered_model_alias(name, PREVIOUS_ALIAS, str(pp))
         else:
             client.delete_registered_model_alias(name, PREVIOUS_ALIAS)
@@ -340,7 +349,7 @@ def list_releases(settings: Settings) -> list[ReleaseInfo]:
         aliases = client.get_registered_model(name).aliases
     except MlflowException:
         return []
-    return [_info(mv, aliases) for mv in reversed(_versions(client, name))]
+    return [_info(mv, aliases) for mv in reversed(release_versions(client, name))]
 
 
 class InvalidReleaseRefError(PromotionError):
@@ -372,7 +381,7 @@ def resolve_version(ref: str | int, settings: Settings, client: MlflowClient | N
     if isinstance(ref, int):
         return ref
     client, name = client or tracking_client(settings), settings.registered_model
-    found = _versions(client, name, ref)
+    found = release_versions(client, name, ref)
     if not found:
         raise ReleaseNotFoundError(f"no version of {name!r} holds release {ref}")
     return int(found[0].version)

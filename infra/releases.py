@@ -89,8 +89,12 @@ def new_release_id(now: datetime | None = None) -> str:
     return f"r-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
+def is_release_id(name: str) -> bool:
+    return isinstance(name, str) and _RELEASE_ID.match(name) is not None
+
+
 def check_release_id(release_id: str) -> str:
-    if not isinstance(release_id, str) or not _RELEASE_ID.match(release_id):
+    if not is_release_id(release_id):
         raise ReleaseIntegrityError(f"{release_id!r} is not a release id (expected r-YYYYmmddTHHMMSS-<6 hex>)")
     return release_id
 

@@ -9,8 +9,10 @@ equal k, so a loader that mixed two releases could not pass the checks in ``asse
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +24,17 @@ from towerflow.cli import main
 from towerflow.config import IndexConfig, Settings
 from towerflow.infra.promote import (
     STEPS,
+    InvalidReleaseRefError,
     PromotionConflictError,
     PromotionError,
     list_releases,
     promote,
     register_release,
+    resolve_version,
     rollback,
     show_release,
 )
+from towerflow.infra.release_gc import gc_releases
 from towerflow.infra.releases import (
     ReleaseIntegrityError,
     ReleaseNotFoundError,
@@ -70,9 +75,9 @@ def load_tower(directory: Path) -> TinyTower:
     return m
 
 
-def make_release(releases_dir: Path, work: Path, k: int) -> str:
+def make_release(releases_dir: Path, work: Path, k: int, rid: str | None = None) -> str:
     """Release k: items 1000k .. 1000k+39 embedded by a real nn.Embedding, a flat index, tower weights = k."""
-    rid = new_release_id()
+    rid = rid or new_release_id()
     torch.manual_seed(k)
     table = nn.Embedding(N_ITEMS + 1, DIM)
     emb = embed_items(lambda idx: nn.functional.normalize(table(idx), dim=-1), np.arange(1, N_ITEMS + 1),
@@ -342,10 +347,15 @@ def test_rollback_walks_back_the_recorded_chain(settings, releases):
     assert_whole(load_release(settings, load_model=load_tower), 1)
 
 
-def test_cli_list_show_promote_rollback(settings, releases, monkeypatch, capsys):
+def use_settings(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """Point the CLI's ``Settings()`` at ``settings``."""
     for key, value in (("DATA_ROOT", settings.data_root), ("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
                        ("REGISTERED_MODEL", settings.registered_model)):
         monkeypatch.setenv(f"TOWERFLOW_{key}", str(value))
+
+
+def test_cli_list_show_promote_rollback(settings, releases, monkeypatch, capsys):
+    use_settings(monkeypatch, settings)
     v1 = registered(settings, releases, 1)[1]
     shutil.copytree(releases[2], settings.releases_dir / releases[2].name)  # gated locally, not yet registered
 
@@ -366,3 +376,80 @@ def test_cli_list_show_promote_rollback(settings, releases, monkeypatch, capsys)
     assert "error: version 1" in capsys.readouterr().err
     assert main(["release", "list"]) == 0
     assert "champion" in capsys.readouterr().out
+
+
+def test_an_empty_or_malformed_release_id_is_refused_not_resolved(settings, releases, monkeypatch, capsys):
+    """``release promote ""`` used to drop the tag filter and promote the oldest version, exit 0."""
+    use_settings(monkeypatch, settings)
+    v = registered(settings, releases, 1, 2)
+    promote(v[2], settings)
+    for ref in ("", "   ", "\t"):
+        with pytest.raises(InvalidReleaseRefError, match="the release id is empty"):
+            promote(resolve_version(ref, settings), settings)
+        assert main(["release", "promote", ref]) == 1
+        assert capsys.readouterr().err.strip() == ("error: the release id is empty: give a release id "
+                                                   "(r-YYYYmmddTHHMMSS-<6 hex>) or a registered version number")
+        assert main(["release", "show", ref]) == 1
+        assert "the release id is empty" in capsys.readouterr().err
+    for ref, says in (("0", "version 0 does not exist"), ("r-1", "'r-1' is not a release id"),
+                      ("v2", "'v2' is not a release id")):
+        assert main(["release", "promote", ref]) == 1
+        assert says in capsys.readouterr().err
+    assert load_release(settings, load_model=load_tower).version == v[2]  # nothing moved
+    assert resolve_version(" 1 ", settings) == 1 and resolve_version(releases[1].name, settings) == v[1]
+
+
+def _rid(second: int) -> str:
+    return f"r-20260101T0000{second:02d}-{second:06x}"
+
+
+def test_gc_removes_only_what_nothing_references(settings, tmp_path, monkeypatch, capsys):
+    """Releases r1..r7 (ids in creation order): r1..r6 registered, r7 only written (a retrain that failed after
+    assembling it). r1 was champion once, r3 is the previous champion, r4 the champion, the ledger names r2; with
+    keep 2 the newest two (r6, r7) stay, and r1 and r5 go from the registry, the artifact store, the release
+    directories and the cache."""
+    use_settings(monkeypatch, settings)
+    from towerflow.backfill import Ledger, LedgerEntry
+    from towerflow.infra.releases import cache_dir, fetch_release
+
+    rel = {k: settings.releases_dir / make_release(settings.releases_dir, tmp_path, k, _rid(k)) for k in range(1, 8)}
+    v = registered(settings, rel, 1, 2, 3, 4, 5, 6)
+    for k in (1, 3, 4):
+        promote(v[k], settings)
+    fetch_release(settings, v[1])  # a cached copy of r1, as a server that once loaded it leaves
+    Ledger(settings.data_root / "backfill" / "ledger.sqlite").record(LedgerEntry(
+        day="2026-01-03", work="retrain", lookback_days=2, release_id=rel[2].name, finished_at="2026-01-03T04:00:00Z"))
+    old_tmp, new_tmp = settings.releases_dir / ".tmp-crashed-abc", settings.releases_dir / ".tmp-in-progress-def"
+    old_tmp.mkdir()
+    new_tmp.mkdir()
+    os.utime(old_tmp, (time.time() - 7200, time.time() - 7200))
+    client = tracking_client(settings)
+    artifacts = {k: Path(client.get_run(client.get_model_version(settings.registered_model, str(v[k])).run_id)
+                         .info.artifact_uri.removeprefix("file://")) / "releases" / rel[k].name for k in (1, 5)}
+    assert all(p.is_dir() for p in artifacts.values())
+
+    plan = gc_releases(settings, keep=2, dry_run=True)
+    assert plan.kept == {rel[4].name: "alias champion", rel[3].name: "alias previous",
+                         rel[2].name: "backfill ledger, 2026-01-03", rel[6].name: "one of the newest 2",
+                         rel[7].name: "one of the newest 2"}
+    assert plan.removed_versions == {v[1]: rel[1].name, v[5]: rel[5].name}
+    gone = [rel[1], rel[5], cache_dir(settings) / rel[1].name, old_tmp]
+    assert sorted(plan.removed_paths) == sorted(gone)
+    assert all(p.exists() for p in gone) and len(list_releases(settings)) == 6  # a dry run removes nothing
+
+    assert main(["release", "gc", "--keep", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"removed version {v[1]} (release {rel[1].name})" in out and f"removed {rel[5]}" in out
+    assert f"kept {rel[4].name} (alias champion)" in out
+    assert sorted(r.version for r in list_releases(settings)) == [v[2], v[3], v[4], v[6]]
+    assert not any(p.exists() for p in gone) and not any(p.exists() for p in artifacts.values())
+    assert new_tmp.is_dir() and all(rel[k].is_dir() for k in (2, 3, 4, 6, 7))
+    assert_whole(load_release(settings, load_model=load_tower), 4)
+    assert main(["release", "gc", "--keep", "2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to remove"
+
+    rollback(settings)  # the previous champion is whole; ITS predecessor (r1) is gone, so no `previous` now
+    assert_whole(load_release(settings, load_model=load_tower), 3)
+    assert gc_releases(settings, keep=2, dry_run=True).removed_versions == {v[4]: rel[4].name}  # rolled back from
+    assert main(["release", "gc", "--keep", "0"]) == 1
+    assert "--keep must be at least 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +22,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pr = rsub.add_parser("promote", help="make a release the champion (registering a local release first)")
     pr.add_argument("id", help="release id (r-...) or registered model version number")
+    _wait_option(pr)
     pr.set_defaults(handler=_promote)
 
     rb = rsub.add_parser("rollback", help="point champion back at the previous champion")
+    _wait_option(rb)
     rb.set_defaults(handler=_rollback)
+
+    gc = rsub.add_parser(
+        "gc", help="remove releases nothing references (directories, registered versions, their artifacts)",
+        description="Remove every release that no alias, no backfill ledger entry and none of the newest --keep "
+                    "releases references, from the registry (the version and its logged artifacts), "
+                    "<data_root>/releases and <data_root>/release_cache. The champion and the previous champion "
+                    "(the rollback target) are never removed. Prints what it kept and removed.")
+    gc.add_argument("--keep", type=int, default=3, help="newest releases kept whatever references them (default "
+                                                        "3, at least 1)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    _wait_option(gc)
+    gc.set_defaults(handler=_gc)
+
+
+def _wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-s", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for a promotion in progress (its holder is printed) instead of "
+                        "failing at once (default 0)")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _metrics(m: dict[str, float]) -> str:
@@ -81,7 +106,7 @@ def _promote(args: argparse.Namespace) -> int:
             raise
         version = register_release(local, None, settings)
         print(f"registered {args.id} as version {version}")
-    print(promote(version, settings))
+    print(promote(version, settings, wait_s=args.wait_s, on_wait=_say, note="towerflow release promote"))
     return 0
 
 
@@ -89,5 +114,14 @@ def _rollback(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
     from towerflow.infra.promote import rollback
 
-    print(rollback(Settings()))
+    print(rollback(Settings(), wait_s=args.wait_s, on_wait=_say))
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from towerflow.config import Settings
+    from towerflow.infra.release_gc import gc_releases
+
+    result = gc_releases(Settings(), keep=args.keep, dry_run=args.dry_run, wait_s=args.wait_s, on_wait=_say)
+    print("\n".join(result.lines()))
     return 0

@@ -58,14 +58,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
     p.add_argument("--no-refresh-states", action="store_true",
                    help="after a promotion, leave the new champion's user states to the hourly refresh")
+    p.add_argument("--promote-wait-s", type=float, metavar="S",
+                   help="wait up to S seconds for another promotion's lease, logging its holder, then fail naming "
+                        "it (overrides promotion.wait_s, default 300; a crashed holder frees the lease at once on "
+                        "this host, after promotion.lease_s = 60 s elsewhere)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_retrain)
 
 
-def load_config(path: str | None, epochs: int | None = None, promote: bool = True, refresh_states: bool = True):
+def load_config(path: str | None, epochs: int | None = None, promote: bool = True, refresh_states: bool = True,
+                promote_wait_s: float | None = None):
     from towerflow.config import RetrainConfig
 
     config = RetrainConfig.from_file(path) if path else RetrainConfig()
+    if promote_wait_s is not None:
+        promotion = config.promotion.model_validate({**config.promotion.model_dump(), "wait_s": promote_wait_s})
+        config = config.model_copy(update={"promotion": promotion})
     if epochs is not None:
         config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     if not promote:
@@ -82,7 +90,7 @@ def _retrain(args: argparse.Namespace) -> int:
 
     settings = Settings()
     config = load_config(args.config, args.epochs, promote=not args.no_promote,
-                         refresh_states=not args.no_refresh_states)
+                         refresh_states=not args.no_refresh_states, promote_wait_s=args.promote_wait_s)
     as_of, lookback_days = args.as_of, args.lookback_days
     if as_of is None or lookback_days == "all":
         from towerflow.data.source import ParquetSource

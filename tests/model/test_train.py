@@ -139,3 +139,20 @@ def test_result_round_trips_through_save_and_load(examples, tmp_path):
     assert [e.loss for e in loaded.history] == [e.loss for e in result.history]
     for k, v in result.model.state_dict().items():
         assert torch.equal(v, loaded.model.state_dict()[k]), k
+
+
+def test_histories_that_do_not_fit_the_model_are_refused_by_name(examples):
+    from pydantic import ValidationError
+
+    from towerflow.config import RetrainConfig
+
+    # the examples' histories are 8 long with 16 gap buckets: a 4-slot position table or 8 buckets cannot take them
+    with pytest.raises(TrainError, match=r"max_seq_len \(8\) exceeds train.model.max_seq_len \(4\)"):
+        train(examples, config(model=TINY_MODEL.model_copy(update={"max_seq_len": 4})))
+    with pytest.raises(TrainError, match=r"gap_buckets \(16\) must equal train.model.gap_buckets \(8\)"):
+        train(examples, config(model=TINY_MODEL.model_copy(update={"gap_buckets": 8})))
+    # the same check when a config is loaded, before anything runs
+    with pytest.raises(ValidationError, match=r"examples.gap_buckets \(12\) must equal"):
+        RetrainConfig.model_validate({"examples": {"gap_buckets": 12}})
+    with pytest.raises(ValidationError, match=r"examples.max_seq_len \(80\) exceeds"):
+        RetrainConfig.model_validate({"examples": {"max_seq_len": 80}})

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -503,3 +503,72 @@ def status(cfg: StackConfig) -> list[ServiceStatus]:
                                  healthy=pid is not None and healthy(cfg, name), url=urls[name],
                                  log=_log_file(cfg, name)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a temporary Prefect API for one CLI run, tied to it
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when ``parent`` dies (Linux ``PR_SET_PDEATHSIG``),
+    or None where there is no prctl. The signal follows the forking THREAD: fork from one that outlives the child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: the child only calls it
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died between fork and prctl: nobody would signal us
+            os._exit(1)
+
+    return preexec
+
+
+def spawn_tied(argv: list[str], **popen: object) -> subprocess.Popen:
+    """Start ``argv`` as a child process that dies with this one, even by ``kill -9`` (Linux)."""
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent(os.getpid()), **popen)  # noqa: PLW1509
+
+
+@dataclass(frozen=True)
+class TemporaryServer:
+    pid: int
+    api_url: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_prefect_server(timeout: float = 180.0) -> Iterator[TemporaryServer]:
+    """Prefect's ephemeral API server, started the way Prefect starts it (uvicorn on a free loopback port, no UI,
+    the PREFECT_* environment of this process) but with ``spawn_tied``: a killed CLI run leaves no server behind
+    (Prefect's own ephemeral server is a plain child and outlives a ``kill -9`` of its parent). Stopped on exit."""
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    port = _free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", LOOPBACK,
+            "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    proc = spawn_tied(argv, env=env, stdin=subprocess.DEVNULL)
+    server = TemporaryServer(proc.pid, f"http://{LOOPBACK}:{port}/api")
+    try:
+        deadline = time.monotonic() + timeout
+        while not _get_ok(f"{server.api_url}/health"):
+            if proc.poll() is not None:
+                raise StackError(f"the temporary Prefect server exited with code {proc.returncode} during start-up")
+            if time.monotonic() > deadline:
+                raise StackError(f"the temporary Prefect server did not answer {server.api_url}/health within "
+                                 f"{timeout:.0f}s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,13 +17,28 @@ def add_source_option(p: argparse.ArgumentParser) -> None:
 
 
 def prefect_api(settings: Settings) -> AbstractContextManager:
-    """Point Prefect at TOWERFLOW_PREFECT_API_URL when it is set and PREFECT_API_URL is not.
+    """Point Prefect at PREFECT_API_URL, else TOWERFLOW_PREFECT_API_URL, else a temporary server for this run.
 
-    PREFECT_API_URL wins so that a shell exported for one server is not redirected; with neither set, flows run
-    on Prefect's ephemeral API.
+    PREFECT_API_URL wins so that a shell exported for one server is not redirected. With neither set, flows run on
+    a temporary local API like Prefect's ephemeral one, but started so that it dies with this process even when
+    the process is killed (``infra.stack.temporary_prefect_server``); Prefect's own would outlive a ``kill -9``.
     """
+    import os
+
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if settings.prefect_api_url and not PREFECT_API_URL.value():
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    if settings.prefect_api_url:
         return temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url})
-    return nullcontext()
+    return _temporary_api(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
+
+
+@contextmanager
+def _temporary_api(timeout: float) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from towerflow.infra.stack import temporary_prefect_server
+
+    with temporary_prefect_server(timeout) as server, temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield

@@ -1,0 +1,93 @@
+"""A killed CLI run leaves no server behind: the temporary Prefect API is tied to the process that started it.
+
+Real processes throughout: a parent is started, starts its children, and is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from towerflow.infra.lease import process_alive
+
+ROOT = Path(__file__).parents[2]
+
+PARENT = """
+import subprocess, time
+from towerflow.infra.stack import spawn_tied
+tied = spawn_tied(["sleep", "300"])
+plain = subprocess.Popen(["sleep", "300"])
+print(tied.pid, plain.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_tied_child_dies_with_its_parent_a_plain_one_does_not():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    tied, plain = map(int, parent.stdout.readline().split())
+    try:
+        assert process_alive(tied) and process_alive(plain)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert gone_within(tied, 5)
+        assert not gone_within(plain, 0.5)  # what Prefect's own ephemeral server does: outlives the kill
+    finally:
+        os.kill(plain, signal.SIGKILL)
+
+
+CLI_RUN = """
+from prefect.settings import PREFECT_API_URL
+from towerflow.commands.common import prefect_api
+from towerflow.config import Settings
+import time
+with prefect_api(Settings()):
+    print(PREFECT_API_URL.value(), flush=True)
+    time.sleep(600)
+"""
+
+
+def _server_pid(port: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"prefect.server.api.server:create_app" in cmd and str(port).encode() in cmd:
+                return int(proc.name)
+    raise AssertionError(f"no Prefect server process listens on port {port}")
+
+
+@pytest.mark.slow
+def test_the_cli_s_temporary_prefect_server_dies_with_a_killed_cli(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PREFECT_API_URL")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "TOWERFLOW_DATA_ROOT": str(tmp_path / "root"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    parent = subprocess.Popen([sys.executable, "-c", CLI_RUN], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        url = parent.stdout.readline().strip()  # after the server answered /health
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api"), url
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        server = _server_pid(int(url.rsplit(":", 1)[1].split("/")[0]))
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert gone_within(server, 5)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)

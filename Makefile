@@ -45,7 +45,7 @@ bench: install data-ml100k peer-recbole
 	$(PY) -m bench.public_path --ratings --sasrec
 
 # A peer library for side-by-side quality runs (python -m bench.movielens --sasrec), in its OWN venv: RecBole 1.2.1
-# needs numpy 1 / pandas 2, the product runs numpy 2 / pandas 3. Pins and why: ../shared/DESIGN.md section 10.
+# needs numpy 1 / pandas 2, the product runs numpy 2 / pandas 3. Pins and why: docs/architecture.md, "Dependency pins".
 PEER_VENV ?= .venv-recbole
 peer-recbole: $(PEER_VENV)/.installed-stamp
 

@@ -16,15 +16,15 @@ that path, rather than as an ``mlflow.pyfunc`` model with ``artifacts={...}``:
 What is given up: ``mlflow.pyfunc.load_model`` cannot open the version; ``infra.releases.load_release`` is the
 one loader, and it verifies what it loads.
 
-Promotion protocol (DESIGN.md section 6): with the promotion lease held (``infra/lease.py``: a lease on the data
-root that its holder renews while alive and that frees itself when the holder dies, so two promotions on one data
-root exclude each other and a crashed one blocks nobody; the loser fails at once, or waits ``wait_s`` seconds and
-then fails naming the holder), the target release is fetched and
-verified, the current champion is read, the previous champion is recorded (tag ``previous_champion`` on the
-target, alias ``previous``), the champion alias is read again and the promotion fails if it moved (the guard for
-promoters that do not share the lock, e.g. on other machines), and then ``champion`` is flipped: the one atomic
-switch. A crash before the flip leaves the old champion served whole; after it, the new one. Rollback points
-``champion`` at the champion's recorded predecessor in one call.
+Promotion protocol (docs/architecture.md, "Releases"): with the promotion lease held (``infra/lease.py``: a lease on
+the data root that its holder renews while alive and that frees itself when the holder dies, so two promotions on
+one data root exclude each other and a crashed one blocks nobody; the loser fails at once, or waits ``wait_s``
+seconds and then fails naming the holder), the target release is fetched and verified, the current champion is read,
+the previous champion is recorded (tag ``previous_champion`` on the target, alias ``previous``), the champion alias
+is read again and the promotion fails if it moved (the guard for promoters that do not share the lock, e.g. on other
+machines), and then ``champion`` is flipped: the one atomic switch. A crash before the flip leaves the old champion
+served whole; after it, the new one. Rollback points ``champion`` at the champion's recorded predecessor in one
+call.
 """
 
 from __future__ import annotations

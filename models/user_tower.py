@@ -1,4 +1,4 @@
-"""The user tower, split in two so serving can be hybrid (DESIGN.md sections 4 and 7).
+"""The user tower, split in two so serving can be hybrid (docs/architecture.md, "Serving").
 
 - ``encode_history`` (offline, cacheable): the last L actions as tokens = item vector + action-type embedding +
   time-gap bucket embedding + learned position; pre-norm Transformer encoder blocks; pooled as max-pool over

@@ -178,7 +178,7 @@ class EvalConfig(_Config):
 
 
 class GateConfig(_Config):
-    """Thresholds of every gate (DESIGN.md section 5)."""
+    """Thresholds of every gate (docs/architecture.md, "Gates")."""
 
     max_volume_drop: float = Field(
         10.0, gt=1, description="Data: fail when events per day fall by this factor or more vs the previous snapshot."

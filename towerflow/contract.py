@@ -1,4 +1,4 @@
-"""The event contract (DESIGN.md section 3): what every source, importer and stage agrees on.
+"""The event contract (docs/architecture.md, "Data contract"): what every source, importer and stage agrees on.
 
 Three tables:
 

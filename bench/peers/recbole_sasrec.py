@@ -11,9 +11,9 @@ one user's actions in sequence order, the last one the holdout target; ``n_items
 Training is RecBole's own: the sequences become an atomic ``.inter`` file whose timestamp is the position (so its
 leave-one-out split, ``LS: valid_and_test`` ordered by time, cuts exactly where towerflow cut: the last action is
 the test target, the one before it the validation target early stopping watches), SASRec with its default
-hyper-parameters and ``loss_type: CE`` over all items. Two fixes from DESIGN.md section 10: importing RecBole's
-sequential models switches ``torch.autograd.set_detect_anomaly`` on process-wide (2.8x slower), so it is switched
-off; its checkpoints need ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` to reload under torch 2.6+.
+hyper-parameters and ``loss_type: CE`` over all items. Two fixes (docs/architecture.md, "Dependency pins"):
+importing RecBole's sequential models switches ``torch.autograd.set_detect_anomaly`` on process-wide (2.8x slower),
+so it is switched off; its checkpoints need ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` to reload under torch 2.6+.
 
 Scoring is NOT RecBole's evaluator (which does not exclude seen items for sequential models): the best checkpoint
 scores every item for each user's history (the sequence without its last action, the last ``--seq-len`` of it), and

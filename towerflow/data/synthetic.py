@@ -1,4 +1,4 @@
-"""The synthetic world: the embedded default event source and the test bed (DESIGN.md section 3).
+"""The synthetic world: the embedded default event source and the test bed (docs/architecture.md, "Data contract").
 
 What is planted, so that later stages have something measurable to learn:
 

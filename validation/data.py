@@ -1,8 +1,9 @@
 """Data gate: a Great Expectations 1.x suite over one extracted snapshot (events, users, items).
 
 Checks (one ``Check`` each, named ``<table>.<what>``): required columns present, column types, not-null keys,
-``action`` in ACTIONS and ``surface`` in SURFACES, timestamps inside ``[window_start, window_end)`` and not after
-``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set), and
+``action`` in ACTIONS and ``surface`` in SURFACES, ids not negative (int64 by type; FAISS answers -1 for "no
+result", so a negative item id would vanish from answers), timestamps inside ``[window_start, window_end)`` and
+not after ``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set), and
 events-per-day and positive-rate bounds relative to the previous snapshot (an empty window always fails). The
 positive-rate bounds apply only where negatives can exist: not to a source recorded as ``implicit`` feedback.
 
@@ -52,6 +53,7 @@ NOT_NULL: dict[str, tuple[str, ...]] = {
     "items": ("item_id", "category"),
 }
 UNIQUE = {"events": "event_id", "users": "user_id", "items": "item_id"}
+ID_COLUMNS = {"events": ("user_id", "item_id", "context_item_id"), "users": ("user_id",), "items": ("item_id",)}
 POSITIVE_COL = "_is_positive"  # derived 0/1 column whose mean is the positive rate
 
 
@@ -97,6 +99,7 @@ class _Spec:
     expectation: Any
     what: str = ""
     rows_as_examples: bool = False  # for null checks the offending value is None: show row numbers instead
+    rows_too: bool = False  # also name the offending rows in the detail
 
 
 def _utc(ts: datetime | pd.Timestamp) -> pd.Timestamp:
@@ -166,6 +169,11 @@ def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timesta
             specs.append(_Spec(table, f"{table}.{key} unique", gxe.ExpectColumnValuesToBeUnique(column=key), "duplicated"))
         if table != "events":
             specs.append(_Spec(table, f"{table}.row count", gxe.ExpectTableRowCountToBeBetween(min_value=1)))
+        for col in ID_COLUMNS[table]:
+            if col in usable[table]:  # an int64 id fits int64 by its type; FAISS answers -1 for "no result"
+                specs.append(_Spec(table, f"{table}.{col} not negative",
+                                   gxe.ExpectColumnValuesToBeBetween(column=col, min_value=0), "negative",
+                                   rows_too=True))
 
     ev, ok = frames["events"], usable["events"]
     derived: dict[str, pd.Series] = {}
@@ -257,7 +265,9 @@ def _to_check(spec: _Spec, r: Any, notes: dict[str, str]) -> Check:
             return Check(spec.name, ok, n_bad, 0, detail)
         counts = res.get("partial_unexpected_counts") or []
         examples = [c["value"] for c in counts][:MAX_EXAMPLES] or list(res.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
-        return Check(spec.name, ok, n_bad, 0, f"{n_bad} of {n} rows {spec.what}", jsonable(examples))
+        rows = list(res.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES] if spec.rows_too else []
+        detail = f"{n_bad} of {n} rows {spec.what}" + (f" (rows {rows})" if rows else "")
+        return Check(spec.name, ok, n_bad, 0, detail, jsonable(examples))
     observed = res.get("observed_value")
     etype = r.expectation_config.type
     if etype == "expect_table_columns_to_match_set":

@@ -270,3 +270,16 @@ def test_an_empty_last_day_fails_even_when_gaps_are_allowed():
     check = result.check("events.last day has events")
     assert (check.observed, check.detail) == (0, "0 events on the window's last day 2026-01-03")
     assert result.check("events.every day has events").observed == 1
+
+
+def test_negative_ids_fail_naming_value_and_row():
+    events, items = _events(), _items()
+    events.loc[[3, 7], "item_id"] = -1  # FAISS's "no result": such an item would vanish from every answer
+    items.loc[2, "item_id"] = -1
+    result = _gate(events=events, items=items)
+    assert {"events.item_id not negative", "items.item_id not negative"} <= _failed(result)
+    check = result.check("events.item_id not negative")
+    assert (check.observed, check.detail, check.examples) == (2, "2 of 20 rows negative (rows [3, 7])", [-1])
+    assert result.check("items.item_id not negative").detail == "1 of 4 rows negative (rows [2])"
+    for name in ("events.user_id not negative", "events.context_item_id not negative", "users.user_id not negative"):
+        assert result.check(name).passed

@@ -336,6 +336,21 @@ def test_recbole_file_without_required_columns_or_rows(tmp_path):
         ("user,item,timestamp\n1,2,100\n1,3,soon\n", r"log\.csv: unparseable timestamps in timestamp; line 3: 'soon'"),
         ("user,item,action\n1,2,click\n1,3,like\n", r"log\.csv: unknown action\(s\) \['like'\].*line 3"),
         ("user,item,rating,action\n1,2,5,click\n", r"log\.csv: has both 'rating' and 'action'"),
+        # ids: negative (FAISS's "no result" is -1), beyond int64, empty, missing-value markers
+        ("user,item\n1,2\n-5,3\n", r"log\.csv: user ids must be >= 0 \(FAISS answers -1 for 'no result'\); line 3: '-5'"),
+        ("user_id,item_id\n1,9223372036854775807\n1,9223372036854775808\n",
+         r"log\.csv: item_id ids must fit int64 \(at most 9223372036854775807\); line 3: '9223372036854775808'"),
+        ("user,item\n1,2\n,3\n", r"log\.csv: user is empty or a missing-value marker; line 3: ''"),
+        ("user,item\n1,2\nnan,3\n", r"log\.csv: user is empty or a missing-value marker; line 3: 'nan'"),
+        ("user,item\nu1,NaN\n", r"log\.csv: item is empty or a missing-value marker; line 2: 'NaN'"),
+        ("user,item\nalice,x\nbob,NULL\n", r"log\.csv: item is empty or a missing-value marker; line 3: 'NULL'"),
+        # epoch units: told by magnitude, never mixed; times before 1970 are not interaction times
+        ("user,item,timestamp\n1,2,1700000000000\n1,3,1700000000\n",
+         r"log\.csv: timestamp mixes epoch units: line 2 looks like milliseconds \('1700000000000'\), "
+         r"line 3 like seconds \('1700000000'\)"),
+        ("user,item,timestamp\n1,2,100\n1,3,-100\n",
+         r"log\.csv: timestamps in timestamp must be in \[1970-01-01, 2262-04-11\) \(read as seconds since "
+         r"1970-01-01 UTC\); line 3: '-100'"),
     ],
 )
 def test_bad_interaction_files_are_named_and_leave_nothing(tmp_path, content, message):
@@ -344,6 +359,75 @@ def test_bad_interaction_files_are_named_and_leave_nothing(tmp_path, content, me
     with pytest.raises(ContractError, match=message):
         import_interactions(str(f), str(out))
     assert _leftovers(out) == []
+
+
+def _parquet(path: Path, **columns) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"user": [1, 2], "item": [3, 4], "timestamp": [True, False]},
+         r"log\.parquet: timestamp holds booleans, not times; line 1: (np\.)?True"),
+        ({"user": pa.array([[1, 2], [3]], pa.list_(pa.int64())), "item": [3, 4], "timestamp": [1, 2]},
+         r"log\.parquet: user must hold one value per row, not lists; line 1: array\(\[1, 2\]\)"),
+        ({"user": [1, 2], "item": pa.array([3, -1], pa.int64())},
+         r"log\.parquet: item ids must be >= 0 \(FAISS answers -1 for 'no result'\); line 2: (np\.int64\()?-1"),
+        ({"user": pa.array([1, 2**63], pa.uint64()), "item": [3, 4]},
+         r"log\.parquet: user ids must fit int64 \(at most 9223372036854775807\); line 2: (np\.uint64\()?9223372036854775808"),
+        ({"user": [True, False], "item": [3, 4]}, r"log\.parquet: user holds booleans, not ids; line 1"),
+        ({"user": ["a", None], "item": [3, 4]}, r"log\.parquet: user is empty or a missing-value marker; line 2: (None|nan)"),
+    ],
+)
+def test_bad_parquet_columns_are_named_and_leave_nothing(tmp_path, columns, message):
+    f, out = _parquet(tmp_path / "log.parquet", **columns), tmp_path / "src"
+    with pytest.raises(ContractError, match=message):
+        import_interactions(str(f), str(out))
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize(("scale", "unit"), [(1_000, "milliseconds"), (1_000_000, "microseconds"),
+                                             (1_000_000_000, "nanoseconds")])
+def test_epoch_units_are_told_by_magnitude_and_converted(tmp_path, scale, unit):
+    f = _parquet(tmp_path / "log.parquet", user=[1, 1], item=[2, 3],
+                 timestamp=pa.array([1_700_000_000 * scale, 1_700_000_060 * scale + scale // 2], pa.int64()))
+    s = import_interactions(str(f), str(tmp_path / "src"))
+    ts = [e[4] for e in _events(ParquetSource(str(tmp_path / "src")))]
+    assert ts == ["2023-11-14 22:13", "2023-11-14 22:14"]  # 1_700_000_000 s = 2023-11-14 22:13:20 UTC
+    assert f"timestamp: epoch {unit} (told by magnitude), converted" in s.notes
+    start = pd.Timestamp("2023-11-14", tz="UTC").to_pydatetime()
+    got = ParquetSource(str(tmp_path / "src")).read_events(start, start + timedelta(days=1)).ts.tolist()
+    assert got == [pd.Timestamp("2023-11-14 22:13:20", tz="UTC"), pd.Timestamp("2023-11-14 22:14:20.5", tz="UTC")]
+
+
+def test_exact_duplicate_rows_are_collapsed_and_counted(tmp_path):
+    f = tmp_path / "log.csv"
+    # lines 3 and 5 repeat line 2 exactly; line 4 differs in its item, line 6 in its action
+    f.write_text("user,item,timestamp,action\n1,2,1000000000,click\n1,2,1000000000,click\n1,3,1000000000,click\n"
+                 "1,2,1000000000,click\n1,2,1000000000,save\n")
+    s = import_interactions(str(f), str(tmp_path / "src"))
+    assert [e[:4] for e in _events(ParquetSource(str(tmp_path / "src")))] == [
+        ("1-2-1000000000", 1, 2, "click"), ("1-2-1000000000-1", 1, 2, "save"), ("1-3-1000000000", 1, 3, "click")]
+    assert s.n_events == 3
+    assert f"2 exact duplicate row(s) in {f} collapsed (first: line 3 repeats line 2)" in str(s)
+
+
+def test_movielens_negative_or_huge_ids_are_refused_and_duplicates_collapsed(tmp_path):
+    d = write_ml100k(tmp_path / "ml")
+    good = (d / "u.data").read_text()
+    (d / "u.data").write_text(good + "-3\t10\t4\t883612800\n")
+    with pytest.raises(ContractError, match=r"u\.data: user_id ids must be >= 0 .*; line 6: '-3'"):
+        import_movielens(str(d), str(tmp_path / "src"))
+    (d / "u.data").write_text(good + "1\t99999999999999999999\t4\t883612800\n")
+    with pytest.raises(ContractError, match=r"u\.data: item_id ids must fit int64 .*; line 6: '99999999999999999999'"):
+        import_movielens(str(d), str(tmp_path / "src"))
+    assert _leftovers(tmp_path / "src") == []
+    (d / "u.data").write_text(good + good.splitlines(keepends=True)[0])  # the first rating twice
+    s = import_movielens(str(d), str(tmp_path / "src"))
+    assert s.n_events == len(RATINGS) and _events(ParquetSource(str(tmp_path / "src"))) == EXPECTED_EVENTS
+    assert f"1 exact duplicate row(s) in {d / 'u.data'} collapsed (first: line 6 repeats line 1)" in str(s)
 
 
 def test_interactions_missing_file(tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,6 +72,69 @@ def _first_bad(series: pd.Series, bad: pd.Series, first_line: int) -> str:
     return f"line {pos + first_line}: {series.iloc[pos]!r}"
 
 
+INT64_MAX = int(np.iinfo(np.int64).max)
+# What pandas (and most tools) read as a missing value: never an id.
+MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                             "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def check_scalars(values: pd.Series, where: str, column: str, first_line: int, what: str = "ids") -> None:
+    """Refuse cells that hold lists, arrays or mappings (a Parquet list column) and boolean columns."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        raise ContractError(f"{where}: {column} holds booleans, not {what}; line {first_line}: {values.iloc[0]!r}")
+    if values.dtype == object:
+        nested = values.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray))
+        if nested.any():
+            raise ContractError(f"{where}: {column} must hold one value per row, not lists; "
+                                f"{_first_bad(values, nested, first_line)}")
+
+
+def _check_id_range(values: pd.Series, negative: pd.Series, too_big: pd.Series, where: str, column: str,
+                    first_line: int) -> None:
+    if negative.any():
+        raise ContractError(f"{where}: {column} ids must be >= 0 (FAISS answers -1 for 'no result'); "
+                            f"{_first_bad(values, negative, first_line)}")
+    if too_big.any():
+        raise ContractError(f"{where}: {column} ids must fit int64 (at most {INT64_MAX}); "
+                            f"{_first_bad(values, too_big, first_line)}")
+
+
+def int_ids(values: pd.Series, where: str, column: str, first_line: int) -> pd.Series | None:
+    """Ids -> int64 when every value is a whole number written plainly (integer column, or text without leading
+    zeros); None when some are other text (the caller factorizes or refuses). Refused, naming the first line:
+    empty cells and missing-value markers (``nan``, ``NULL`` ...), lists, booleans, negative ids and ids beyond
+    int64.
+    """
+    check_scalars(values, where, column, first_line)
+    if pd.api.types.is_integer_dtype(values.dtype):
+        if values.isna().any():
+            raise ContractError(f"{where}: {column} is empty; {_first_bad(values, values.isna(), first_line)}")
+        big = values > INT64_MAX if values.dtype.kind == "u" else pd.Series(False, index=values.index)
+        _check_id_range(values, values < 0, big, where, column, first_line)
+        return values.astype("int64")
+    text = values.astype("str").str.strip()
+    missing = values.isna() | text.isin(MISSING_MARKERS)
+    if missing.any():
+        raise ContractError(f"{where}: {column} is empty or a missing-value marker; "
+                            f"{_first_bad(values, missing, first_line)}")
+    if not text.str.fullmatch(r"-?(0|[1-9]\d*)").all():
+        return None
+    neg = text.str.startswith("-")
+    digits = text.str.len()
+    big = ~neg & ((digits > len(str(INT64_MAX))) | ((digits == len(str(INT64_MAX))) & (text > str(INT64_MAX))))
+    _check_id_range(values, neg, big, where, column, first_line)
+    return text.astype("int64")
+
+
+def parse_ids(values: pd.Series, where: str, column: str, first_line: int) -> pd.Series:
+    """``int_ids``, with any value that is not a plain whole number an error naming its line."""
+    ids = int_ids(values, where, column, first_line)
+    if ids is None:
+        bad = ~values.astype("str").str.strip().str.fullmatch(r"-?(0|[1-9]\d*)")
+        raise ContractError(f"{where}: {column} must be whole numbers; {_first_bad(values, bad, first_line)}")
+    return ids
+
+
 def parse_ints(series: pd.Series, where: str, column: str, first_line: int) -> pd.Series:
     """Strings (or numbers) -> int64; a value that is not a whole number is an error naming its line.
 
@@ -88,8 +152,25 @@ def parse_ints(series: pd.Series, where: str, column: str, first_line: int) -> p
     return num.astype("int64")
 
 
-def parse_unix_seconds(series: pd.Series, where: str, column: str, first_line: int) -> pd.Series:
-    """Seconds since the Unix epoch (strings or numbers) -> UTC timestamps (us)."""
+# Epoch numbers by magnitude: seconds reach 1e11 only in the year 5138, milliseconds 1e14 in 5138, and so on.
+EPOCH_UNITS: tuple[tuple[float, str, str], ...] = (
+    (1e11, "s", "seconds"), (1e14, "ms", "milliseconds"), (1e17, "us", "microseconds"), (np.inf, "ns", "nanoseconds"),
+)
+TS_RANGE = (pd.Timestamp("1970-01-01", tz="UTC"), pd.Timestamp("2262-04-11", tz="UTC"))
+
+
+def _unit_class(num: pd.Series) -> np.ndarray:
+    return np.searchsorted([b for b, _, _ in EPOCH_UNITS], num.abs().to_numpy(), side="right")
+
+
+def parse_epoch(series: pd.Series, where: str, column: str, first_line: int) -> tuple[pd.Series, str]:
+    """Epoch numbers (strings or numbers) -> (UTC timestamps (us), the unit's name).
+
+    The unit is told by magnitude (``EPOCH_UNITS``): 1.7e9 is seconds, 1.7e12 milliseconds, 1.7e15 microseconds,
+    1.7e18 nanoseconds. A column whose values fall in different units, booleans, and times outside
+    ``TS_RANGE`` are refused naming the first such line.
+    """
+    check_scalars(series, where, column, first_line, "times")
     try:
         num = series.astype("float64")
     except (ValueError, TypeError):
@@ -97,13 +178,44 @@ def parse_unix_seconds(series: pd.Series, where: str, column: str, first_line: i
     bad = num.isna()
     if bad.any():
         raise ContractError(f"{where}: unparseable timestamps in {column}; {_first_bad(series, bad, first_line)}")
-    try:
-        ts = pd.to_datetime(num, unit="s", utc=True)
-    except (OverflowError, ValueError) as exc:  # OutOfBoundsDatetime is a ValueError
+    cls = _unit_class(num)
+    top = int(cls.max())
+    mixed = cls != top
+    if top > 0 and mixed.any():
+        pos = int(mixed.nonzero()[0][0])
+        first_top = int((cls == top).nonzero()[0][0])
         raise ContractError(
-            f"{where}: timestamps in {column} out of range ({exc}); numbers must be seconds since 1970-01-01 UTC"
-        ) from exc
-    return ts.astype("datetime64[us, UTC]")
+            f"{where}: {column} mixes epoch units: line {first_top + first_line} looks like {EPOCH_UNITS[top][2]} "
+            f"({series.iloc[first_top]!r}), line {pos + first_line} like {EPOCH_UNITS[int(cls[pos])][2]} "
+            f"({series.iloc[pos]!r})"
+        )
+    unit, unit_name = EPOCH_UNITS[top][1], EPOCH_UNITS[top][2]
+    ts = pd.to_datetime(num.round().astype("int64") if unit == "ns" else num, unit=unit, utc=True)
+    out = (ts < TS_RANGE[0]) | (ts >= TS_RANGE[1])
+    if out.any():
+        raise ContractError(
+            f"{where}: timestamps in {column} must be in [{TS_RANGE[0]:%Y-%m-%d}, {TS_RANGE[1]:%Y-%m-%d}) (read as "
+            f"{unit_name} since 1970-01-01 UTC); {_first_bad(series, out, first_line)}"
+        )
+    return ts.astype("datetime64[us, UTC]"), unit_name
+
+
+def exact_duplicates(rows: pd.DataFrame, where: str, first_line: int) -> tuple[pd.Series, str | None]:
+    """Rows identical in every column to an earlier one: (mask of the rows to keep, a note counting the others).
+
+    An exact repeat (same user, item, time and action) is double ingestion, not a second event: it is collapsed,
+    and the import summary says how many and where the first one was.
+    """
+    text = rows.astype("str")  # hashable whatever the cells hold
+    group = text.groupby(list(text.columns), dropna=False, sort=False).ngroup().to_numpy()
+    dup = pd.Series(pd.Series(group).duplicated().to_numpy(), index=rows.index)
+    if not dup.any():
+        return ~dup, None
+    pos = int(dup.to_numpy().nonzero()[0][0])
+    orig = int((group == group[pos]).nonzero()[0][0])
+    note = (f"{int(dup.sum()):,} exact duplicate row(s) in {where} collapsed (first: line {pos + first_line} "
+            f"repeats line {orig + first_line})")
+    return ~dup, note
 
 
 def check_actions(actions: pd.Series, where: str, first_line: int) -> pd.Series:

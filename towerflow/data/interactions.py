@@ -3,11 +3,14 @@
 Input: a CSV (``.csv``; ``.tsv`` is tab-separated) or Parquet (``.parquet``/``.pq``) file with columns
 
 - ``user`` (or ``user_id``) and ``item`` (or ``item_id``): required. Whole numbers without leading zeros are kept
-  as ids; anything else (strings, "007") is factorized: sorted external ids get 1, 2, 3 ..., and the mapping is
-  written beside the tables as ``id_map/users.parquet`` (external_id, user_id) / ``id_map/items.parquet``
-  (external_id, item_id).
-- ``timestamp`` (or ``ts``): optional. Numbers are seconds since the Unix epoch; strings are ISO 8601; naive times
-  are UTC. Without it the file's row order is the time order: row i gets ``SYNTHETIC_EPOCH + i`` seconds.
+  as ids (they must be >= 0 and fit int64); anything else (strings, "007") is factorized: sorted external ids get
+  1, 2, 3 ..., and the mapping is written beside the tables as ``id_map/users.parquet`` (external_id, user_id) /
+  ``id_map/items.parquet`` (external_id, item_id). Refused: empty cells and missing-value markers (``nan``,
+  ``NaN``, ``NULL`` ...), list-valued cells, boolean columns.
+- ``timestamp`` (or ``ts``): optional. Numbers are epoch seconds, or milliseconds / microseconds / nanoseconds
+  told by magnitude (converted, with a note); strings are ISO 8601; naive times are UTC. Booleans, a column mixing
+  units and times outside [1970, 2262) are refused. Without it the file's row order is the time order: row i
+  gets ``SYNTHETIC_EPOCH + i`` seconds.
 - ``rating`` or ``action``: optional, at most one. Ratings in [0.5, 5] map as for MovieLens
   (``towerflow.data.movielens.RATING_TO_ACTION``); actions are taken as they are and must be in ``ACTIONS``.
   With neither, every row is a ``click`` and the source is recorded as ``implicit`` feedback (``source.json``):
@@ -15,7 +18,8 @@ Input: a CSV (``.csv``; ``.tsv`` is tab-separated) or Parquet (``.parquet``/``.p
   ``explicit`` feedback, a ``rating`` column ``ratings``; both keep the positive-rate checks.
 - ``category``: optional; an item's category is the first value seen for it, else ``"unknown"``.
 
-Every event is on the ``homefeed`` surface with no context. Users and items tables are synthesized from the
+Rows identical in every column to an earlier row are collapsed (double ingestion, not a second event); the
+summary counts them and names the first. Every event is on the ``homefeed`` surface with no context. Users and items tables are synthesized from the
 events: ``signup_ts`` / ``created_ts`` = first event time; items have no genres or title.
 """
 
@@ -34,8 +38,11 @@ from towerflow.data.importing import (
     ImportSummary,
     check_actions,
     check_out,
+    check_scalars,
     events_frame,
-    parse_unix_seconds,
+    exact_duplicates,
+    int_ids,
+    parse_epoch,
     require_file,
     summarize,
     write_source,
@@ -79,44 +86,43 @@ def _column(df: pd.DataFrame, name: str, file: str) -> str | None:
     return found[0] if found else None
 
 
-def _ids(values: pd.Series, file: str, column: str, first_line: int) -> tuple[pd.Series, pd.DataFrame | None]:
-    """Whole-number ids stay; anything else is factorized (sorted, from 1) and its mapping returned."""
-    if pd.api.types.is_integer_dtype(values.dtype):
-        if values.isna().any():
-            pos = int(values.isna().to_numpy().nonzero()[0][0])
-            raise ContractError(f"{file}: {column} is empty on line {pos + first_line}")
-        return values.astype("int64"), None
-    text = values.astype("str").str.strip()
-    if values.isna().any() or (text == "").any():
-        pos = int((values.isna() | (text == "")).to_numpy().nonzero()[0][0])
-        raise ContractError(f"{file}: {column} is empty on line {pos + first_line}")
-    num = pd.to_numeric(text, errors="coerce")
-    if num.notna().all() and (num == num.round()).all() and (num.astype("int64").astype("str") == text).all():
-        return num.astype("int64"), None
-    codes, uniques = pd.factorize(text, sort=True)
+def _ids(values: pd.Series, file: str, name: str, first_line: int) -> tuple[pd.Series, pd.DataFrame | None]:
+    """Whole-number ids stay; anything else is factorized (sorted, from 1) and its mapping returned.
+
+    ``name`` is ``user`` or ``item``; errors name the file's column (``values.name``).
+    """
+    ids = int_ids(values, file, str(values.name), first_line)
+    if ids is not None:
+        return ids, None
+    codes, uniques = pd.factorize(values.astype("str").str.strip(), sort=True)
     mapping = pd.DataFrame({"external_id": pd.Series(uniques, dtype="str"),
-                            f"{column}_id": np.arange(1, len(uniques) + 1, dtype="int64")})
+                            f"{name}_id": np.arange(1, len(uniques) + 1, dtype="int64")})
     return pd.Series(codes + 1, index=values.index, dtype="int64"), mapping
 
 
-def _timestamps(values: pd.Series, file: str, column: str, first_line: int) -> pd.Series:
-    """Datetimes, epoch seconds or ISO 8601 strings -> UTC. The first value decides between numbers and text."""
+def _timestamps(values: pd.Series, file: str, column: str, first_line: int) -> tuple[pd.Series, str | None]:
+    """Datetimes, epoch numbers (unit told by magnitude) or ISO 8601 strings -> (UTC, a note when not seconds).
+
+    The first value decides between numbers and text.
+    """
+    check_scalars(values, file, column, first_line, "times")
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
         if values.isna().any():
             pos = int(values.isna().to_numpy().nonzero()[0][0])
             raise ContractError(f"{file}: missing timestamp in {column} on line {pos + first_line}")
         ts = values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
-        return ts.astype("datetime64[us, UTC]")
+        return ts.astype("datetime64[us, UTC]"), None
     if pd.api.types.is_numeric_dtype(values.dtype) or pd.notna(pd.to_numeric(values.iloc[0], errors="coerce")):
-        return parse_unix_seconds(values, file, column, first_line)
+        ts, unit = parse_epoch(values, file, column, first_line)
+        return ts, (None if unit == "seconds" else f"{column}: epoch {unit} (told by magnitude), converted")
     ts = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
     if ts.isna().any():
         pos = int(ts.isna().to_numpy().nonzero()[0][0])
         raise ContractError(
-            f"{file}: unparseable timestamps in {column} (expected epoch seconds or ISO 8601); "
+            f"{file}: unparseable timestamps in {column} (expected epoch numbers or ISO 8601); "
             f"line {pos + first_line}: {values.iloc[pos]!r}"
         )
-    return ts.astype("datetime64[us, UTC]")
+    return ts.astype("datetime64[us, UTC]"), None
 
 
 def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> ImportSummary:
@@ -127,7 +133,8 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
     failure leaves no partial output. ``out_uri`` must not hold anything unless ``overwrite``.
 
     Raises ContractError naming the file and problem: missing or empty file, missing user/item columns, both
-    rating and action, unparseable timestamps, ratings outside [0.5, 5], unknown actions.
+    rating and action, unparseable or boolean timestamps, mixed epoch units, missing, negative, list-valued or
+    out-of-int64 ids, ratings outside [0.5, 5], unknown actions.
     """
     t0 = time.perf_counter()
     check_out(out_uri, overwrite)
@@ -145,7 +152,8 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
     user_id, user_map = _ids(df[cols["user"]], file, "user", first_line)
     item_id, item_map = _ids(df[cols["item"]], file, "item", first_line)
     if cols["timestamp"]:
-        ts = _timestamps(df[cols["timestamp"]], file, cols["timestamp"], first_line)
+        ts, note = _timestamps(df[cols["timestamp"]], file, cols["timestamp"], first_line)
+        notes += [note] if note else []
     else:
         ts = pd.Series(SYNTHETIC_EPOCH + pd.to_timedelta(np.arange(len(df)), unit="s")).astype("datetime64[us, UTC]")
         notes.append(f"no timestamp column: row order, 1 s apart from {SYNTHETIC_EPOCH:%Y-%m-%d}")
@@ -156,6 +164,10 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
     else:
         action, feedback = pd.Series(["click"] * len(df), dtype="str"), "implicit"
         notes.append("no rating or action column: every row is a click")
+    keep, note = exact_duplicates(df[[c for c in cols.values() if c]], file, first_line)
+    if note:
+        notes.append(note)
+        user_id, item_id, action, ts, df = user_id[keep], item_id[keep], action[keep], ts[keep], df[keep]
     events = events_frame(user_id, item_id, action, ts)
 
     seen = pd.DataFrame({"user_id": user_id.to_numpy(), "item_id": item_id.to_numpy(), "ts": ts.to_numpy()})

@@ -41,8 +41,10 @@ from towerflow.data.importing import (
     check_out,
     check_references,
     events_frame,
+    exact_duplicates,
+    parse_epoch,
+    parse_ids,
     parse_ints,
-    parse_unix_seconds,
     require_file,
     summarize,
     write_source,
@@ -234,7 +236,7 @@ def _read_ml100k(files: dict[str, str]) -> _Raw:
         raise ContractError(f"{files['items']}: unparseable release date on line {pos + 1}: {it.release_date.iloc[pos]!r}")
     year = released.dt.year.astype("Int64").fillna(_title_year(it.title))
     created = released.astype("datetime64[us, UTC]").fillna(_year_start(year))
-    items = _items(parse_ints(it.item_id, files["items"], "item_id", 1), it.title, genres, year, created)
+    items = _items(parse_ids(it.item_id, files["items"], "item_id", 1), it.title, genres, year, created)
     return _Raw(r, u, u.occupation, items, 1)
 
 
@@ -247,7 +249,7 @@ def _read_recbole(files: dict[str, str]) -> _Raw:
     genre_col = "class" if "class" in it.columns else "genre"  # ml-100k names it class, ml-1m genre
     _require(it, files["items"], ("item_id", "movie_title", "release_year", genre_col))
     year = _year(it.release_year)
-    items = _items(parse_ints(it.item_id, files["items"], "item_id", 2), it.movie_title,
+    items = _items(parse_ids(it.item_id, files["items"], "item_id", 2), it.movie_title,
                    [g.split() for g in it[genre_col]], year, _year_start(year))
     return _Raw(r, u, u.occupation, items, 2)
 
@@ -263,7 +265,7 @@ def _read_ml1m(files: dict[str, str]) -> _Raw:
     occupation = pd.Series(np.array(ML1M_OCCUPATIONS, dtype=object)[code.to_numpy()], dtype="str")
     m = _fields(files["items"], ["item_id", "title", "genres"], "::", "latin-1")
     year = _title_year(m.title)
-    items = _items(parse_ints(m.item_id, files["items"], "item_id", 1), m.title,
+    items = _items(parse_ids(m.item_id, files["items"], "item_id", 1), m.title,
                    [g.split("|") for g in m.genres], year, _year_start(year))
     return _Raw(r, u, occupation, items, 1)
 
@@ -280,7 +282,9 @@ def import_movielens(path: str, out_uri: str, overwrite: bool = False) -> Import
     failure leaves no partial output. ``out_uri`` must not hold anything unless ``overwrite``.
 
     Raises ContractError naming the file and problem: missing path or file, empty file, missing columns or fields,
-    unparseable ids, ratings or timestamps, events whose user or item is not in the users or items file.
+    unparseable, negative or out-of-int64 ids, unparseable ratings or timestamps (epoch units are told by
+    magnitude), events whose user or item is not in the users or items file. Exact duplicate rating lines are
+    collapsed and counted in the summary.
     """
     t0 = time.perf_counter()
     check_out(out_uri, overwrite)
@@ -289,15 +293,13 @@ def import_movielens(path: str, out_uri: str, overwrite: bool = False) -> Import
         raw = _READERS[layout](files)
     rf, uf, line = files["ratings"], files["users"], raw.first_line
     r, u = raw.ratings, raw.users
-    events = events_frame(
-        parse_ints(r.user_id, rf, "user_id", line),
-        parse_ints(r.item_id, rf, "item_id", line),
-        rating_to_action(r.rating, rf, line),
-        parse_unix_seconds(r.timestamp, rf, "timestamp", line),
-    )
+    parsed = [parse_ids(r.user_id, rf, "user_id", line), parse_ids(r.item_id, rf, "item_id", line),
+              rating_to_action(r.rating, rf, line), parse_epoch(r.timestamp, rf, "timestamp", line)[0]]
+    keep, note = exact_duplicates(r[["user_id", "item_id", "rating", "timestamp"]], rf, line)
+    events = events_frame(*(col[keep] for col in parsed))
     users = pd.DataFrame(
         {
-            "user_id": parse_ints(u.user_id, uf, "user_id", line).to_numpy(),
+            "user_id": parse_ids(u.user_id, uf, "user_id", line).to_numpy(),
             "age_bucket": age_bucket(u.age, uf, line).to_numpy(),
             "gender": u.gender.replace("", "unknown").to_numpy(),
             "occupation": raw.occupation.replace("", "unknown").to_numpy(),
@@ -313,4 +315,4 @@ def import_movielens(path: str, out_uri: str, overwrite: bool = False) -> Import
         n_days = write_source(out_uri, events, users, raw.items, "ratings", overwrite=overwrite)
         info["note"] = f"{len(events):,} events in {n_days} day partitions"
     return summarize(f"MovieLens ({layout})", path, out_uri, events, users, raw.items, n_days,
-                     time.perf_counter() - t0, feedback="ratings")
+                     time.perf_counter() - t0, (note,) if note else (), feedback="ratings")

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from towerflow.errors import TowerflowError
+from towerflow.infra.lease import proc_stat
 
 SERVICES: tuple[str, ...] = ("prefect", "mlflow", "worker")
 LOOPBACK = "127.0.0.1"
@@ -142,7 +143,7 @@ def _cmdline(pid: int) -> str | None:
     proc = Path(f"/proc/{pid}")
     if proc.exists():
         try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            if proc_stat(pid) is None:
                 return None
             return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):

@@ -40,7 +40,8 @@ STAGES = ("start_tracking", "extract", "validate_data", "build_examples", "augme
 
 
 def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, config) -> tuple[dict[str, float], dict]:
-    """The flow's stages as plain calls of the pure functions, in the flow's order -> (seconds per stage, info)."""
+    """The flow's stages as plain calls of the same pure functions the flow's tasks call, in the flow's order
+    -> (seconds per stage, info). No champion exists on this data root, so ``evaluate`` scores none."""
     import numpy as np
 
     from towerflow.data.source import ParquetSource
@@ -51,16 +52,15 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     from towerflow.tasks.augment_context import augment_context
     from towerflow.tasks.build_examples import build_examples
     from towerflow.tasks.build_index import build_index
+    from towerflow.tasks.compare import evaluate_candidate
     from towerflow.tasks.embed_items import embed_items
-    from towerflow.tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
     from towerflow.tasks.extract import extract
-    from towerflow.tasks.scoring import model_ranks
     from towerflow.tasks.train import train
     from towerflow.validation.data import validate_snapshot
     from towerflow.validation.embeddings import check_embeddings
-    from towerflow.validation.index import check_index_recall
+    from towerflow.validation.index import gate_index_on_holdout
     from towerflow.validation.model import gate_model, slices_by_name
-    from towerflow.validation.release import check_release
+    from towerflow.validation.release import gate_release_on_holdout
 
     times: dict[str, float] = {}
 
@@ -79,17 +79,9 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     examples.train = stage("augment_context", lambda: augment_context(examples.train, examples.item_feats,
                                                                       config.augment)[0])
     trained = stage("train", lambda: train(examples, config.train))
-
-    def evaluate():
-        ks, short = config.eval.ks, config.eval.short_history_max
-        ranks = model_ranks(trained.model, examples.holdout, examples.user_feats, examples.holdout_seen)
-        base = baseline_ranks(examples)
-        return (metrics_from_ranks(ranks, ks), evaluate_slices(ranks, examples.holdout, ks, short),
-                {n: metrics_from_ranks(r, ks) for n, r in base.items()},
-                {n: evaluate_slices(r, examples.holdout, ks, short) for n, r in base.items()})
-
-    candidate, slices, baselines, baseline_slices = stage("evaluate", evaluate)
-    stage("gate_model", lambda: gate_model(candidate, None, baselines, slices_by_name(slices, None, baseline_slices),
+    ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval))
+    stage("gate_model", lambda: gate_model(ev.candidate, None, ev.baselines,
+                                           slices_by_name(ev.slices, None, ev.baseline_slices),
                                            config.gates).raise_if_failed())
 
     def embed():
@@ -103,11 +95,8 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
 
     def index_and_check():
         index = build_index(emb, config.index)
-        rng = np.random.default_rng(0)
-        queries = emb.vectors[rng.choice(emb.n_items, size=min(config.index.recall_sample, emb.n_items), replace=False)]
-        queries = queries + rng.normal(0, 0.05, queries.shape).astype(np.float32)
-        check_index_recall(index.search, emb.vectors, queries, min(config.index.recall_k, emb.n_items), config.gates,
-                           item_ids=emb.item_ids).raise_if_failed()
+        gate_index_on_holdout(index.search, emb.vectors, emb.item_ids, trained.model, examples.holdout,
+                              examples.user_feats, config.index, config.gates).raise_if_failed()
         return index
 
     index = stage("build_index", index_and_check)
@@ -119,30 +108,21 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
             vocab.write_text(examples.vocab.to_json())
             return write_release(settings.releases_dir, release_id=emb.release_id, user_tower_dir=tower,
                                  embeddings=emb, index=index, config=config, snapshot_id=snapshot.snapshot_id,
-                                 metrics={k: v for k, v in candidate.items() if k != "n"},
+                                 metrics={k: v for k, v in ev.candidate.items() if k != "n"},
                                  q_table=trained.model.log_q.numpy(), vocab=vocab)
 
     manifest = stage("assemble_release", assemble)
 
     def gate_release():
-        import torch
-
         release = load_release_dir(manifest.path)
-        rows, k = np.arange(min(50, len(examples.holdout))), min(10, len(release.item_ids))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the flow's gate_release does
-        try:
-            check_release(lambda s: answer(release, examples.holdout.to_batch(np.array([s["row"]]),
-                                                                              examples.user_feats), s["k"])[0],
-                          [{"row": int(r), "k": k} for r in rows], manifest.release_id, config.gates).raise_if_failed()
-        finally:
-            torch.set_num_threads(threads)
+        gate_release_on_holdout(lambda batch, k: answer(release, batch, k)[0], examples.holdout, examples.user_feats,
+                                manifest.release_id, len(release.item_ids), config.gates).raise_if_failed()
 
     stage("gate_release", gate_release)
     promoted = stage("promote", lambda: promote(register_release(manifest.path, None, settings), settings,
                                                 expected_champion=None))
     info = {"epochs_run": len(trained.history), "train_examples": len(examples.train),
-            "recall_at_10": round(candidate["recall@10"], 4), "promoted": bool(promoted.changed)}
+            "recall_at_10": round(ev.candidate["recall@10"], 4), "promoted": bool(promoted.changed)}
     return times, info
 
 

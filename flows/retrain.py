@@ -1,4 +1,4 @@
-"""The retrain flow: one window of events in, one gated, promoted release out (DESIGN.md section 2).
+"""The retrain flow: one window of events in, one gated, promoted release out (docs/architecture.md, "Pipeline").
 
     extract -> validate_data -> build_examples -> augment_context -> train -> evaluate -> gate_model
             -> embed_items -> build_index -> gate_release -> promote [-> refresh-user-states]
@@ -50,7 +50,7 @@ def retrain(
         evaluation = t.evaluate(settings, snapshot, examples, trained, config.eval, run)
         t.gate_model(evaluation, config.gates, run)
         embeddings = t.embed_items(trained, examples, config.gates, run)
-        index = t.build_index(embeddings, config.index, config.gates, run)
+        index = t.build_index(embeddings, trained, examples, config.index, config.gates, run)
         release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
         t.gate_release(settings, release, examples, config.gates, run)
         result = t.promote(settings, release, evaluation, run, config.promote, config.promotion)

@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from prefect import get_run_logger
 from prefect.context import get_run_context
 from pydantic import BaseModel, Field
@@ -26,6 +25,7 @@ from towerflow.config import (
 )
 from towerflow.flows.refresh_user_states import RefreshResult
 from towerflow.flows.stages import StageFailed, cached, publish_gate, publish_table, stage, stage_key
+from towerflow.tasks.compare import Evaluation
 
 
 class RetrainResult(BaseModel):
@@ -198,18 +198,6 @@ def train(settings: Settings, examples, config: TrainConfig, tracking: Tracking)
     return result
 
 
-@dataclass
-class Evaluation:
-    candidate: dict[str, float]
-    slices: dict[str, dict[str, float]]
-    baselines: dict[str, dict[str, float]]
-    baseline_slices: dict[str, dict[str, dict[str, float]]]
-    champion: dict[str, float] | None
-    champion_slices: dict[str, dict[str, float]] | None
-    champion_version: int | None
-    champion_release: str | None
-
-
 def _champion(settings: Settings):
     """The current champion release, or None when nothing was promoted yet."""
     from towerflow.infra.releases import ReleaseNotFoundError, load_release
@@ -222,25 +210,14 @@ def _champion(settings: Settings):
 
 @stage("evaluate")
 def evaluate(settings: Settings, snapshot, examples, trained, config: EvalConfig, tracking: Tracking) -> Evaluation:
-    from towerflow.tasks.build_examples import Vocab, user_features
-    from towerflow.tasks.evaluate import baseline_ranks, evaluate_slices, metrics_from_ranks
-    from towerflow.tasks.scoring import model_ranks, remap_examples
+    from towerflow.tasks.compare import evaluate_candidate, score_champion
+    from towerflow.tasks.vocabulary import Vocab
 
-    ks, short = config.ks, config.short_history_max
-    ranks = model_ranks(trained.model, examples.holdout, examples.user_feats, examples.holdout_seen)
-    base = baseline_ranks(examples)
-    ev = Evaluation(
-        candidate=metrics_from_ranks(ranks, ks), slices=evaluate_slices(ranks, examples.holdout, ks, short),
-        baselines={n: metrics_from_ranks(r, ks) for n, r in base.items()},
-        baseline_slices={n: evaluate_slices(r, examples.holdout, ks, short) for n, r in base.items()},
-        champion=None, champion_slices=None, champion_version=None, champion_release=None)
-
+    ev = evaluate_candidate(trained.model, examples, config)
     champion = _champion(settings)
     if champion is not None:  # the champion scored on the SAME holdout, through its own vocabulary
         vocab = Vocab.from_json((champion.vocab_dir / "vocab.json").read_text())
-        seq, seen = remap_examples(examples.holdout, examples.holdout_seen, examples.vocab, vocab)
-        c_ranks = model_ranks(champion.model, seq, user_features(snapshot.users(), vocab), seen)
-        ev.champion, ev.champion_slices = metrics_from_ranks(c_ranks, ks), evaluate_slices(c_ranks, seq, ks, short)
+        ev.champion, ev.champion_slices = score_champion(champion.model, vocab, examples, snapshot.users(), config)
         ev.champion_version, ev.champion_release = champion.version, champion.release_id
 
     tracking.log_metrics(ev.candidate, "holdout.")
@@ -257,7 +234,7 @@ def evaluate(settings: Settings, snapshot, examples, trained, config: EvalConfig
     publish_table(rows, "metrics", "holdout metrics: candidate vs champion vs baselines")
     tracking.log_dict({"candidate": ev.candidate, "slices": ev.slices, "baselines": ev.baselines,
                        "champion": ev.champion, "champion_release": ev.champion_release}, "evaluation.json")
-    _log_recall_plot(ev, ks, tracking)
+    _log_recall_plot(ev, config.ks, tracking)
     return ev
 
 
@@ -312,16 +289,13 @@ def embed_items(trained, examples, gates: GateConfig, tracking: Tracking):
 
 
 @stage("build_index")
-def build_index(emb, config: IndexConfig, gates: GateConfig, tracking: Tracking):
+def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, tracking: Tracking):
     from towerflow.tasks.build_index import build_index as build
-    from towerflow.validation.index import check_index_recall
+    from towerflow.validation.index import gate_index_on_holdout
 
     index = build(emb, config)
-    rng = np.random.default_rng(0)
-    queries = emb.vectors[rng.choice(emb.n_items, size=min(config.recall_sample, emb.n_items), replace=False)]
-    queries = queries + rng.normal(0, 0.05, queries.shape).astype(np.float32)  # near, not equal to, items
-    result = check_index_recall(index.search, emb.vectors, queries, min(config.recall_k, emb.n_items), gates,
-                                item_ids=emb.item_ids)
+    result = gate_index_on_holdout(index.search, emb.vectors, emb.item_ids, trained.model, examples.holdout,
+                                   examples.user_feats, config, gates)
     tracking.log_metrics({"index_build_s": index.build_seconds, "index_items": emb.n_items})
     publish_gate(result, "index-gate")
     return index
@@ -351,24 +325,11 @@ def assemble_release(settings: Settings, snapshot, examples, trained, emb, index
 def gate_release(settings: Settings, manifest, examples, gates: GateConfig, tracking: Tracking) -> None:
     from towerflow.infra.releases import load_release_dir
     from towerflow.serving.retrieval import answer
-    from towerflow.validation.release import check_release
+    from towerflow.validation.release import gate_release_on_holdout
 
     release = load_release_dir(manifest.path)  # exactly as serving loads it: verify every checksum and id
-    holdout = examples.holdout
-    rows = np.arange(min(50, len(holdout)))
-    k = min(10, len(release.item_ids))
-
-    def answer_one(sample: dict) -> dict:
-        return answer(release, holdout.to_batch(np.array([sample["row"]]), examples.user_feats), sample["k"])[0]
-
-    # one request at a time is tiny work: intra-op threads only add hand-off cost (and spin on a busy box);
-    # serving workers run single-threaded for the same reason
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = check_release(answer_one, [{"row": int(r), "k": k} for r in rows], manifest.release_id, gates)
-    finally:
-        torch.set_num_threads(threads)
+    result = gate_release_on_holdout(lambda batch, k: answer(release, batch, k)[0], examples.holdout,
+                                     examples.user_feats, manifest.release_id, len(release.item_ids), gates)
     tracking.set_tags({"towerflow.gate.release": result.passed})
     publish_gate(result, "release-gate")
 

@@ -4,6 +4,10 @@ Recall for one query is the share of its K exact neighbours the index returns. E
 ambiguous, so an index result counts as a hit when its true score reaches the K-th best exact score (within float
 tolerance); without ties this is plain id-overlap recall. Missing results (FAISS pads with -1), ids the catalog does
 not know and repeated ids count as misses.
+
+The queries are what serving will send: the user vectors (history + live context) of a sample of holdout
+examples, through the candidate's own towers (``holdout_queries``), not item vectors or perturbations of them,
+whose neighbourhoods an index can serve well while the users' are served badly.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from towerflow.config import GateConfig
+from towerflow.config import GateConfig, IndexConfig
 from towerflow.errors import TowerflowError
+from towerflow.models.two_tower import TwoTower
+from towerflow.tasks.build_examples import SequenceExamples
+from towerflow.tasks.scoring import user_vectors
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult
 
 IndexSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -86,3 +93,19 @@ def check_index_recall(
     examples = [{"query": int(i), "recall": round(float(recall[i]), 4)} for i in worst if recall[i] < 1]
     return GateResult("index", [Check(f"ann recall@{k_eff}", mean >= config.min_index_recall, mean,
                                       config.min_index_recall, detail, examples)])
+
+
+def holdout_queries(model: TwoTower, holdout: SequenceExamples, user_feats: np.ndarray, n: int,
+                    seed: int = 0) -> np.ndarray:
+    """The index gate's queries: the user vectors of ``min(n, len(holdout))`` holdout examples drawn without
+    replacement (``seed``) -> (q, d) float32, the vectors serving will search the index with."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(holdout), size=min(n, len(holdout)), replace=False))
+    return user_vectors(model, holdout.take(rows), user_feats)
+
+
+def gate_index_on_holdout(index_search: IndexSearch, item_vectors: np.ndarray, item_ids: np.ndarray,
+                          model: TwoTower, holdout: SequenceExamples, user_feats: np.ndarray, config: IndexConfig,
+                          gates: GateConfig) -> GateResult:
+    """The index gate of a retrain: Recall@``config.recall_k`` over ``config.recall_sample`` holdout user vectors."""
+    queries = holdout_queries(model, holdout, user_feats, config.recall_sample)
+    return check_index_recall(index_search, item_vectors, queries, config.recall_k, gates, item_ids=item_ids)

@@ -5,6 +5,9 @@ it and checks the answers: every one names the expected release (the version han
 and p99 latency stays under the bound. Requests and responses may be dicts or objects with the same field names:
 a request may carry ``k``; a response carries ``release`` (an id, or an object with ``release_id``/``id``) and
 ``items`` (each with ``item_id``).
+
+In a retrain the samples are holdout examples spread evenly over the holdout (``holdout_samples``), answered one
+at a time on one torch thread, as a serving worker answers them (``gate_release_on_holdout``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from towerflow.config import GateConfig
+from towerflow.models.batch import Batch
+from towerflow.tasks.build_examples import SequenceExamples
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult
 
 
@@ -89,3 +95,29 @@ def check_release(
     else:
         checks.append(Check("p99 latency ms", False, None, config.max_release_latency_ms, "no query was answered"))
     return GateResult("release", checks)
+
+
+def holdout_samples(n_rows: int, n_items: int, n: int = 50, k: int = 10) -> list[dict[str, int]]:
+    """The release gate's requests: ``min(n, n_rows)`` holdout rows spread evenly from the first to the last (not
+    just the first users), each asking for ``min(k, n_items)`` items -> [{"row", "k"}]."""
+    rows = np.unique(np.linspace(0, n_rows - 1, min(n, n_rows)).round().astype(np.int64)) if n_rows else []
+    return [{"row": int(r), "k": min(k, n_items)} for r in rows]
+
+
+def gate_release_on_holdout(answer_batch: Callable[[Batch, int], Any], holdout: SequenceExamples,
+                            user_feats: np.ndarray, release_id: str, n_items: int, config: GateConfig,
+                            n: int = 50, k: int = 10) -> GateResult:
+    """``check_release`` on ``holdout_samples``: each sample row becomes a one-request ``Batch`` that
+    ``answer_batch(batch, k)`` answers with one response (serving's ``answer`` on the loaded release)."""
+
+    def answer_one(sample: dict[str, int]) -> Any:
+        return answer_batch(holdout.to_batch(np.array([sample["row"]]), user_feats), sample["k"])
+
+    # one request at a time is tiny work: intra-op threads only add hand-off cost (and spin on a busy box);
+    # serving workers run single-threaded for the same reason
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return check_release(answer_one, holdout_samples(len(holdout), n_items, n, k), release_id, config)
+    finally:
+        torch.set_num_threads(threads)

@@ -64,6 +64,13 @@ def test_towerflow_serve_runs_the_http_service(served, monkeypatch):
         r = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"user_id": 1, "k": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["release"] == served.champion.release_id
         assert len(r.json()["items"]) == 3
+        assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=30).status_code == 404  # no --docs
+        # a declared 100 MB body is refused before any of it is sent
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 104857600\r\n\r\n")
+            head = s.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 413") and "the limit is 65536 bytes" in head
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

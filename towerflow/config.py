@@ -8,12 +8,27 @@ Nothing here touches the disk or a server at import time.
 from __future__ import annotations
 
 import json
+import numbers
+import types
+import typing
 from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from towerflow.errors import TowerflowError
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is not one
 
 
 class Settings(BaseSettings):
@@ -54,8 +69,35 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or f"sqlite:///{(self.data_root / 'mlflow.db').resolve()}"
 
 
+class ConfigError(TowerflowError, ValueError):
+    """A config file that cannot be used; the message names the file and, where there is one, the key."""
+
+
+def _field_kinds(annotation: object) -> tuple[object, ...]:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
 class _Config(BaseModel):
+    """Unknown keys are errors; booleans and whole numbers are strict: ``epochs: true`` or ``use_context: 1`` is
+    refused rather than read as 1 or true (floats still take ints, and strings such as YAML 1.1's ``3e-3``)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: object, info: ValidationInfo) -> object:
+        kinds = _field_kinds(cls.model_fields[info.field_name].annotation)
+        if value is None or (isinstance(value, bool) and bool in kinds):
+            return value  # None where it is not allowed: pydantic says so
+        if bool in kinds:
+            raise ValueError(f"must be true or false, got {value!r}")
+        whole = int in kinds and float not in kinds and str not in kinds
+        if isinstance(value, bool) and (int in kinds or float in kinds):
+            raise ValueError(f"must be a {'whole number' if whole else 'number'}, got {value!r}")
+        if whole and not isinstance(value, numbers.Integral):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        return value
 
 
 class WorldConfig(_Config):
@@ -270,12 +312,71 @@ class RetrainConfig(_Config):
 
     @classmethod
     def from_file(cls, path: str | Path) -> RetrainConfig:
-        """Load from YAML or JSON; unknown keys are an error that names them."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
+        """Load from YAML (``.yaml``/``.yml``) or JSON; see ``load_config_file``."""
+        return load_config_file(cls, path)
+
+
+def _yaml(text: str) -> object:
+    """Safe YAML with aliases refused: a nest of aliases (a "billion laughs") expands to gigabytes downstream."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in a "
+                                                              "config file", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _one_line(error: ValidationError, path: Path) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"config {path}: {key}: {msg}{more}"
+
+
+def load_config_file(model: type[BaseModel], path: str | Path) -> BaseModel:
+    """A config model from a YAML or JSON file, every failure a ConfigError naming the file (and the key).
+
+    Refused: a missing or unreadable file, one over ``MAX_CONFIG_BYTES``, invalid or non-UTF-8 text, YAML aliases,
+    nesting too deep to parse, a top level that is not a mapping, unknown keys, values of the wrong type (strict
+    booleans and whole numbers).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path}: {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config {path}: no such file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc})") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = _yaml(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config {path}: invalid YAML: {' '.join(str(exc).split())}") from exc
         else:
-            data = json.loads(text)
-        return cls.model_validate(data)
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(f"config {path}: invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config {path}: nested too deeply to be a config") from exc
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, path)) from exc

@@ -1,0 +1,89 @@
+"""Issue #14 item 6: config files are bounded and strict, and every failure is one line naming the file and key.
+
+Through ``towerflow retrain --config`` (the CLI loads the config before it starts Prefect or reads data) and
+``RetrainConfig.from_file``; no flow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from towerflow.cli import main
+from towerflow.config import MAX_CONFIG_BYTES, ConfigError, RetrainConfig, WorldConfig
+
+# the 9-level "billion laughs": 9^9 = 387 million strings once expanded
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line, no traceback
+    return err.strip()
+
+
+def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path, data_root, capsys):
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BOMB)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"YAML aliases \(\*a\) are not allowed"):
+        RetrainConfig.from_file(f)
+    assert time.perf_counter() - t0 < 1  # was 50 s and 5.7 GB
+    err = _cli_error(["retrain", "--config", str(f)], capsys)
+    assert err.startswith(f"error: config {f}: invalid YAML: YAML aliases (*a) are not allowed in a config file")
+    assert "line 2" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("c.yaml", "train:\n  epochs: true\n", r"train\.epochs: must be a whole number, got True$"),
+        ("c.yaml", "train:\n  epochs: '3'\n", r"train\.epochs: must be a whole number, got '3'$"),
+        ("c.yaml", "train:\n  model:\n    use_context: 1\n", r"train\.model\.use_context: must be true or false, got 1$"),
+        ("c.yaml", "promote: yes please\n", r"promote: must be true or false, got 'yes please'$"),
+        ("c.yaml", "gates:\n  max_regression: false\n", r"gates\.max_regression: must be a number, got False$"),
+        ("c.yaml", "train:\n  epoch: 3\n", r"train\.epoch: unknown key$"),
+        ("c.yaml", "train:\n  epochs: 0\n  lr: -1\n", r"train\.epochs: Input should be greater than or equal to 1 "
+                                                      r"\(and 1 more\)$"),
+        ("c.yaml", "- 1\n- 2\n", r"the top level must be a mapping of keys, got list$"),
+        ("c.yaml", "train: [\n", r"invalid YAML: .*line 2"),
+        ("c.json", '{"train": {"epochs": 3,}}', r"invalid JSON: Expecting property name enclosed in double quotes: "
+                                                 r"line 1 column 24"),
+        ("c.json", "[" * 100_000 + "]" * 100_000, r"nested too deeply to be a config$"),
+        ("c.yaml", "examples:\n  gap_buckets: 8\n", r"\(top level\): examples\.gap_buckets \(8\) must equal "
+                                                    r"train\.model\.gap_buckets"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path, data_root, capsys, name, text, message):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config {f}: {message}"):
+        RetrainConfig.from_file(f)
+    assert _cli_error(["retrain", "--config", str(f)], capsys).startswith(f"error: config {f}: ")
+
+
+def test_size_limit_and_missing_file(tmp_path, data_root, capsys):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"promote": True}) + " " * MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match=rf"^config {big}: 1,048,593 bytes, over the 1,048,576-byte limit$"):
+        RetrainConfig.from_file(big)
+    assert _cli_error(["retrain", "--config", str(tmp_path / "absent.yaml")], capsys) == (
+        f"error: config {tmp_path / 'absent.yaml'}: no such file")
+
+
+def test_good_config_loads_and_strictness_keeps_what_is_meant(tmp_path):
+    f = tmp_path / "c.yaml"
+    # YAML 1.1 reads 3e-3 as a string: floats still take it; anchors without aliases are fine
+    f.write_text("train: &t\n  epochs: 3\n  lr: 3e-3\n  num_threads: null\n  model:\n    use_context: false\n"
+                 "gates:\n  positive_rate_range: [0.0, 1.0]\n  max_regression: 0\n")
+    config = RetrainConfig.from_file(f)
+    assert (config.train.epochs, config.train.lr, config.train.num_threads) == (3, 0.003, None)
+    assert config.train.model.use_context is False and config.gates.max_regression == 0.0
+    assert config.gates.positive_rate_range == (0.0, 1.0)
+    import numpy as np
+
+    assert WorldConfig(n_users=np.int64(5)).n_users == 5  # numpy whole numbers are whole numbers

@@ -135,3 +135,12 @@ def test_redact_paths(tmp_path):
     # URLs keep their path; relative names and ratios are not paths
     assert redact_paths("http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower") == \
         "http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower"
+
+
+@pytest.mark.parametrize(("value", "message"), [("0", "must be at least 1, got 0"), ("64k", "'64k' is not a whole number")])
+def test_serve_refuses_a_body_limit_that_is_not_a_positive_number(capsys, value, message):
+    from towerflow.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--max-body-bytes", value])
+    assert exc.value.code == 2 and f"argument --max-body-bytes: {message}" in capsys.readouterr().err

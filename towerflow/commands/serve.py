@@ -17,6 +17,16 @@ from datetime import datetime
 from towerflow.commands.common import add_source_option
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _serving_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", default="champion", help="registry alias to serve and watch (default champion)")
     p.add_argument("--mode", choices=("hybrid", "online"), default="hybrid",
@@ -43,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--docs", action="store_true", help="also serve /docs, /redoc and /openapi.json (off by default)")
-    p.add_argument("--max-body-bytes", type=int, default=64 * 1024,
+    p.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024,
                    help="largest request body accepted; a longer one is refused with 413 while it is read "
                         "(default 65536)")
     _serving_options(p)

@@ -131,6 +131,11 @@ class Snapshot:
         return self.manifest.get("misplaced") or {"rows": 0, "outside_window": 0, "by_day": {}, "examples": []}
 
     @property
+    def known_empty_days(self) -> list[str]:
+        """Days of the window the source records as having no events (gaps in imported data), ISO dates."""
+        return list(self.manifest["source"].get("empty_days", []))
+
+    @property
     def feedback(self) -> str:
         """The source's feedback kind when extracted (``towerflow.contract.FEEDBACK_KINDS``)."""
         return self.manifest["source"].get("feedback", DEFAULT_FEEDBACK)
@@ -202,7 +207,8 @@ def extract(source: EventSource, as_of: datetime, lookback_days: int, snapshots_
             manifest = {
                 "snapshot_id": sid, "as_of": as_of.isoformat(), "lookback_days": lookback_days,
                 "window": {"start": start.isoformat(), "end": as_of.isoformat()},
-                "source": {"uri": source.uri, "fingerprint": fingerprint, "feedback": source.feedback()},
+                "source": {"uri": source.uri, "fingerprint": fingerprint, "feedback": source.feedback(),
+                           "empty_days": [d.isoformat() for d in source.empty_days() if d in set(days)]},
                 "missing_days": [d.isoformat() for d in absent],
                 **_build(source, tmp, start, as_of, present, window),
             }

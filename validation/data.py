@@ -17,6 +17,7 @@ null; GX expects it to be null, so its report lists the unknown ids). GX is impo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -211,9 +212,10 @@ def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timesta
 
 
 def _coverage_checks(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, config: GateConfig,
-                     misplaced: dict | None, ts_ok: bool) -> list[Check]:
+                     misplaced: dict | None, known_empty: set[str], ts_ok: bool) -> list[Check]:
     """What extract saw but the events frame cannot show: rows filed under another day (dropped), and days of the
-    window without events (every day, and the last one always: the holdout is cut from it)."""
+    window without events (every day but those the source records as gaps, and the last one always: the holdout
+    is cut from it)."""
     m = misplaced or {}
     n_bad, outside = int(m.get("rows", 0)), int(m.get("outside_window", 0))
     limit = config.max_misplaced_events
@@ -228,10 +230,12 @@ def _coverage_checks(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestam
     days = [d.isoformat() for d in day_range(start.to_pydatetime(), end.to_pydatetime())]
     inside = events.ts[(events.ts >= start) & (events.ts < end)]
     counts = inside.dt.strftime("%Y-%m-%d").value_counts()
-    empty = [d for d in days if not counts.get(d, 0)]
+    empty = [d for d in days if not counts.get(d, 0) and d not in known_empty]
+    gaps = sum(1 for d in days if not counts.get(d, 0) and d in known_empty)
     allowed = config.max_empty_days
     checks.append(Check("events.every day has events", len(empty) <= allowed, len(empty), allowed,
-                        f"{len(empty)} of {len(days)} day(s) of the window have no events; allowed {allowed}",
+                        f"{len(empty)} of {len(days)} day(s) of the window have no events; allowed {allowed}"
+                        + (f" ({gaps} more recorded by the source as empty in the data it imported)" if gaps else ""),
                         empty[:MAX_EXAMPLES]))
     last = days[-1]
     checks.append(Check("events.last day has events", bool(counts.get(last, 0)), int(counts.get(last, 0)), 1,
@@ -302,6 +306,7 @@ def validate_snapshot(
     now: datetime | pd.Timestamp | None = None,
     feedback: str = DEFAULT_FEEDBACK,
     misplaced: dict | None = None,
+    known_empty_days: Iterable[str] = (),
 ) -> DataGateResult:
     """Run the data suite on a snapshot whose events should lie in ``[window_start, window_end)``.
 
@@ -310,6 +315,8 @@ def validate_snapshot(
     the source's kind (``Snapshot.feedback``): for ``implicit`` sources no negative can exist, so the positive rate
     is not gated (the check is reported as passed, saying why). ``misplaced`` is what extract counted but could
     not keep (``Snapshot.misplaced``: rows filed under a day other than their ts); None means none.
+    ``known_empty_days`` (ISO dates, ``Snapshot.known_empty_days``) are gaps the source recorded in the data it
+    imported: not failures.
     """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -344,7 +351,7 @@ def validate_snapshot(
         done = {r.expectation_config.meta["check"]: r for r in run.results}
         checks += [_to_check(s, done[s.name], notes) for s in mine]
     ts_ok = "ts" in events.columns and _matches(events["ts"], "Timestamp")
-    checks += _coverage_checks(events, start, end, config, misplaced, ts_ok)
+    checks += _coverage_checks(events, start, end, config, misplaced, set(known_empty_days), ts_ok)
     if not rate_checked:
         checks.append(Check("events.positive rate", True, detail="not applied: implicit feedback (the source logs "
                             "only engagements, so every event is positive and no negative can exist)"))

@@ -283,3 +283,33 @@ def test_negative_ids_fail_naming_value_and_row():
     assert result.check("items.item_id not negative").detail == "1 of 4 rows negative (rows [2])"
     for name in ("events.user_id not negative", "events.context_item_id not negative", "users.user_id not negative"):
         assert result.check(name).passed
+
+
+def test_days_an_import_recorded_as_empty_are_gaps_not_failures(tmp_path):
+    """import -> extract -> gate: a gap in the imported data passes; a partition lost after the import fails."""
+    import shutil
+
+    from towerflow.data.interactions import import_interactions
+    from towerflow.data.source import ParquetSource
+    from towerflow.tasks.extract import extract
+
+    f = tmp_path / "log.csv"  # Jan 1, 2 and 4 of 2026: Jan 3 has no events in the data itself
+    f.write_text("user,item,timestamp\n" + "".join(f"{u},{10 + u},2026-01-0{d}T1{u}:00:00Z\n"
+                                                    for d in (1, 2, 4) for u in (1, 2)))
+    import_interactions(str(f), str(tmp_path / "src"))
+
+    def gate(snapshots: str):
+        snap = extract(ParquetSource(str(tmp_path / "src")), pd.Timestamp("2026-01-05"), 4, tmp_path / snapshots)
+        return validate_snapshot(snap.events(), snap.users(), snap.items(), *snap.window, None, GateConfig(),
+                                 now="2026-01-06", feedback=snap.feedback, misplaced=snap.misplaced,
+                                 known_empty_days=snap.known_empty_days)
+
+    result = gate("snaps")
+    assert result.passed, result.summary()
+    assert result.check("events.every day has events").detail == (
+        "0 of 4 day(s) of the window have no events; allowed 0 (1 more recorded by the source as empty in the data "
+        "it imported)")
+    shutil.rmtree(tmp_path / "src" / "events" / "dt=2026-01-02")  # lost after the import: not a recorded gap
+    lost = gate("snaps-2")
+    assert _failed(lost) == {"events.every day has events"}
+    assert lost.check("events.every day has events").examples == ["2026-01-02"]

@@ -260,9 +260,17 @@ def test_interactions_record_the_feedback_kind(tmp_path, header, rows, feedback)
     f = tmp_path / "log.csv"
     f.write_text("\n".join([header, *rows]) + "\n")
     s = import_interactions(str(f), str(tmp_path / "src"))
-    assert json.loads((tmp_path / "src" / "source.json").read_text()) == {"feedback": feedback}
+    assert json.loads((tmp_path / "src" / "source.json").read_text()) == {"feedback": feedback, "empty_days": []}
     assert ParquetSource(str(tmp_path / "src")).feedback() == feedback
     assert s.feedback == feedback and f"feedback {feedback}" in str(s)
+
+
+def test_days_without_events_inside_the_data_are_recorded_as_empty(tmp_path):
+    f = tmp_path / "log.csv"  # Jan 1, Jan 2 and Jan 5 2024: Jan 3 and 4 have no events
+    f.write_text("user,item,timestamp\n1,2,2024-01-01T10:00:00Z\n1,3,2024-01-02T10:00:00Z\n2,2,2024-01-05T10:00:00Z\n")
+    import_interactions(str(f), str(tmp_path / "src"))
+    assert json.loads((tmp_path / "src" / "source.json").read_text())["empty_days"] == ["2024-01-03", "2024-01-04"]
+    assert ParquetSource(str(tmp_path / "src")).empty_days() == [date(2024, 1, 3), date(2024, 1, 4)]
 
 
 def test_movielens_records_ratings_and_a_source_without_record_is_explicit(tmp_path):

@@ -34,7 +34,7 @@ def _copy(settings: Settings, dst: Path, edit: Callable[[object, pd.DataFrame], 
     src, sink = ParquetSource(settings.source), ParquetSink(str(dst))
     sink.write_users(src.read_users())
     sink.write_items(src.read_items())
-    sink.write_feedback(src.feedback())
+    sink.write_record(src.feedback(), src.empty_days())
     for day in src.days():
         sink.write_events_day(day, edit(day, src.read_day(day)))
     return str(dst)

@@ -312,7 +312,7 @@ def test_losing_a_publish_race_keeps_the_winner(source, tmp_path):
 def test_manifest_records_the_feedback_kind_and_it_is_part_of_the_id(source, tmp_path):
     snap = extract(source, JAN[3], 2, tmp_path / "snaps")
     assert snap.manifest["source"]["feedback"] == "explicit" and snap.feedback == "explicit"  # no source.json
-    ParquetSink(source.uri).write_feedback("implicit")
+    ParquetSink(source.uri).write_record("implicit")
     implicit = extract(ParquetSource(source.uri), JAN[3], 2, tmp_path / "snaps")
     assert implicit.snapshot_id != snap.snapshot_id and implicit.feedback == "implicit"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import fsspec
 import numpy as np
@@ -291,7 +291,8 @@ def write_source(
 ) -> int:
     """Write a Parquet source (events partitioned by day) beside ``out_uri``, then move it into place.
 
-    ``feedback`` (one of ``towerflow.contract.FEEDBACK_KINDS``) is recorded in the source's ``source.json``.
+    ``feedback`` (one of ``towerflow.contract.FEEDBACK_KINDS``) is recorded in the source's ``source.json``, with
+    the days between the first and the last event that have none (gaps in the data, which the data gate allows).
     ``extra`` maps relative paths (``id_map/users.parquet``) to plain tables written as they are. On any failure
     the temporary directory is removed, so no partial source is ever left. Returns the number of day partitions.
     """
@@ -307,7 +308,10 @@ def write_source(
             sink.write_events_day(d.date(), g)
         sink.write_users(users)
         sink.write_items(items)
-        sink.write_feedback(feedback)
+        days = {d.date() for d, _ in groups}
+        first = min(days)
+        every = {first + timedelta(days=i) for i in range((max(days) - first).days + 1)}
+        sink.write_record(feedback, sorted(every - days))
         for rel, df in (extra or {}).items():
             path = f"{sink.root}/{rel}"
             sink.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

@@ -5,7 +5,8 @@ Layout of a Parquet source (a local path or any fsspec URL)::
     <root>/events/dt=YYYY-MM-DD/part-*.parquet
     <root>/users.parquet
     <root>/items.parquet
-    <root>/source.json           optional: {"feedback": "explicit" | "ratings" | "implicit"} (absent: explicit)
+    <root>/source.json           optional: {"feedback": "explicit" | "ratings" | "implicit", "empty_days": [...]}
+                                 (absent: explicit, no known empty days)
 
 ``EventSource`` is the adapter interface; ``ParquetSource`` reads only the day partitions inside a window.
 ``ParquetSink`` writes the same layout (the generator and the importers use it).
@@ -55,6 +56,8 @@ class EventSource(Protocol):
     def fingerprint(self, start: datetime, end: datetime) -> str: ...
 
     def feedback(self) -> str: ...
+
+    def empty_days(self) -> list[date]: ...
 
 
 def day_range(start: datetime, end: datetime) -> list[date]:
@@ -134,17 +137,29 @@ class ParquetSource:
             raise SourceError(f"source {self.uri}: missing {name}")
         return p
 
-    def feedback(self) -> str:
-        """The feedback kind recorded in ``source.json`` (one of FEEDBACK_KINDS); ``explicit`` without the file."""
+    def _record(self) -> dict:
         p = self._path(SOURCE_META)
         if not self.fs.exists(p):
-            return DEFAULT_FEEDBACK
+            return {}
         try:
             with self.fs.open(p, "rb") as f:
-                kind = json.loads(f.read())["feedback"]
+                record = json.loads(f.read())
+            kind = record["feedback"]
+            empty = [date.fromisoformat(d) for d in record.get("empty_days", [])]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SourceError(f"{p}: unreadable source record ({exc!r}); expected {{\"feedback\": ...}}") from exc
-        return check_feedback(kind, where=p)
+        return {"feedback": check_feedback(kind, where=p), "empty_days": empty}
+
+    def feedback(self) -> str:
+        """The feedback kind recorded in ``source.json`` (one of FEEDBACK_KINDS); ``explicit`` without the file."""
+        return self._record().get("feedback", DEFAULT_FEEDBACK)
+
+    def empty_days(self) -> list[date]:
+        """Days the importer found without events between the data's first and last day (``source.json``).
+
+        A day listed here is a gap in the data as it was imported, not a lost partition: the data gate allows it.
+        """
+        return self._record().get("empty_days", [])
 
     def fingerprint(self, start: datetime, end: datetime) -> str:
         """A hash of what a window would read: partition file names, sizes and modification-free checksums.
@@ -192,8 +207,10 @@ class ParquetSink:
     def write_items(self, df: pd.DataFrame) -> int:
         return self._write(df, "items", f"{self.root}/items.parquet")
 
-    def write_feedback(self, feedback: str) -> None:
-        """Record the source's feedback kind (``source.json``), which the data gate reads through the snapshot."""
+    def write_record(self, feedback: str, empty_days: list[date] | tuple[date, ...] = ()) -> None:
+        """Write ``source.json``: the feedback kind and the days known to have no events (an import's gaps), which
+        the data gate reads through the snapshot."""
         check_feedback(feedback)
+        record = {"feedback": feedback, "empty_days": [d.isoformat() for d in sorted(empty_days)]}
         with self.fs.open(f"{self.root}/{SOURCE_META}", "w") as f:
-            f.write(json.dumps({"feedback": feedback}) + "\n")
+            f.write(json.dumps(record) + "\n")

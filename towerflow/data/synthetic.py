@@ -510,7 +510,7 @@ def generate_world(out_uri: str, config: WorldConfig | None = None) -> WorldSumm
                                             world.topic_prior, world.centroids, world.axes, sizes, rng))
         n_events += sink.write_events_day(day, _simulate_day(world, day, rng))
     sink.write_items(_items_table(world))
-    sink.write_feedback("explicit")  # impressions, skips and hides are logged: the positive-rate checks apply
+    sink.write_record("explicit")  # impressions, skips and hides are logged: the positive-rate checks apply
     return WorldSummary(
         path=sink.uri, users=cfg.n_users, items=len(world.catalog), days=cfg.days, events=n_events,
         actions={a: int(c) for a, c in zip(ACTIONS, world.actions, strict=True)},

@@ -8,6 +8,7 @@ same range with parameters; the first runs both days, the second skips them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -65,6 +66,10 @@ def test_backfill_deployment_runs_a_range_then_skips_it(stack: StackConfig, tiny
     deployed = _prefect(stack, "deploy", "--name", "backfill", timeout=180)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "backfill/backfill" in deployed.stdout
+    # deployable from any checkout: the flow is imported from the installed package, no directory is recorded
+    dep = httpx.get(f"{stack.prefect_api_url}/deployments/name/backfill/backfill", timeout=10).json()
+    assert dep["entrypoint"] == "towerflow.flows.backfill:backfill" and dep["pull_steps"] == []
+    assert str(REPO) not in json.dumps(dep), json.dumps(dep)
 
     first = _prefect(stack, "deployment", "run", "backfill/backfill", *RANGE, "--watch", "--watch-timeout", "240",
                      timeout=270)

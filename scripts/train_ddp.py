@@ -15,28 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
 
-from towerflow.config import TrainConfig
+from towerflow.config import TrainConfig, read_config_data, validate_config
 from towerflow.errors import TowerflowError
 from towerflow.tasks.build_examples import Examples
 from towerflow.tasks.distributed import env_from_torchrun, init_distributed, train_ddp
 
 
 def load_train_config(path: str | None, epochs: int | None, batch_size: int | None) -> TrainConfig:
-    data: dict = {}
-    if path:
-        text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+    """The file's TrainConfig (size, alias and strict-type limits of towerflow.config.load_config_file) with the
+    command line's overrides; a problem is a ConfigError naming the file and key."""
+    data = read_config_data(path) if path else {}
     overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
-    return TrainConfig.model_validate({**data, **overrides})
+    return validate_config(TrainConfig, {**data, **overrides}, path or "(command line)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,8 @@ class Snapshot:
                 f"  rows     events={rows['events']:,}  users={rows['users']:,}  items={rows['items']:,}",
                 f"  events   {tr['min']} .. {tr['max']}",
                 "  actions  " + "  ".join(f"{a}={n:,}" for a, n in seen.items()),
+                *([f"  dropped  {self.misplaced['rows']:,} row(s) whose ts is not on their partition's day "
+                   f"(the data gate fails on them): {self.misplaced['examples'][:2]}"] if self.misplaced["rows"] else []),
             ]
         )
 

@@ -348,6 +348,19 @@ def load_config_file(model: type[BaseModel], path: str | Path) -> BaseModel:
     nesting too deep to parse, a top level that is not a mapping, unknown keys, values of the wrong type (strict
     booleans and whole numbers).
     """
+    return validate_config(model, read_config_data(path), path)
+
+
+def validate_config(model: type[BaseModel], data: dict, path: str | Path) -> BaseModel:
+    """``model`` from ``data`` read from ``path``; a validation failure is one ConfigError line naming both."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, Path(path))) from exc
+
+
+def read_config_data(path: str | Path) -> dict:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON config file, within the limits of ``load_config_file``."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -376,7 +389,4 @@ def load_config_file(model: type[BaseModel], path: str | Path) -> BaseModel:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc, path)) from exc
+    return data

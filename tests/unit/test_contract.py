@@ -65,3 +65,13 @@ def test_parquet_round_trip_reads_only_window(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         ParquetSource(str(tmp_path / "nope"))
+
+
+def test_feedback_kinds_and_where_negatives_can_exist():
+    from towerflow.contract import FEEDBACK_KINDS, check_feedback, negatives_possible
+
+    assert FEEDBACK_KINDS == ("explicit", "ratings", "implicit")
+    assert [negatives_possible(k) for k in FEEDBACK_KINDS] == [True, True, False]
+    with pytest.raises(ContractError, match=r"^src/source\.json: unknown feedback kind 'likes' \(allowed: "
+                                            r"\['explicit', 'ratings', 'implicit'\]\)$"):
+        check_feedback("likes", where="src/source.json")

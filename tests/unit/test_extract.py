@@ -328,6 +328,7 @@ def test_rows_filed_under_another_day_are_counted_not_kept(tmp_path):
                      {"partition": "dt=2026-01-02", "event_id": "future", "ts": "2030-01-02T00:00:00+00:00"}],
     }
     assert snap.events().event_id.tolist() == ["a", "b", "c", "d", "e", "f", "g"]  # the 7 rows on their own day
+    assert "  dropped  2 row(s) whose ts is not on their partition's day (the data gate fails on them)" in str(snap)
     assert snap.manifest["events_per_day"] == {"2026-01-01": 2, "2026-01-02": 4, "2026-01-03": 1}
 
 

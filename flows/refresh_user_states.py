@@ -97,9 +97,15 @@ def write_states(settings: Settings, states: list, keep_releases: int) -> list[s
 
 
 def last_refresh(settings: Settings, release_id: str) -> datetime | None:
-    from towerflow.serving.state_store import SQLiteUserStateStore
+    """When ``release_id``'s states were last refreshed; None (refresh every user) when the store cannot say: a
+    store that cannot be read here fails where the states are written, as without an incremental refresh."""
+    from towerflow.serving.state_store import SQLiteUserStateStore, StateStoreError
 
-    store = SQLiteUserStateStore(settings.user_states_path)
+    try:
+        store = SQLiteUserStateStore(settings.user_states_path)
+    except StateStoreError as exc:
+        get_run_logger().warning(f"{exc}: refreshing every user")
+        return None
     try:
         return store.last_as_of(release_id)
     finally:

@@ -68,9 +68,12 @@ def champion(settings: Settings):
     return load_release(settings)
 
 
-def kill_retrain_at(step: str, settings: Settings, tmp: Path) -> None:
+def kill_retrain_at(step: str, settings: Settings, tmp: Path) -> int:
+    """Run a retrain in a child process until its promotion reaches ``step``, SIGKILL it there; returns its pid.
+    Fails (with the child's stderr) if it never gets there: e.g. when it gave up waiting for the lease."""
     from prefect.settings import PREFECT_API_URL
 
+    tmp.mkdir()
     (tmp / "config.json").write_text(config().model_dump_json())
     marker = tmp / "at-step"
     env = {**os.environ, "TOWERFLOW_DATA_ROOT": str(settings.data_root), "PREFECT_API_URL": PREFECT_API_URL.value()}
@@ -81,32 +84,41 @@ def kill_retrain_at(step: str, settings: Settings, tmp: Path) -> None:
         deadline = time.monotonic() + 300
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert marker.exists(), f"the child retrain never reached {step}: {proc.poll()} {proc.stderr.read()[-3000:]}"
+        assert marker.exists(), f"the retrain never reached {step}: exit {proc.poll()}\n{proc.stderr.read()[-3000:]}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    return proc.pid
 
 
-@pytest.mark.parametrize("step", [pytest.param(s, marks=() if s == "before_flip" else pytest.mark.slow)
-                                  for s in STEPS])
-def test_retrain_killed_inside_promote_wedges_nothing(world: Settings, step: str, tmp_path: Path):
+@pytest.mark.slow
+def test_retrains_killed_at_each_promotion_step_wedge_nothing(world: Settings, tmp_path: Path):
+    """Six retrains, each SIGKILLed at the next step of the protocol; each is also "the next retrain" of the one
+    killed before it, and a last one promotes. A dead holder's lease is on disk each time, so reaching the
+    following step (with wait_s < lease_s) shows it was freed at once, not waited out."""
     from towerflow.flows.retrain import retrain
     from towerflow.infra.lease import read_holder
     from towerflow.infra.promote import lease_path
 
     before = champion(world)
-    kill_retrain_at(step, world, tmp_path)
-    after_kill = champion(world)  # whole: the old release, or (killed after the flip) the killed run's own
-    assert after_kill.version == before.version if step != "flipped" else after_kill.version > before.version
-    if step in ("locked", "previous_recorded", "before_flip", "flipped"):
-        assert read_holder(lease_path(world)) is not None  # the dead run still "holds" the lease on disk
+    for step in STEPS:
+        pid = kill_retrain_at(step, world, tmp_path / step)
+        now = champion(world)  # whole: the old release, or (killed after the flip) the killed run's own
+        if step == "flipped":
+            assert now.version > before.version
+        else:
+            assert now.version == before.version
+        holder = read_holder(lease_path(world))
+        if step in ("locked", "previous_recorded", "before_flip", "flipped"):
+            assert holder.pid == pid and "retrain flow run" in holder.note  # held by the dead run
+        else:
+            assert holder is None  # killed while registering: the lease was not taken yet
+        before = now
 
     result = retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=config())  # would fail after wait_s if wedged
-    assert result.status == "promoted"
-    now = champion(world)
-    assert now.release_id == result.release_id and now.version > after_kill.version
-    assert result.previous_champion == after_kill.release_id
+    assert result.status == "promoted" and result.previous_champion == before.release_id
+    assert champion(world).release_id == result.release_id
     assert read_holder(lease_path(world)) is None  # released
 
 

@@ -80,3 +80,22 @@ def service_for(served: ServedWorld, **config):
     store = config.pop("store", None)
     svc = RetrievalService(served.settings, ServingConfig(**config), store=store)
     return svc.start(watch=False)
+
+
+@pytest.fixture(scope="module")
+def hybrid(served):
+    """A started hybrid RetrievalService on the world, one per test module."""
+    svc = service_for(served)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(hybrid):
+    """The real app over ``hybrid``, through Starlette's TestClient."""
+    from fastapi.testclient import TestClient
+
+    from towerflow.serving.app import create_app
+
+    with TestClient(create_app(service=hybrid)) as c:
+        yield c

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.serving.conftest import HORIZON, service_for
-from towerflow.serving.app import create_app
 from towerflow.serving.state_store import InMemoryUserStateStore, SQLiteUserStateStore, UserState
-
-
-@pytest.fixture(scope="module")
-def hybrid(served):
-    svc = service_for(served)
-    yield svc
-    svc.close()
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +15,6 @@ def online(served):
     svc = service_for(served, mode="online")
     yield svc
     svc.close()
-
-
-@pytest.fixture(scope="module")
-def client(hybrid):
-    with TestClient(create_app(service=hybrid)) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,6 @@ from towerflow.serving.app import create_app, redact_paths
 LIMIT = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def svc(served):
-    s = service_for(served)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def client(svc):
-    with TestClient(create_app(service=svc)) as c:
-        yield c
-
-
 def _padded(n: int) -> bytes:
     """A valid request body of exactly n bytes (JSON allows trailing spaces)."""
     body = b'{"user_id": 1, "k": 3}'
@@ -80,8 +67,8 @@ def _drive(app, chunk: int, total: int) -> tuple[int, int, dict]:
     return pulled, sent[0]["status"], json.loads(body)
 
 
-def test_a_100_mb_body_is_refused_without_being_read(svc):
-    app = create_app(service=svc)
+def test_a_100_mb_body_is_refused_without_being_read(hybrid):
+    app = create_app(service=hybrid)
     # 1 MiB pieces: the first is already over 64 KiB; 16 KiB pieces: 4 fit exactly, the 5th goes over
     assert _drive(app, 2**20, 100 * 2**20)[:2] == (1, 413)
     pulled, status, body = _drive(app, 16 * 1024, 100 * 2**20)

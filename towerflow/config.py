@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(None, description="None runs flows on Prefect's ephemeral API.")
     experiment_name: str = "towerflow"
     registered_model: str = Field("towerflow-retrieval", description="MLflow registered model holding releases.")
+    realtime_uri: str | None = Field(None, description="Realtime action store: redis://host:port/db (several service "
+                                                       "replicas share it); default SQLite at <data_root>/realtime.sqlite.")
 
     @property
     def source(self) -> str:
@@ -63,6 +65,11 @@ class Settings(BaseSettings):
     @property
     def user_states_path(self) -> Path:
         return self.data_root / "user_states.sqlite"
+
+    @property
+    def realtime_path(self) -> Path:
+        """The embedded realtime action store (used when ``realtime_uri`` is unset)."""
+        return self.data_root / "realtime.sqlite"
 
     @property
     def tracking_uri(self) -> str:

@@ -117,11 +117,14 @@ def gc_releases(settings: Settings, *, keep: int = 3, dry_run: bool = False, wai
             client.delete_model_version(name, str(mv.version))  # first: never a version whose files are gone
             if mv.run_id:
                 rid = mv.tags[TAG_RELEASE_ID]
-                repo = get_artifact_repository(client.get_run(mv.run_id).info.artifact_uri)
-                repo.delete_artifacts(f"releases/{rid}")
-                if repo.list_artifacts(f"releases/{rid}"):
-                    result.notes.append(f"the artifacts of release {rid} stay in run {mv.run_id}: this artifact "
-                                        "store does not delete")
+                try:
+                    repo = get_artifact_repository(client.get_run(mv.run_id).info.artifact_uri)
+                    repo.delete_artifacts(f"releases/{rid}")
+                    why = "this artifact store does not delete" if repo.list_artifacts(f"releases/{rid}") else None
+                except (MlflowException, OSError) as exc:
+                    why = str(exc)
+                if why:
+                    result.notes.append(f"the artifacts of release {rid} stay in run {mv.run_id}: {why}")
         for p in paths:
             shutil.rmtree(p)
     return result

@@ -122,7 +122,7 @@ def test_retrains_killed_at_each_promotion_step_wedge_nothing(world: Settings, t
     assert read_holder(lease_path(world)) is None  # released
 
 
-def test_waiting_retrain_gives_up_naming_the_live_holder(world: Settings):
+def test_waiting_retrain_gives_up_naming_the_live_holder(world: Settings, caplog: pytest.LogCaptureFixture):
     from towerflow.flows.retrain import retrain
     from towerflow.flows.stages import StageFailed
     from towerflow.infra.lease import lease
@@ -138,3 +138,5 @@ def test_waiting_retrain_gives_up_naming_the_live_holder(world: Settings):
                                              "since .*"):
         retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=quick)
     assert champion(world).release_id == before.release_id
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "waiting for" in r.getMessage()]
+    assert len(said) == 1 and f"held by pid {os.getpid()} on " in said[0] and "(an operator's" in said[0]

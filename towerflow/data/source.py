@@ -196,10 +196,11 @@ class ParquetSink:
         self.fs.mv(tmp, path)
         return len(df)
 
-    def write_events_day(self, day: date, df: pd.DataFrame, part: int = 0) -> int:
+    def write_events_day(self, day: date, df: pd.DataFrame, part: int = 0, name: str | None = None) -> int:
+        """Write ``events/dt=<day>/part-<part>.parquet`` (or ``<name>``, a file name ending .parquet), atomically."""
         d = f"{self.root}/events/dt={day.isoformat()}"
         self.fs.makedirs(d, exist_ok=True)
-        return self._write(df, "events", f"{d}/part-{part:05d}.parquet")
+        return self._write(df, "events", f"{d}/{name or f'part-{part:05d}.parquet'}")
 
     def write_users(self, df: pd.DataFrame) -> int:
         return self._write(df, "users", f"{self.root}/users.parquet")

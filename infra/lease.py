@@ -216,7 +216,7 @@ def lease(path: str | Path, *, note: str = "", lease_s: float = 60.0, wait_s: fl
             if wait_s == 0:
                 raise LeaseHeldError(f"{path} is held by {current.describe()}, renewed until "
                                      f"{_iso(current.deadline)}")
-            raise LeaseTimeoutError(f"gave up after waiting {waited:.0f}s for {path}, held by {current.describe()} "
+            raise LeaseTimeoutError(f"gave up after waiting {waited:.1f}s for {path}, held by {current.describe()} "
                                     f"and renewed until {_iso(current.deadline)}; a holder that died frees it by its "
                                     "deadline (at once when it ran on this host)")
         if on_wait is not None and (told is None or told[0] != current.token or waited - told[1] >= 30):

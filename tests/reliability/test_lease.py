@@ -75,7 +75,7 @@ def test_a_live_holder_keeps_renewing_and_a_waiter_gives_up_naming_it(tmp_path: 
     with lease(path, note="slow promotion", lease_s=0.4) as held:  # renewed every 0.1 s
         first = read_holder(path).deadline
         said: list[str] = []
-        with pytest.raises(LeaseTimeoutError, match=r"gave up after waiting 1s for .* held by pid \d+ on .* "
+        with pytest.raises(LeaseTimeoutError, match=r"gave up after waiting 1\.\ds for .* held by pid \d+ on .* "
                                                     r"\(slow promotion\) since .* renewed until"), \
                 lease(path, wait_s=1.0, on_wait=said.append):
             pass

@@ -133,7 +133,7 @@ def test_waiting_retrain_gives_up_naming_the_live_holder(world: Settings, caplog
     quick = quick.model_copy(update={"promotion": quick.promotion.model_copy(update={"wait_s": 1})})
     with lease(lease_path(world), note="an operator's towerflow release promote"), \
             pytest.raises(StageFailed, match=rf"stage 'promote' failed: another promotion of '{world.registered_model}'"
-                                             r" is in progress \(gave up after waiting 1s for .* held by pid "
+                                             r" is in progress \(gave up after waiting 1\.\ds for .* held by pid "
                                              rf"{os.getpid()} on .* \(an operator's towerflow release promote\) "
                                              "since .*"):
         retrain(as_of=AS_OF, lookback_days=LOOKBACK, config=quick)

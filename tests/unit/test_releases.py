@@ -453,3 +453,22 @@ def test_gc_removes_only_what_nothing_references(settings, tmp_path, monkeypatch
     assert gc_releases(settings, keep=2, dry_run=True).removed_versions == {v[4]: rel[4].name}  # rolled back from
     assert main(["release", "gc", "--keep", "0"]) == 1
     assert "--keep must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_promote_waits_for_a_live_promotion_then_gives_up_naming_it(settings, releases, monkeypatch, capsys):
+    from towerflow.infra.lease import lease
+    from towerflow.infra.promote import lease_path
+
+    use_settings(monkeypatch, settings)
+    v = registered(settings, releases, 1, 2)
+    promote(v[1], settings)
+    with lease(lease_path(settings), note="a retrain's promotion"):
+        assert main(["release", "promote", str(v[2]), "--wait-s", "0.5"]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith(f"waiting for {lease_path(settings)}: held by pid {os.getpid()} on ")
+        assert err[-1].startswith(f"error: another promotion of '{settings.registered_model}' is in progress "
+                                  "(gave up after waiting 0.") and "(a retrain's promotion) since" in err[-1]
+        assert main(["release", "rollback"]) == 1  # no --wait-s: at once
+        assert "is held by pid" in capsys.readouterr().err
+    assert main(["release", "promote", str(v[2]), "--wait-s", "5"]) == 0  # released: no wait
+    assert load_release(settings, load_model=load_tower).version == v[2]

@@ -16,6 +16,17 @@ def add_source_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="source URI (default: <data_root>/source)")
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def prefect_api(settings: Settings) -> AbstractContextManager:
     """Point Prefect at PREFECT_API_URL, else TOWERFLOW_PREFECT_API_URL, else a temporary server for this run.
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from towerflow.commands.common import seconds
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("release", help="list, show, promote and roll back releases (user tower + item index)")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _wait_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait-s", type=float, default=0.0, metavar="S",
+    p.add_argument("--wait-s", type=seconds, default=0.0, metavar="S",
                    help="wait up to S seconds for a promotion in progress (its holder is printed) instead of "
                         "failing at once (default 0)")
 

@@ -7,7 +7,7 @@ import json
 import sys
 from datetime import UTC, date, datetime, timedelta
 
-from towerflow.commands.common import add_source_option, prefect_api
+from towerflow.commands.common import add_source_option, prefect_api, seconds
 
 
 def _lookback(text: str) -> int | str:
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
     p.add_argument("--no-refresh-states", action="store_true",
                    help="after a promotion, leave the new champion's user states to the hourly refresh")
-    p.add_argument("--promote-wait-s", type=float, metavar="S",
+    p.add_argument("--promote-wait-s", type=seconds, metavar="S",
                    help="wait up to S seconds for another promotion's lease, logging its holder, then fail naming "
                         "it (overrides promotion.wait_s, default 300; a crashed holder frees the lease at once on "
                         "this host, after promotion.lease_s = 60 s elsewhere)")

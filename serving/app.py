@@ -6,7 +6,15 @@
 Every error is JSON ``{"detail": "<what is wrong>"}``: 400 malformed JSON; 413 a body over
 ``ServingConfig.max_body_bytes`` (64 KiB), refused while it is read; 415 a body that is not ``application/json``;
 422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know; 503
-before any release is loaded. Unknown users are not an error: they get the context item's neighbours, or the most
+before any release is loaded.
+
+    POST /events {"events": [{"event_id": "e1", "user_id": 42, "item_id": 77, "action": "click",
+                              "ts": "2026-01-05T10:00:00Z", "surface": "homefeed"}, ...]}
+      -> 200 {"accepted": 1, "duplicates": 0, "last_seq": 1}
+
+Live events (serving/realtime/): checked by the data gate's rules and stored whole, durably, before the reply;
+idempotent by event_id. 422 names the first bad row ({"detail": "events[3].action: ...", "row": 3}); 409 an
+event_id already stored as a different event. Unknown users are not an error: they get the context item's neighbours, or the most
 popular items. ``/docs``, ``/redoc`` and ``/openapi.json`` exist only with ``ServingConfig.docs``
 (``towerflow serve --docs``), and no response names a local filesystem path (``GET /release``, errors).
 """
@@ -28,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from towerflow.config import Settings
 from towerflow.serving.config import ServingConfig
+from towerflow.serving.realtime.events import EventBatchError
+from towerflow.serving.realtime.store import ConflictError
 from towerflow.serving.service import RequestError, RetrievalService, ServiceNotReady
 
 log = logging.getLogger("towerflow.serving")
@@ -58,10 +68,25 @@ class Item(BaseModel):
 class RetrieveResponse(BaseModel):
     release: str = Field(description="The release whose user tower AND index produced these items.")
     version: int | None = Field(description="Its registered model version.")
-    path: Literal["state", "online", "context", "popularity"] = Field(
-        description="state: stored history state + live context; online: history encoded from recent events; "
+    path: Literal["state", "live", "online", "context", "popularity"] = Field(
+        description="state: stored history state + live context; live: history encoded from the source's recent "
+                    "events plus the user's live ones (ingested after the state); online: history encoded from "
+                    "recent events; "
                     "context: unknown user, the context item's neighbours; popularity: unknown user, no context.")
     items: list[Item]
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[dict[str, Any]] = Field(min_length=1, description="Events in the contract (towerflow/contract.py); "
+                                                                   "context_item_id and query may be left out.")
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="New events stored.")
+    duplicates: int = Field(description="Events already stored under their event_id (acknowledged, not re-stored).")
+    last_seq: int = Field(description="The action store's highest sequence number after this batch.")
 
 
 def _describe(errors: list[dict]) -> str:
@@ -206,6 +231,14 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=422)
 
+    @app.exception_handler(EventBatchError)
+    async def _bad_batch(request: Request, exc: EventBatchError) -> JSONResponse:
+        return JSONResponse({"detail": redact_paths(str(exc), data_root), "row": exc.row}, status_code=422)
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "row": exc.row}, status_code=409)
+
     @app.exception_handler(ServiceNotReady)
     async def _not_ready(request: Request, exc: ServiceNotReady) -> JSONResponse:
         return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=503)
@@ -224,6 +257,11 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         out = service.retrieve(req.user_id, req.context.item_id, req.context.surface, req.k, req.exclude_seen)
         # already the response's shape: skip FastAPI's re-validation of the response model
         return Response(json.dumps(out), media_type="application/json")
+
+    @app.post("/events", response_model=EventsResponse)
+    def events(req: EventsRequest) -> dict:
+        # on a worker thread: the store's commit waits for the disk (fsync), requests need not wait with it
+        return service.ingest(req.events)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

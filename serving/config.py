@@ -33,3 +33,11 @@ class ServingConfig(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body accepted (413 beyond it); the "
                                                              "body is refused while it is read, never buffered whole.")
     docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (towerflow serve --docs).")
+    realtime: bool = Field(True, description="Live events (POST /events) in the action store (Settings.realtime_uri) "
+                                             "join users' histories and exclude_seen at the next request.")
+    realtime_max_actions: int = Field(1000, ge=1, description="A user's live actions read per request, at most.")
+    max_clock_skew_s: float = Field(5.0, ge=0, description="How far after the server's clock a live event's ts may "
+                                                           "be (later: refused as in the future).")
+    compact_interval_s: float | None = Field(
+        60.0, gt=0, description="How often the watcher hands acknowledged live events to the event source's day "
+                                "partitions (None: never here; run 'towerflow events compact').")

@@ -32,14 +32,16 @@ from towerflow.errors import TowerflowError
 from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve_alias
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
+from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
+from towerflow.serving.realtime.store import ActionStore
 from towerflow.serving.recent_events import RecentEvents
 from towerflow.serving.retrieval import answer, context_batch, encode_histories, search
 from towerflow.serving.state_store import SQLiteUserStateStore, UserStateStore
 from towerflow.serving.states import history_batch
-from towerflow.tasks.history import SURFACE_INDEX, build_histories
+from towerflow.tasks.history import SURFACE_INDEX, EventArrays, build_histories, to_us
 
 log = logging.getLogger("towerflow.serving")
-PATHS = ("state", "online", "context", "popularity")  # how a response's user vector was obtained
+PATHS = ("state", "live", "online", "context", "popularity")  # how a response's user vector was obtained
 
 
 class RequestError(TowerflowError):
@@ -55,7 +57,8 @@ class RetrievalService:
 
     def __init__(self, settings: Settings, config: ServingConfig | None = None, *,
                  store: UserStateStore | None = None, source: EventSource | None = None,
-                 use_default_store: bool = True, use_default_source: bool = True):
+                 use_default_store: bool = True, use_default_source: bool = True,
+                 realtime: ActionStore | None = None):
         self.settings, self.config = settings, config or ServingConfig()
         if store is None and use_default_store and self.config.mode == "hybrid":
             store = SQLiteUserStateStore(settings.user_states_path)
@@ -65,6 +68,11 @@ class RetrievalService:
             except SourceError:
                 log.warning("no event source at %s: no online histories, no profiles", settings.source)
         self.store, self.source = store, source
+        if realtime is None and self.config.realtime:
+            realtime = open_action_store(settings)
+        self.live = None if realtime is None else LiveEvents(realtime, source, max_skew_s=self.config.max_clock_skew_s,
+                                                             max_actions=self.config.realtime_max_actions)
+        self._compacted_at = time.monotonic()
         self._bundle: ServingBundle | None = None
         self._recent: RecentEvents | None = None
         self._events_loaded_at = 0.0
@@ -107,10 +115,25 @@ class RetrievalService:
             try:
                 if time.monotonic() - self._events_loaded_at >= self.config.events_reload_s:
                     self.reload_events()
+                self._compact_if_due()
                 self.poll()
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one failure
                 log.warning("release watcher: %s", exc)
                 self.last_error = {"error": str(exc), "at": datetime.now(UTC).isoformat()}
+
+    def _compact_if_due(self) -> None:
+        every = self.config.compact_interval_s
+        if self.live is None or self.source is None or every is None:
+            return
+        if time.monotonic() - self._compacted_at >= every:
+            self._compacted_at = time.monotonic()
+            self.live.compact(self.source.uri)
+
+    def ingest(self, rows, where: str = "events") -> dict[str, int]:
+        """Store a batch of live events (serving/realtime/live.py) -> {accepted, duplicates, last_seq}."""
+        if self.live is None:
+            raise RequestError("live events are off (ServingConfig.realtime is false)")
+        return self.live.ingest(rows, where)
 
     @property
     def lookback_days(self) -> int:
@@ -209,24 +232,37 @@ class RetrievalService:
     def _history(self, b: ServingBundle, user_id: int) -> tuple[np.ndarray | None, np.ndarray, str | None]:
         """(h (history_dim,) or None, seen item ids, path) for the release of ``b`` only."""
         none = np.zeros(0, dtype=np.int64)
+        live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
         if self.config.mode == "hybrid" and self.store is not None:
             state = self.store.get([user_id], b.release_id).get(user_id)
             if state is not None:
                 if state.release_id == b.release_id and state.h.shape == (b.history_dim,):
-                    return state.h, state.seen_items, "state"
+                    if not (live.ts_us > to_us(state.last_event_ts)).any():  # nothing after the state: it holds
+                        seen = np.concatenate([live.item_id[::-1], state.seen_items]) if len(live) else None
+                        return state.h, state.seen_items if seen is None else seen, "state"
+                    return self._encode_online(b, user_id, live)
                 self.mismatched_states += 1  # a store that ignores the release key: never pair h with this tower
                 log.warning("state of user %s from release %s (dim %d) not used with release %s", user_id,
                             state.release_id, state.h.size, b.release_id)
-            if self.config.on_missing_state == "cold":
+            if self.config.on_missing_state == "cold" and len(live) == 0:
                 return None, none, None
-        recent = self._recent
-        if recent is None:
+        return self._encode_online(b, user_id, live)
+
+    def _encode_online(self, b: ServingBundle, user_id: int,
+                       live: EventArrays) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+        """h from the user's recent source actions plus their live ones (path "live" when there are any)."""
+        none, recent = np.zeros(0, dtype=np.int64), self._recent
+        if recent is None and len(live) == 0:
             return None, none, None
-        hist = build_histories(recent.get([user_id]), b.vocab, recent.as_of_us, b.history, self.config.max_seen)
+        events = recent.get([user_id]) if recent is not None else EventArrays.empty()
+        as_of_us = recent.as_of_us if recent is not None else 0
+        if len(live):
+            events, as_of_us = merge(events, live), max(as_of_us, int(live.ts_us.max()) + 1)
+        hist = build_histories(events, b.vocab, as_of_us, b.history, self.config.max_seen)
         if len(hist) == 0:
-            return None, none, None
+            return None, np.unique(live.item_id), None
         h = encode_histories(b.release, history_batch(hist, [0]), b.item_table)[0].numpy()
-        return h, hist.seen[0], "online"
+        return h, hist.seen[0], "live" if len(live) else "online"
 
     def status(self) -> dict[str, Any]:
         b, recent = self._bundle, self._recent
@@ -234,7 +270,12 @@ class RetrievalService:
                                "on_missing_state": self.config.on_missing_state, "swaps": self.swaps,
                                "mismatched_states": self.mismatched_states, "last_error": self.last_error,
                                "events_as_of": recent.as_of.isoformat() if recent else None,
-                               "recent_users": len(recent) if recent else 0}
+                               "recent_users": len(recent) if recent else 0,
+                               "realtime": None if self.live is None else {
+                                   "store": self.live.store.uri.split("://", 1)[0],
+                                   "last_seq": self.live.store.last_seq(),
+                                   "compacted_through": self.live.store.compaction_mark().high_water,
+                                   "last_compaction": self.live.last_compaction}}
         if b is not None:
             m = b.release.manifest
             out |= {"release": b.release_id, "version": b.release.version, "model_version": m.model_version,

@@ -1,0 +1,261 @@
+"""The realtime action store: acknowledged live events, per user and in arrival order, behind one interface.
+
+Every accepted event gets a sequence number (``seq``, increasing in arrival order). The store answers
+
+- ``append(events)``: a checked batch (``events.check_events``) stored whole or not at all; idempotent by
+  ``event_id`` (an event already stored is a duplicate, not a second event; the same id with other content is a
+  ``ConflictError`` and nothing of the batch is stored). Returns when the batch is durable.
+- ``recent(user_id, since_us, limit)``: that user's last ``limit`` actions at or after ``since_us`` (action, item,
+  surface, context item, query, ts), oldest first: what serving adds to the offline state.
+- ``read(first, last)``: the events with ``first <= seq <= last``, the log the hand-off to the source compacts
+  (``compact.py``), and ``compaction_mark`` / ``set_compaction_mark`` / ``lock``: its high-water mark and lease.
+
+``SQLiteActionStore`` is the embedded default (``<data_root>/realtime.sqlite``, WAL, ``synchronous=FULL``: an
+acknowledged event survives ``kill -9`` and power loss); ``redis_store.RedisActionStore`` is for several service
+replicas (``TOWERFLOW_REALTIME_URI=redis://...``); ``live.open_action_store`` picks one from the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from towerflow.contract import conform
+from towerflow.errors import TowerflowError
+
+FIELDS = ("event_id", "user_id", "item_id", "action", "ts_us", "surface", "context_item_id", "query")
+Record = tuple  # one event as FIELDS, ts as UTC epoch microseconds
+
+
+class ActionStoreError(TowerflowError):
+    """The action store cannot be opened or reached; the message names it."""
+
+
+class ConflictError(TowerflowError):
+    """An event id already stored (or twice in the batch) with other content; ``row`` is its row in the batch."""
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message)
+        self.row = row
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    accepted: int  # new events stored
+    duplicates: int  # events already stored (same id, same content): acknowledged again, not stored twice
+    last_seq: int  # the store's highest sequence number after this batch
+
+
+@dataclass(frozen=True)
+class CompactionMark:
+    high_water: int  # every event with seq <= high_water is in the source
+    pending: tuple[int, int] | None  # a range being written (files may exist): redo exactly it
+
+
+def to_records(events: pd.DataFrame) -> list[Record]:
+    """A conformed events frame -> records (FIELDS order)."""
+    ts = pd.DatetimeIndex(events["ts"]).as_unit("us").asi8
+    ctx = events["context_item_id"]
+    return [(str(e), int(u), int(i), str(a), int(t), str(s), None if pd.isna(c) else int(c),
+             None if q is None or (isinstance(q, float) and np.isnan(q)) else str(q))
+            for e, u, i, a, t, s, c, q in zip(events["event_id"], events["user_id"], events["item_id"],
+                                               events["action"], ts, events["surface"], ctx, events["query"],
+                                               strict=True)]
+
+
+def to_frame(records: Sequence[Record]) -> pd.DataFrame:
+    """Records -> a conformed events frame (contract columns and dtypes)."""
+    df = pd.DataFrame.from_records(list(records), columns=list(FIELDS))
+    df["ts"] = pd.to_datetime(df.pop("ts_us").astype("int64"), unit="us", utc=True)
+    return conform(df, "events")
+
+
+def encode(record: Record) -> str:
+    """One record as canonical JSON (what Redis stores and compares)."""
+    return json.dumps(dict(zip(FIELDS, record, strict=True)), separators=(",", ":"), sort_keys=True)
+
+
+def decode(text: str | bytes) -> Record:
+    d = json.loads(text)
+    return tuple(d[f] for f in FIELDS)
+
+
+@runtime_checkable
+class ActionStore(Protocol):
+    uri: str
+
+    def append(self, events: pd.DataFrame) -> AppendResult: ...
+
+    def recent(self, user_id: int, since_us: int | None = None, limit: int = 1000) -> list[Record]: ...
+
+    def read(self, first: int, last: int) -> list[Record]: ...
+
+    def last_seq(self) -> int: ...
+
+    def compaction_mark(self) -> CompactionMark: ...
+
+    def set_compaction_mark(self, mark: CompactionMark) -> None: ...
+
+    def lock(self, name: str, ttl_s: float) -> str | None: ...
+
+    def unlock(self, name: str, token: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def conflict_message(event_id: str, row: int, stored: Record, new: Record) -> str:
+    diff = [f"{f}: stored {a!r}, now {b!r}" for f, a, b in zip(FIELDS, stored, new, strict=True) if a != b]
+    return f"events[{row}].event_id: {event_id!r} is already stored as a different event ({'; '.join(diff)})"
+
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        user_id INTEGER NOT NULL,
+        item_id INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        surface TEXT NOT NULL,
+        context_item_id INTEGER,
+        query TEXT,
+        ingested_us INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts_us)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+_COLS = ", ".join(FIELDS)
+_CHUNK = 500  # host parameters per IN (...) (older SQLite builds allow 999)
+
+
+class SQLiteActionStore:
+    """The embedded store: one SQLite file in WAL mode; one connection per thread, writes serialized by SQLite."""
+
+    def __init__(self, path: str | Path, timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.uri = f"sqlite:///{self.path}"
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = self._con()
+            con.execute("PRAGMA journal_mode=WAL")
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+            con.commit()
+        except (OSError, sqlite3.Error) as exc:
+            raise ActionStoreError(f"realtime action store {self.path} cannot be opened: {exc}") from exc
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+            con.execute("PRAGMA synchronous=FULL")  # the WAL is fsynced at each commit: acknowledged is durable
+            self._local.con = con
+        return con
+
+    def append(self, events: pd.DataFrame) -> AppendResult:
+        records = to_records(events)
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")  # one writer at a time: the id check and the insert see the same store
+        try:
+            stored: dict[str, Record] = {}
+            ids = [r[0] for r in records]
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                for row in con.execute(f"SELECT {_COLS} FROM events WHERE event_id IN "
+                                       f"({','.join('?' * len(chunk))})", chunk):
+                    stored[row[0]] = tuple(row)
+            new = []
+            for row, rec in enumerate(records):
+                old = stored.get(rec[0])
+                if old is None:
+                    new.append(rec)
+                elif old != rec:
+                    raise ConflictError(conflict_message(rec[0], row, old, rec), row)
+            now = time.time_ns() // 1000
+            con.executemany(f"INSERT INTO events ({_COLS}, ingested_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(*r, now) for r in new])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return AppendResult(len(new), len(records) - len(new), self.last_seq())
+
+    def recent(self, user_id: int, since_us: int | None = None, limit: int = 1000) -> list[Record]:
+        rows = self._con().execute(
+            f"SELECT {_COLS} FROM events WHERE user_id = ? AND ts_us >= ? ORDER BY ts_us DESC, event_id DESC "
+            "LIMIT ?", (int(user_id), -(2**63) if since_us is None else int(since_us), int(limit))).fetchall()
+        return [tuple(r) for r in reversed(rows)]
+
+    def read(self, first: int, last: int) -> list[Record]:
+        return [tuple(r) for r in self._con().execute(
+            f"SELECT {_COLS} FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq", (int(first), int(last)))]
+
+    def last_seq(self) -> int:
+        (seq,) = self._con().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(seq)
+
+    def count(self) -> int:
+        (n,) = self._con().execute("SELECT COUNT(*) FROM events").fetchone()
+        return int(n)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._con().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def compaction_mark(self) -> CompactionMark:
+        return mark_from_json(self._meta("compaction"))
+
+    def set_compaction_mark(self, mark: CompactionMark) -> None:
+        self._con().execute("INSERT OR REPLACE INTO meta VALUES ('compaction', ?)", (mark_to_json(mark),))
+
+    def lock(self, name: str, ttl_s: float) -> str | None:
+        """A lease named ``name`` for ``ttl_s`` seconds: its token, or None while another holder's is live."""
+        con, token, now = self._con(), uuid.uuid4().hex, time.time()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            held = self._meta(f"lock:{name}")
+            if held is not None and json.loads(held)["until"] > now:
+                con.execute("ROLLBACK")
+                return None
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (f"lock:{name}", json.dumps({"token": token, "until": now + ttl_s})))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return token
+
+    def unlock(self, name: str, token: str) -> None:
+        held = self._meta(f"lock:{name}")
+        if held is not None and json.loads(held)["token"] == token:
+            self._con().execute("DELETE FROM meta WHERE key = ?", (f"lock:{name}",))
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+def mark_to_json(mark: CompactionMark) -> str:
+    return json.dumps({"high_water": mark.high_water, "pending": list(mark.pending) if mark.pending else None})
+
+
+def mark_from_json(text: str | bytes | None) -> CompactionMark:
+    if text is None:
+        return CompactionMark(0, None)
+    d = json.loads(text)
+    return CompactionMark(int(d["high_water"]), tuple(d["pending"]) if d.get("pending") else None)
+

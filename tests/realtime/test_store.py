@@ -1,0 +1,72 @@
+"""The action store's contract, on the embedded SQLite store and on Redis (a real redis-server): whole batches,
+idempotent by event_id, a conflict stores nothing, per-user reads in time order, the log read by sequence."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from towerflow.serving.realtime.events import check_events
+from towerflow.serving.realtime.store import CompactionMark, ConflictError, to_frame
+
+NOW = datetime(2026, 1, 6, tzinfo=UTC)
+
+
+def batch(*specs):
+    """(event_id, user_id, item_id, second) -> a checked batch at 2026-01-05T10:00:<second>."""
+    return check_events([{"event_id": e, "user_id": u, "item_id": i, "action": "click",
+                          "ts": f"2026-01-05T10:00:{s:02d}Z", "surface": "homefeed"} for e, u, i, s in specs], now=NOW)
+
+
+def test_append_is_idempotent_by_event_id(store):
+    first = store.append(batch(("a", 1, 10, 0), ("b", 1, 11, 1), ("c", 2, 12, 2)))
+    assert (first.accepted, first.duplicates, first.last_seq) == (3, 0, 3)
+    again = store.append(batch(("b", 1, 11, 1), ("d", 2, 13, 3)))
+    assert (again.accepted, again.duplicates, again.last_seq) == (1, 1, 4)
+    assert [r[0] for r in store.read(1, 4)] == ["a", "b", "c", "d"]
+    assert store.last_seq() == 4
+
+
+def test_a_conflicting_event_id_refuses_the_whole_batch(store):
+    store.append(batch(("a", 1, 10, 0)))
+    with pytest.raises(ConflictError) as err:
+        store.append(batch(("x", 1, 20, 5), ("a", 1, 99, 0)))
+    assert err.value.row == 1
+    assert "events[1].event_id: 'a' is already stored as a different event (item_id: stored 10, now 99)" \
+        in str(err.value)
+    assert store.last_seq() == 1 and [r[0] for r in store.recent(1)] == ["a"]  # "x" was not stored either
+
+
+def test_recent_is_the_users_last_actions_oldest_first(store):
+    store.append(batch(("c", 1, 12, 2), ("a", 1, 10, 0), ("o", 2, 50, 1), ("b", 1, 11, 1), ("d", 1, 13, 3)))
+    assert [r[0] for r in store.recent(1)] == ["a", "b", "c", "d"]
+    assert [r[0] for r in store.recent(1, limit=2)] == ["c", "d"]
+    since = int(datetime(2026, 1, 5, 10, 0, 1, tzinfo=UTC).timestamp() * 1e6)
+    assert [r[0] for r in store.recent(1, since_us=since)] == ["b", "c", "d"]
+    assert store.recent(3) == []
+    rec = store.recent(2)[0]
+    assert rec == ("o", 2, 50, "click", since, "homefeed", None, None)
+    frame = to_frame(store.recent(1))
+    assert frame.event_id.tolist() == ["a", "b", "c", "d"] and str(frame.ts.dtype) == "datetime64[us, UTC]"
+
+
+def test_all_fields_round_trip(store):
+    df = check_events([{"event_id": "q", "user_id": 2**62, "item_id": 9007199254740993, "action": "skip",
+                        "ts": "2026-01-05T10:00:00.123456Z", "surface": "search", "context_item_id": 7,
+                        "query": "naïve café"}], now=NOW)
+    store.append(df)
+    back = to_frame(store.read(1, 1))
+    assert back.to_dict("records") == df.to_dict("records")
+
+
+def test_the_compaction_mark_and_lease(store):
+    assert store.compaction_mark() == CompactionMark(0, None)
+    store.set_compaction_mark(CompactionMark(3, (4, 9)))
+    assert store.compaction_mark() == CompactionMark(3, (4, 9))
+    token = store.lock("compaction", 60)
+    assert token is not None and store.lock("compaction", 60) is None
+    store.unlock("compaction", "not-the-token")
+    assert store.lock("compaction", 60) is None
+    store.unlock("compaction", token)
+    assert store.lock("compaction", 60) is not None

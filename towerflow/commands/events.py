@@ -1,0 +1,147 @@
+"""``towerflow events``: live events into the realtime action store, and from there into the event source.
+
+    towerflow events ingest FILE|- [--format ndjson|csv|parquet] [--url http://HOST:PORT] [--batch-size 400]
+        without --url: checks the whole file (the data gate's rules, the source's users and items tables) and
+        writes it to the action store (TOWERFLOW_REALTIME_URI, default <data_root>/realtime.sqlite) in one
+        transaction, all or nothing; a running service reads the same store.
+        with --url: POSTs it to a running service's /events in batches (each accepted whole or refused whole;
+        idempotent by event_id, so re-running after a refusal or a crash stores nothing twice).
+    towerflow events compact [--max-rows N]
+        hands every acknowledged event not yet in the source to its day partitions (exactly once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+FORMATS = ("ndjson", "csv", "parquet")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="ingest live events, compact them into the event source",
+                       description="Live events: ingest into the realtime action store (or a running service), "
+                                   "compact the store into the event source's day partitions.")
+    esub = p.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
+    p.set_defaults(handler=lambda args: p.print_help() or 2)
+
+    i = esub.add_parser("ingest", help="check and store a file of events (NDJSON, CSV, Parquet, or - for stdin)")
+    i.add_argument("file", help="events file, or - to read NDJSON from stdin")
+    i.add_argument("--format", choices=FORMATS, help="default: from the file's extension (.ndjson/.jsonl, .csv, "
+                                                     ".parquet); stdin is NDJSON")
+    i.add_argument("--url", help="a running service (http://HOST:PORT): POST the events to its /events instead of "
+                                 "writing the store here")
+    i.add_argument("--batch-size", type=int, default=400,
+                   help="events per POST with --url (default 400, about 60 KiB: under the service's body limit)")
+    i.set_defaults(handler=_ingest)
+
+    c = esub.add_parser("compact", help="move acknowledged events from the action store into the event source")
+    c.add_argument("--max-rows", type=int, default=100_000, help="events per file at most (default 100000)")
+    c.set_defaults(handler=_compact)
+
+
+def read_events_file(path: str, fmt: str | None = None) -> tuple[list[dict] | object, str]:
+    """(records or a DataFrame, its name for messages). NDJSON keeps JSON's types; a bad line is named."""
+    import pandas as pd
+
+    from towerflow.errors import TowerflowError
+
+    name = "<stdin>" if path == "-" else path
+    if fmt is None:
+        ext = Path(path).suffix.lower()
+        fmt = "ndjson" if path == "-" or ext in (".ndjson", ".jsonl", ".json") else ext.lstrip(".")
+    if fmt not in FORMATS:
+        raise TowerflowError(f"{name}: cannot tell the format from {Path(path).suffix!r}; pass --format "
+                             f"{'|'.join(FORMATS)}")
+    if path != "-" and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if fmt == "parquet":
+        return pd.read_parquet(path), name
+    if fmt == "csv":
+        text = {c: str for c in ("event_id", "action", "surface", "query", "ts")}
+        return pd.read_csv(sys.stdin if path == "-" else path, dtype=text, keep_default_na=False,
+                           na_values={"context_item_id": [""], "query": [""]}), name
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    records = []
+    try:
+        for n, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise TowerflowError(f"{name}, line {n}: not JSON ({exc.msg})") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    return records, name
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    rows, name = read_events_file(args.file, args.format)
+    if args.url:
+        return _post(rows, name, args.url.rstrip("/"), max(1, args.batch_size))
+    from towerflow.config import Settings
+    from towerflow.data.source import ParquetSource, SourceError
+    from towerflow.serving.realtime.live import LiveEvents, open_action_store
+
+    settings = Settings()
+    try:
+        source = ParquetSource(settings.source)
+    except SourceError:
+        source = None
+        print(f"warning: no event source at {settings.source}: user and item ids not checked", file=sys.stderr)
+    store = open_action_store(settings)
+    try:
+        out = LiveEvents(store, source).ingest(rows, where=name)
+    finally:
+        store.close()
+    print(f"{name}: {out['accepted']} events stored, {out['duplicates']} already stored "
+          f"(store {settings.realtime_uri or settings.realtime_path}, last seq {out['last_seq']})")
+    return 0
+
+
+def _post(rows, name: str, url: str, batch: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    from towerflow.errors import TowerflowError
+
+    if not isinstance(rows, list):  # a table: its rows as JSON objects (timestamps ISO-8601)
+        rows = json.loads(rows.to_json(orient="records", date_format="iso", date_unit="us"))
+    accepted = duplicates = 0
+    for start in range(0, len(rows), batch):
+        body = json.dumps({"events": rows[start:start + batch]}).encode()
+        req = urllib.request.Request(f"{url}/events", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                out = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            reply = json.loads(exc.read() or b"{}")
+            row = reply.get("row")
+            at = f" (row {start + row} of {name})" if isinstance(row, int) else ""
+            raise TowerflowError(f"{url}/events refused the batch of rows {start}..{start + batch - 1} with "
+                                 f"{exc.code}: {reply.get('detail', exc.reason)}{at}; {accepted} events stored "
+                                 "before it") from None
+        except urllib.error.URLError as exc:
+            raise TowerflowError(f"{url}: cannot reach the service ({exc.reason})") from None
+        accepted, duplicates = accepted + out["accepted"], duplicates + out["duplicates"]
+    print(f"{name}: {accepted} events stored, {duplicates} already stored (via {url}/events)")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from towerflow.config import Settings
+    from towerflow.serving.realtime.compact import compact
+    from towerflow.serving.realtime.live import open_action_store
+
+    settings = Settings()
+    store = open_action_store(settings)
+    try:
+        out = compact(store, settings.source, max_rows=max(1, args.max_rows))
+    finally:
+        store.close()
+    print(f"compacted {out.events} events into {len(out.files)} files of {settings.source}; "
+          f"high water {out.high_water}")
+    return 0

@@ -9,47 +9,55 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.public_path import figures, hit_ndcg, json_tail, leave_last_out, mean_se, rank_of
+from bench.public_path import figures, hit_ndcg, json_tail, last_after_ties, leave_last_out, mean_se, rank_of
 from towerflow.commands.retrain import default_window
 
-# user 1: last two at t=30 (a tie): the larger item (7) is withheld; rows given out of time order
+# user 1: two rows at t=30 (a tie): the later row in the file (item 2) is withheld, not the larger item (7)
 # user 2: one row only: kept, nothing withheld
 # user 3: plain; its last (t=50, item 4) withheld
-ROWS = [(1, 5, 30), (1, 2, 10), (3, 1, 5), (1, 7, 30), (2, 9, 3), (3, 4, 50), (1, 3, 20), (3, 8, 40)]
+ROWS = [(1, 5, 10), (1, 7, 30), (3, 1, 5), (1, 2, 30), (2, 9, 3), (3, 4, 50), (1, 3, 20), (3, 8, 40)]
 
 
 def _frame(rows=ROWS) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
 
 
-def test_leave_last_out_withholds_each_users_last_ties_to_the_larger_item():
+def test_leave_last_out_withholds_each_users_last_ties_in_file_order():
     rest, withheld = leave_last_out(_frame())
-    assert withheld.values.tolist() == [[1, 7, 30], [3, 4, 50]]
+    assert withheld.values.tolist() == [[1, 2, 30], [3, 4, 50]]
+    assert withheld.index.tolist() == [3, 5]  # the input's rows
     # everything else kept, in the input's order
-    assert rest.values.tolist() == [[1, 5, 30], [1, 2, 10], [3, 1, 5], [2, 9, 3], [1, 3, 20], [3, 8, 40]]
+    assert rest.values.tolist() == [[1, 5, 10], [1, 7, 30], [3, 1, 5], [2, 9, 3], [1, 3, 20], [3, 8, 40]]
 
 
-def test_leave_last_out_agrees_with_the_importer_and_build_examples(tmp_path):
-    """The withheld rows are build_examples' leave-one-out holdout of the imported file (ties included)."""
+def test_the_baselines_examples_hold_out_exactly_the_withheld_rows(tmp_path):
+    """Imported whole (each withheld row one second later), build_examples' leave-one-out holds out the withheld
+    rows, although the importer orders ties by item id (it would hold out user 1's item 7)."""
     from towerflow.config import ExamplesConfig
     from towerflow.data.interactions import import_interactions
     from towerflow.data.source import ParquetSource
     from towerflow.tasks.build_examples import build_examples
 
     df = _frame([(u, i, 1_000_000 + t) for u, i, t in ROWS])
-    df.to_csv(tmp_path / "all.csv", index=False)
-    import_interactions(str(tmp_path / "all.csv"), str(tmp_path / "src"))
-    src = ParquetSource(str(tmp_path / "src"))
-    end = pd.Timestamp("1970-01-14", tz="UTC").to_pydatetime()
-    ex = build_examples(src.read_events(pd.Timestamp("1970-01-01", tz="UTC").to_pydatetime(), end),
-                        src.read_users(), src.read_items(), end,
-                        ExamplesConfig(split="leave_one_out", max_holdout_users=None))
-    got = sorted(zip(ex.vocab.user_ids[ex.holdout.user_idx - 1].tolist(),
-                     ex.vocab.item_ids[ex.holdout.target_items - 1].tolist(), strict=True))
     _, withheld = leave_last_out(df)
+    shifted = last_after_ties(df, withheld)
+    assert (shifted.timestamp - df.timestamp).tolist() == [0, 0, 0, 1, 0, 1, 0, 0]
+
+    def holdout(frame: pd.DataFrame, name: str) -> list[tuple[int, int]]:
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        import_interactions(str(tmp_path / f"{name}.csv"), str(tmp_path / name))
+        src = ParquetSource(str(tmp_path / name))
+        end = pd.Timestamp("1970-01-14", tz="UTC").to_pydatetime()
+        ex = build_examples(src.read_events(pd.Timestamp("1970-01-01", tz="UTC").to_pydatetime(), end),
+                            src.read_users(), src.read_items(), end,
+                            ExamplesConfig(split="leave_one_out", max_holdout_users=None))
+        return sorted(zip(ex.vocab.user_ids[ex.holdout.user_idx - 1].tolist(),
+                          ex.vocab.item_ids[ex.holdout.target_items - 1].tolist(), strict=True))
+
+    assert [tuple(r) for r in withheld[["user", "item"]].values.tolist()] == [(1, 2), (3, 4)]
     # build_examples also holds out user 2's only row (nothing before it); the benchmark withholds nothing there
-    assert got == [(1, 7), (2, 9), (3, 4)]
-    assert [tuple(r) for r in withheld[["user", "item"]].values.tolist()] == [(1, 7), (3, 4)]
+    assert holdout(shifted, "shifted") == [(1, 2), (2, 9), (3, 4)]
+    assert holdout(df, "as_is") == [(1, 7), (2, 9), (3, 4)]  # why the shift: ties by item id otherwise
 
 
 def test_rank_and_metrics_by_hand():

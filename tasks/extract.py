@@ -191,7 +191,11 @@ def extract(source: EventSource, as_of: datetime, lookback_days: int, snapshots_
             raise _empty_window(source, window, available)
         absent = sorted(set(days) - set(present))
         if absent:
-            say(f"  warning: {len(absent)} of {len(days)} days in the window have no partition: {_days_text(absent)}")
+            known = set(source.empty_days())
+            why = ("the source records them as empty in the data it imported" if set(absent) <= known else
+                   "the data gate fails on them unless gates.max_empty_days allows")
+            say(f"  warning: {len(absent)} of {len(days)} days in the window have no partition: {_days_text(absent)} "
+                f"({why})")
 
         with step("  fingerprint the window's partitions"):
             fingerprint = source.fingerprint(start, as_of)

@@ -220,10 +220,10 @@ def _coverage_checks(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestam
     n_bad, outside = int(m.get("rows", 0)), int(m.get("outside_window", 0))
     limit = config.max_misplaced_events
     by_day = ", ".join(f"dt={d}: {n}" for d, n in sorted((m.get("by_day") or {}).items()))
-    checks = [Check("events.ts on partition day", n_bad <= limit, n_bad, limit,
-                    f"{n_bad} row(s) of the window's partitions have a ts outside their partition's day, "
-                    f"{outside} of them outside the window; extract kept none of them"
-                    + (f" ({by_day})" if by_day else "") + f"; allowed {limit}",
+    detail = (f"{n_bad} row(s) of the window's partitions have a ts outside their partition's day, {outside} of "
+              f"them outside the window; extract kept none of them ({by_day}); allowed {limit}" if n_bad else
+              "every row of the window's partitions is on its partition's day")
+    checks = [Check("events.ts on partition day", n_bad <= limit, n_bad, limit, detail,
                     list(m.get("examples") or [])[:MAX_EXAMPLES])]
     if not ts_ok:
         return checks

@@ -76,3 +76,10 @@ def test_towerflow_serve_runs_the_http_service(served, monkeypatch):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_serve_refresh_runs_the_refresh_flow_and_says_what_it_stored(served, capsys, monkeypatch, torch_threads):
+    served.env(monkeypatch)
+    assert main(["serve", "refresh"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stored ") and f"for release {served.champion.release_id} (version 2)" in out

@@ -27,6 +27,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def prefect_api(settings: Settings) -> AbstractContextManager:
     """Point Prefect at PREFECT_API_URL, else TOWERFLOW_PREFECT_API_URL, else a temporary server for this run.
 

@@ -7,7 +7,7 @@ import json
 import sys
 from datetime import UTC, date, datetime, timedelta
 
-from towerflow.commands.common import add_source_option, prefect_api, seconds
+from towerflow.commands.common import add_source_option, positive_int, prefect_api, seconds
 
 
 def _lookback(text: str) -> int | str:
@@ -15,12 +15,9 @@ def _lookback(text: str) -> int | str:
     if text == "all":
         return text
     try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days or 'all', got {text!r}") from None
-    if days < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 day, got {days}")
-    return days
+        return positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of days (at least 1) or 'all': {e}") from None
 
 
 def default_window(days: list[date], as_of: date | None, lookback: int | str,

@@ -14,17 +14,7 @@ import json
 import sys
 from datetime import datetime
 
-from towerflow.commands.common import add_source_option
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from towerflow.commands.common import add_source_option, positive_int, prefect_api
 
 
 def _serving_options(p: argparse.ArgumentParser) -> None:
@@ -53,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--docs", action="store_true", help="also serve /docs, /redoc and /openapi.json (off by default)")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024,
+    p.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
                    help="largest request body accepted; a longer one is refused with 413 while it is read "
                         "(default 65536)")
     _serving_options(p)
@@ -129,10 +119,12 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _refresh(args: argparse.Namespace) -> int:
+    from towerflow.config import Settings
     from towerflow.flows.refresh_user_states import refresh_user_states
 
-    result = refresh_user_states(release=args.release, as_of=args.as_of, lookback_days=args.lookback_days,
-                                 source_uri=args.source)
+    with prefect_api(Settings()):  # a temporary API that dies with this process if none is configured
+        result = refresh_user_states(release=args.release, as_of=args.as_of, lookback_days=args.lookback_days,
+                                     source_uri=args.source)
     print(f"stored {result.n_users} user states for release {result.release_id} (version {result.version}) "
           f"as of {result.as_of.isoformat()} in {result.seconds:.1f}s -> {result.store}")
     return 0

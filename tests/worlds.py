@@ -62,12 +62,13 @@ def tiny_world(root: Path) -> Iterator[Settings]:
 def tiny_retrain_config(*, gates: dict | None = None, promote: bool = True, **train) -> RetrainConfig:
     """A retrain config sized for ``TINY_WORLD``: a 16-d one-layer model, batch 128, short histories.
 
-    ``train`` overrides TrainConfig fields (epochs, lr, seed); ``gates`` adds GateConfig fields to the one gate
-    every such test relaxes: a toy model need not beat popularity, since these tests check orchestration.
+    ``train`` overrides TrainConfig fields (epochs: 3 unless given; lr, seed); ``gates`` adds GateConfig fields to the
+    one gate every such test relaxes: a toy model need not beat popularity, since these tests check orchestration.
     """
     return RetrainConfig(
         examples=ExamplesConfig(max_seq_len=8),
-        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128, **train),
+        train=TrainConfig(model=ModelConfig(dim=16, d_model=16, hidden=32, n_layers=1), batch_size=128,
+                          **{"epochs": 3, **train}),
         eval=EvalConfig(short_history_max=3),
         gates=GateConfig(min_lift_over_popularity=-1.0, **(gates or {})),
         promote=promote,

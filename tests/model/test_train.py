@@ -156,3 +156,14 @@ def test_histories_that_do_not_fit_the_model_are_refused_by_name(examples):
         RetrainConfig.model_validate({"examples": {"gap_buckets": 12}})
     with pytest.raises(ValidationError, match=r"examples.max_seq_len \(80\) exceeds"):
         RetrainConfig.model_validate({"examples": {"max_seq_len": 80}})
+
+
+def test_by_default_early_stopping_watches_a_validation_split_never_the_holdout():
+    events, users, items = planted_world()
+    ex = build_examples(events, users, items, START + pd.Timedelta(days=3), ExamplesConfig(max_seq_len=8))
+    # every user is active on the last day: the auto split is the time split, day 1 validates, day 2 is held out
+    assert ex.meta["split"] == "time" and len(ex.valid) == len(ex.holdout) == N_USERS
+    assert (ex.valid.ts < ex.holdout.ts.min()).all() and (ex.train.ts < ex.valid.ts.min()).all()
+    assert (TrainConfig().epochs, TrainConfig().patience) == (30, 3)
+    result = train(ex, config(epochs=2))
+    assert result.early_stopping_split == "valid"

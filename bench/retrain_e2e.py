@@ -56,7 +56,7 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     from towerflow.tasks.embed_items import embed_items
     from towerflow.tasks.extract import extract
     from towerflow.tasks.train import train
-    from towerflow.validation.data import validate_snapshot
+    from towerflow.validation.data import validate_extracted
     from towerflow.validation.embeddings import check_embeddings
     from towerflow.validation.index import gate_index_on_holdout
     from towerflow.validation.model import gate_model, slices_by_name
@@ -71,9 +71,8 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
         return value
 
     snapshot = stage("extract", lambda: extract(ParquetSource(source_uri), end, lookback_days, settings.snapshots_dir))
-    start, stop = snapshot.window
-    stage("validate_data", lambda: validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start,
-                                                     stop, None, config.gates).raise_if_failed())
+    stop = snapshot.window[1]
+    stage("validate_data", lambda: validate_extracted(snapshot, None, config.gates).raise_if_failed())
     examples = stage("build_examples", lambda: build_examples(snapshot.events(), snapshot.users(), snapshot.items(),
                                                               stop, config.examples))
     examples.train = stage("augment_context", lambda: augment_context(examples.train, examples.item_feats,

@@ -126,14 +126,11 @@ def extract(settings: Settings, source_uri: str | None, end: datetime, lookback_
 
 @stage("validate_data")
 def validate_data(settings: Settings, snapshot, gates: GateConfig, tracking: Tracking) -> None:
-    from towerflow.validation.data import SnapshotStats, validate_snapshot
+    from towerflow.validation.data import SnapshotStats, validate_extracted
 
     stats_file = settings.data_root / "gates" / "last_data_stats.json"
     previous = SnapshotStats.from_dict(json.loads(stats_file.read_text())) if stats_file.exists() else None
-    start, end = snapshot.window
-    result = validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start, end, previous, gates,
-                               feedback=snapshot.feedback, misplaced=snapshot.misplaced,
-                               known_empty_days=snapshot.known_empty_days)
+    result = validate_extracted(snapshot, previous, gates)
     tracking.log_dict(result.to_dict(), "gates/data_gate.json")
     tracking.log_dict(result.gx_results, "gates/great_expectations.json")
     tracking.set_tags({"towerflow.snapshot_id": snapshot.snapshot_id, "towerflow.gate.data": result.passed})

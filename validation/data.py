@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ from towerflow.contract import (
 from towerflow.data.source import day_range
 from towerflow.errors import TowerflowError
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
+
+if TYPE_CHECKING:
+    from towerflow.tasks.extract import Snapshot
 
 # GX type names per contract column. GX compares ``dtype.type``: "int64" accepts int64 and Int64, "Timestamp"
 # accepts tz-aware datetimes only, "str" accepts pandas 3's ``str`` dtype and object columns holding strings.
@@ -359,3 +362,13 @@ def validate_snapshot(
     rate = float(events[POSITIVE_COL].mean()) if POSITIVE_COL in events.columns and len(events) else float("nan")
     stats = SnapshotStats(len(events), rate, days)
     return DataGateResult("data", checks, gx_results=gx_results, stats=stats)
+
+
+def validate_extracted(snapshot: Snapshot, previous: SnapshotStats | None, config: GateConfig,
+                       now: datetime | pd.Timestamp | None = None) -> DataGateResult:
+    """The data gate on what extract produced: its rows and window, the source's feedback kind, the rows extract
+    counted but could not keep, and the empty days the source recorded. The flow and the benchmarks call this."""
+    start, end = snapshot.window
+    return validate_snapshot(snapshot.events(), snapshot.users(), snapshot.items(), start, end, previous, config,
+                             now=now, feedback=snapshot.feedback, misplaced=snapshot.misplaced,
+                             known_empty_days=snapshot.known_empty_days)

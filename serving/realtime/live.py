@@ -26,8 +26,8 @@ from towerflow.config import Settings
 from towerflow.data.source import EventSource, SourceError
 from towerflow.serving.realtime.compact import CompactionBusy, CompactResult, compact
 from towerflow.serving.realtime.events import check_events
-from towerflow.serving.realtime.store import ActionStore, ActionStoreError, SQLiteActionStore, to_frame
-from towerflow.tasks.history import EventArrays
+from towerflow.serving.realtime.store import ActionStore, ActionStoreError, SQLiteActionStore
+from towerflow.tasks.history import ACTION_INDEX, HISTORY_ACTIONS, EventArrays
 
 log = logging.getLogger("towerflow.serving.realtime")
 
@@ -103,10 +103,14 @@ class LiveEvents:
 
     def actions(self, user_id: int, since_us: int | None = None) -> EventArrays:
         """The user's live history actions at or after ``since_us`` (their last ``max_actions``), in time order."""
-        records = self.store.recent(user_id, since_us, self.max_actions)
+        records = [r for r in self.store.recent(user_id, since_us, self.max_actions) if r[3] in HISTORY_ACTIONS]
         if not records:
             return EventArrays.empty()
-        return EventArrays.from_events(to_frame(records))
+        records.sort(key=lambda r: (r[4], r[0]))  # (ts, event_id): EventArrays.from_events' order
+        return EventArrays(user_id=np.array([r[1] for r in records], dtype=np.int64),
+                           item_id=np.array([r[2] for r in records], dtype=np.int64),
+                           action=np.array([ACTION_INDEX[r[3]] for r in records], dtype=np.int64),
+                           ts_us=np.array([r[4] for r in records], dtype=np.int64))
 
     def compact(self, source_uri: str) -> CompactResult | None:
         """Hand acknowledged events to the source (compact.py); None when another compactor holds the lease."""

@@ -1,6 +1,6 @@
 """``towerflow events``: live events into the realtime action store, and from there into the event source.
 
-    towerflow events ingest FILE|- [--format ndjson|csv|parquet] [--url http://HOST:PORT] [--batch-size 400]
+    towerflow events ingest FILE|- [--format ndjson|csv|parquet] [--url http://HOST:PORT] [--batch-size 300]
         without --url: checks the whole file (the data gate's rules, the source's users and items tables) and
         writes it to the action store (TOWERFLOW_REALTIME_URI, default <data_root>/realtime.sqlite) in one
         transaction, all or nothing; a running service reads the same store.
@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      ".parquet); stdin is NDJSON")
     i.add_argument("--url", help="a running service (http://HOST:PORT): POST the events to its /events instead of "
                                  "writing the store here")
-    i.add_argument("--batch-size", type=int, default=400,
-                   help="events per POST with --url (default 400, about 60 KiB: under the service's body limit)")
+    i.add_argument("--batch-size", type=int, default=300,
+                   help="events per POST with --url (default 300, about 45 KiB: under the service's 64 KiB body limit)")
     i.set_defaults(handler=_ingest)
 
     c = esub.add_parser("compact", help="move acknowledged events from the action store into the event source")

@@ -139,3 +139,60 @@ def test_compaction_hands_every_event_to_the_source_once_and_serving_is_unchange
     assert path == "live"
     np.testing.assert_allclose(h_after, h_before, rtol=0, atol=1e-6)
     assert client.post("/retrieve", json={"user_id": user, "k": 10}).json()["items"] == before["items"]
+
+
+@pytest.fixture(scope="module")
+def replay_server(served, tmp_path_factory):
+    """A real HTTP server over a service whose source stops before the world's last day (Jan 4), no stored
+    states, an empty action store: replaying Jan 4 into it is what a live day looks like."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.realtime.conftest import free_port
+    from towerflow.serving.app import create_app
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RetrievalService
+
+    root = tmp_path_factory.mktemp("replay")
+    shutil.copytree(served.settings.source, root / "source")
+    shutil.rmtree(root / "source" / "events" / "dt=2026-01-04")
+    store = SQLiteActionStore(root / "realtime.sqlite")
+    svc = RetrievalService(served.settings, ServingConfig(compact_interval_s=None),
+                           source=ParquetSource(str(root / "source")), realtime=store,
+                           use_default_store=False).start(watch=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service=svc), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", store
+    server.should_exit = True
+    thread.join(10)
+    svc.close()
+
+
+def test_replay_a_day_asks_before_each_engagement_in_time_order(served, replay_server, capsys):
+    import json
+
+    from towerflow.cli import main
+    from towerflow.contract import POSITIVE_ACTIONS
+
+    url, store = replay_server
+    day = ParquetSource(served.settings.source).read_day(HORIZON.date() - timedelta(days=1))
+    first = day.sort_values(["ts", "event_id"]).head(300)
+    assert main(["events", "replay", "--day", "2026-01-04", "--url", url, "--from", served.settings.source,
+                 "--limit", "300", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    engaged = int(first.action.isin(POSITIVE_ACTIONS).sum())
+    assert out["events"] == 300 and out["engagements"] == engaged > 0
+    assert sum(out["paths"].values()) == engaged and out["paths"].get("live", 0) > 0
+    assert 0 <= out["hits"] <= engaged and out["recall_at_k"] == round(out["hits"] / engaged, 4)
+    assert [r[0] for r in store.read(1, store.last_seq())] == first.event_id.tolist()  # in time order, once
+    assert main(["events", "replay", "--day", "2026-01-04", "--url", url, "--from", served.settings.source,
+                 "--limit", "300", "--json"]) == 0  # replayed again: nothing stored twice
+    assert store.last_seq() == 300

@@ -8,6 +8,9 @@
         idempotent by event_id, so re-running after a refusal or a crash stores nothing twice).
     towerflow events compact [--max-rows N]
         hands every acknowledged event not yet in the source to its day partitions (exactly once)
+    towerflow events replay --day D --url http://HOST:PORT [--speed X] [--from URI] [--limit N] [-k 10] [--json]
+        replays day D of a source (default: the settings' source) into a running service in time order, asking
+        /retrieve before each engagement; prints recall@k of the engaged items
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 FORMATS = ("ndjson", "csv", "parquet")
@@ -36,6 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--batch-size", type=int, default=300,
                    help="events per POST with --url (default 300, about 45 KiB: under the service's 64 KiB body limit)")
     i.set_defaults(handler=_ingest)
+
+    r = esub.add_parser("replay", help="replay a day of a source into a running service, asking /retrieve before "
+                                       "each engagement")
+    r.add_argument("--day", required=True, type=date.fromisoformat, help="the day to replay (YYYY-MM-DD)")
+    r.add_argument("--url", required=True, help="the running service (http://HOST:PORT)")
+    r.add_argument("--speed", type=float, help="keep the day's pace, X times faster (default: as fast as possible)")
+    r.add_argument("--from", dest="source", help="source to read the day from (default: the settings' source)")
+    r.add_argument("--limit", type=int, help="replay only the day's first N events")
+    r.add_argument("-k", type=int, default=10, help="items asked for before each engagement (default 10)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(handler=_replay)
 
     c = esub.add_parser("compact", help="move acknowledged events from the action store into the event source")
     c.add_argument("--max-rows", type=int, default=100_000, help="events per file at most (default 100000)")
@@ -144,4 +159,31 @@ def _compact(args: argparse.Namespace) -> int:
         store.close()
     print(f"compacted {out.events} events into {len(out.files)} files of {settings.source}; "
           f"high water {out.high_water}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from towerflow.config import Settings
+    from towerflow.data.source import ParquetSource
+    from towerflow.errors import TowerflowError
+    from towerflow.serving.realtime.replay import Client, replay
+
+    source = ParquetSource(args.source or Settings().source)
+    events = source.read_day(args.day)
+    if len(events) == 0:
+        raise TowerflowError(f"{source.uri}: no events on {args.day.isoformat()} (days: "
+                             f"{', '.join(d.isoformat() for d in source.days()[-5:])} ...)")
+    if args.limit is not None:
+        events = events.sort_values(["ts", "event_id"]).head(max(0, args.limit))
+    client = Client(args.url)
+    try:
+        out = replay(events, client, k=args.k, speed=args.speed)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(out.to_dict(), indent=2))
+    else:
+        print(f"replayed {out.events} events of {args.day.isoformat()} in {out.seconds:.1f}s: "
+              f"{out.engagements} engagements, recall@{args.k} {out.recall:.4f} ({out.hits} hits); "
+              f"answers by path {out.paths}")
     return 0

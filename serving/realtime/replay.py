@@ -1,0 +1,118 @@
+"""Replay a day of the event source into a running service, in time order, asking ``/retrieve`` before each
+engagement (issue #16 item 6): what the service would have answered at that moment, and whether the engaged item
+was among its top k.
+
+The day's events are sent in ``POST /events`` batches; before each engagement (a positive action: click, save,
+conversion) the events before it are flushed and ``/retrieve`` is asked for that user with the engagement's context
+(its ``context_item_id``, if the served release knows it, and surface); then the engagement itself is sent. With
+``speed`` the replay keeps the day's pace, ``speed`` times faster (1: real time); without it, as fast as the
+service answers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+from towerflow.contract import POSITIVE_ACTIONS
+from towerflow.errors import TowerflowError
+
+
+class ReplayError(TowerflowError):
+    """The service refused or could not be reached; the message names the request and the reply."""
+
+
+@dataclass
+class ReplayResult:
+    events: int = 0  # events acknowledged by the service
+    engagements: int = 0  # engagements asked about
+    hits: int = 0  # engagements whose item was in the top k asked just before
+    paths: dict[str, int] = field(default_factory=dict)  # /retrieve answers by path
+    seconds: float = 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.engagements if self.engagements else 0.0
+
+    def to_dict(self) -> dict:
+        return {"events": self.events, "engagements": self.engagements, "hits": self.hits,
+                "recall_at_k": round(self.recall, 4), "paths": self.paths, "seconds": round(self.seconds, 2)}
+
+
+class Client:
+    """One keep-alive HTTP connection to the service, JSON in and out."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ReplayError(f"{url!r}: expected http://HOST:PORT")
+        self.url, self._con = url.rstrip("/"), http.client.HTTPConnection(parts.hostname, parts.port or 80,
+                                                                          timeout=timeout_s)
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        try:
+            self._con.request("POST", path, data, {"Content-Type": "application/json"})
+            resp = self._con.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        except (OSError, http.client.HTTPException) as exc:
+            self._con.close()
+            raise ReplayError(f"{self.url}{path}: cannot reach the service ({exc})") from None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _json_rows(events: pd.DataFrame) -> list[dict]:
+    return json.loads(events.to_json(orient="records", date_format="iso", date_unit="us"))
+
+
+def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | None = None,
+           batch: int = 300, on_step: Callable[[ReplayResult], None] | None = None) -> ReplayResult:
+    """Replay ``events`` (contract rows) in (ts, event_id) order into the service behind ``client``."""
+    events = events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+    rows, out, pending = _json_rows(events), ReplayResult(), []
+    t_wall, t_data = time.monotonic(), events["ts"].iloc[0] if len(events) else None
+
+    def flush() -> None:
+        for s in range(0, len(pending), batch):
+            status, reply = client.post("/events", {"events": pending[s:s + batch]})
+            if status != 200:
+                raise ReplayError(f"POST /events refused events {pending[s]['event_id']}..: {status} "
+                                  f"{reply.get('detail', reply)}")
+            out.events += len(pending[s:s + batch])
+        pending.clear()
+
+    for i, row in enumerate(rows):
+        if speed:
+            due = t_wall + (events["ts"].iloc[i] - t_data).total_seconds() / speed
+            if due > time.monotonic():
+                flush()
+                time.sleep(due - time.monotonic())
+        if row["action"] in POSITIVE_ACTIONS:
+            flush()
+            ctx = {"surface": row["surface"]}
+            if row.get("context_item_id") is not None:
+                ctx["item_id"] = int(row["context_item_id"])
+            status, reply = client.post("/retrieve", {"user_id": row["user_id"], "context": ctx, "k": k})
+            if status == 422 and "item_id" in ctx:  # a context item the release does not know: ask without it
+                status, reply = client.post("/retrieve", {"user_id": row["user_id"], "k": k,
+                                                          "context": {"surface": row["surface"]}})
+            if status != 200:
+                raise ReplayError(f"POST /retrieve for event {row['event_id']}: {status} "
+                                  f"{reply.get('detail', reply)}")
+            out.engagements += 1
+            out.hits += row["item_id"] in {x["item_id"] for x in reply["items"]}
+            out.paths[reply["path"]] = out.paths.get(reply["path"], 0) + 1
+            if on_step is not None:
+                on_step(out)
+        pending.append(row)
+    flush()
+    out.seconds = time.monotonic() - t_wall
+    return out

@@ -359,6 +359,12 @@ def test_recbole_file_without_required_columns_or_rows(tmp_path):
         ("user,item,timestamp\n1,2,100\n1,3,-100\n",
          r"log\.csv: timestamps in timestamp must be in \[1970-01-01, 2262-04-11\) \(read as seconds since "
          r"1970-01-01 UTC\); line 3: '-100'"),
+        # past int64 nanoseconds (year 2262): refused, not read as NaT and dropped; infinities are no time at all
+        ("user,item,timestamp\n1,2,1700000000000000000\n1,3,1700000060000000000\n2,3,10000000000000000000\n",
+         r"log\.csv: timestamps in timestamp must be in \[1970-01-01, 2262-04-11\) \(read as nanoseconds since "
+         r"1970-01-01 UTC\); line 4: '10000000000000000000'"),
+        ("user,item,timestamp\n1,2,1700000000\n1,3,inf\n", r"log\.csv: unparseable timestamps in timestamp; line 3: 'inf'"),
+        ("user,item,timestamp\n1,2,-inf\n", r"log\.csv: unparseable timestamps in timestamp; line 2: '-inf'"),
     ],
 )
 def test_bad_interaction_files_are_named_and_leave_nothing(tmp_path, content, message):

@@ -175,7 +175,7 @@ def parse_epoch(series: pd.Series, where: str, column: str, first_line: int) -> 
         num = series.astype("float64")
     except (ValueError, TypeError):
         num = pd.to_numeric(series, errors="coerce")
-    bad = num.isna()
+    bad = ~np.isfinite(num)  # NaN, and inf/-inf (no epoch unit fits them)
     if bad.any():
         raise ContractError(f"{where}: unparseable timestamps in {column}; {_first_bad(series, bad, first_line)}")
     cls = _unit_class(num)
@@ -190,8 +190,10 @@ def parse_epoch(series: pd.Series, where: str, column: str, first_line: int) -> 
             f"({series.iloc[pos]!r})"
         )
     unit, unit_name = EPOCH_UNITS[top][1], EPOCH_UNITS[top][2]
-    ts = pd.to_datetime(num.round().astype("int64") if unit == "ns" else num, unit=unit, utc=True)
-    out = (ts < TS_RANGE[0]) | (ts >= TS_RANGE[1])
+    # Nanoseconds beyond int64 would wrap to NaT in the cast and pass a plain range check: refuse them first.
+    over = (num.abs() >= 2**63) if unit == "ns" else pd.Series(False, index=num.index)
+    ts = pd.to_datetime(num.mask(over, 0).round().astype("int64") if unit == "ns" else num, unit=unit, utc=True)
+    out = over | ts.isna() | (ts < TS_RANGE[0]) | (ts >= TS_RANGE[1])
     if out.any():
         raise ContractError(
             f"{where}: timestamps in {column} must be in [{TS_RANGE[0]:%Y-%m-%d}, {TS_RANGE[1]:%Y-%m-%d}) (read as "

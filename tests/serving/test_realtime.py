@@ -196,3 +196,78 @@ def test_replay_a_day_asks_before_each_engagement_in_time_order(served, replay_s
     assert main(["events", "replay", "--day", "2026-01-04", "--url", url, "--from", served.settings.source,
                  "--limit", "300", "--json"]) == 0  # replayed again: nothing stored twice
     assert store.last_seq() == 300
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_service_mid_replay_loses_no_acknowledged_event(served, tmp_path):
+    """``towerflow serve`` as a real process, SIGKILLed while events are being posted, then restarted: every
+    acknowledged event is in the store, and after compaction in the source exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.realtime.conftest import free_port
+    from towerflow.serving.realtime.compact import compact
+    from towerflow.serving.realtime.events import check_events
+    from towerflow.serving.realtime.replay import Client, ReplayError, _json_rows
+
+    shutil.copytree(served.settings.source, tmp_path / "source")
+    shutil.rmtree(tmp_path / "source" / "events" / "dt=2026-01-04")
+    rt = tmp_path / "realtime.sqlite"
+    env = {**os.environ, "TOWERFLOW_DATA_ROOT": str(served.root), "TOWERFLOW_SOURCE_URI": str(tmp_path / "source"),
+           "TOWERFLOW_REALTIME_URI": f"sqlite:///{rt}"}
+    port = free_port()
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "towerflow.cli", "serve", "--port", str(port),
+                                 "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "towerflow serve did not come up"
+            try:
+                client = Client(f"http://127.0.0.1:{port}", timeout_s=5)
+                if client.post("/retrieve", {"user_id": 0, "k": 1})[0] == 200:
+                    return proc
+            except ReplayError:
+                pass
+            time.sleep(0.2)
+
+    day = ParquetSource(served.settings.source).read_day(HORIZON.date() - timedelta(days=1))
+    rows = _json_rows(day.sort_values(["ts", "event_id"]))
+    batches = [rows[i:i + 10] for i in range(0, len(rows), 10)]
+    proc = start()
+    acked: list[str] = []
+    client = Client(f"http://127.0.0.1:{port}")
+    with pytest.raises(ReplayError):
+        for n, b in enumerate(batches):
+            status, reply = client.post("/events", {"events": b})
+            assert status == 200, reply
+            acked += [e["event_id"] for e in b]
+            if n == 5:  # SIGKILL while the next batches are being posted
+                threading.Timer(0.05, lambda: proc.send_signal(signal.SIGKILL)).start()
+    proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL and 0 < len(acked) < len(rows)
+
+    store = SQLiteActionStore(rt)
+    stored = [r[0] for r in store.read(1, store.last_seq())]
+    assert set(acked) <= set(stored)
+    assert len(stored) - len(acked) in (0, 10)  # the batch in flight at the kill: stored whole or not at all
+
+    proc = start()  # restarted: the rest of the day, the acknowledged part posted again (idempotent)
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        for b in batches:
+            assert client.post("/events", {"events": b})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    compact(store, str(tmp_path / "source"))
+    back = ParquetSource(str(tmp_path / "source")).read_day(HORIZON.date() - timedelta(days=1))
+    assert len(back) == len(day) and sorted(back.event_id) == sorted(day.event_id)  # each exactly once
+    expect = check_events(day, now=HORIZON + timedelta(days=1)).sort_values("event_id").reset_index(drop=True)
+    got = back.sort_values("event_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expect[list(got.columns)], check_dtype=False)

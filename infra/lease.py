@@ -6,8 +6,10 @@ thread every ``lease_s / 4`` seconds while it is alive. A would-be holder takes 
 when the one there is dead:
 
 - its deadline has passed (a holder that stopped renewing: crashed on another host, or hung hard), or
-- it ran on this host and its process is gone (``kill -9``: freed at once, without waiting for the deadline); the
-  pid's start time guards against a recycled pid.
+- it ran here and its process is gone (``kill -9``: freed at once, without waiting for the deadline); the pid's
+  start time guards against a recycled pid. "Here" is the host identity (``towerflow.procs.host_identity``:
+  hostname, boot id and PID namespace), not the hostname alone: containers sharing a hostname do not see each
+  other's pids, so a holder in another one is freed only by its deadline.
 
 A waiter says once what it waits for (holder, since when, the deadline), polls, and gives up after ``wait_s`` with
 ``LeaseTimeoutError`` naming the holder. Taking the row happens in one ``BEGIN IMMEDIATE`` transaction, so two
@@ -34,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from towerflow.errors import TowerflowError
+from towerflow.procs import host_identity, process_alive, process_start
 
 OnWait = Callable[[str], None] | None
 
@@ -48,41 +51,6 @@ class LeaseTimeoutError(LeaseHeldError):
 
 class LeaseLostError(TowerflowError):
     """This holder's lease expired and was taken by another (it stopped renewing for longer than ``lease_s``)."""
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of ``/proc/<pid>/stat`` (state first, start time at index 19); None when no such process, or a
-    zombie (killed, not yet reaped: it runs nothing). Raises OSError where there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields
-
-
-def process_start(pid: int) -> str:
-    """An id of the process's start (clock ticks since boot on Linux; '' where unknown), so a recycled pid differs."""
-    try:
-        fields = proc_stat(pid)
-    except OSError:
-        return ""
-    return fields[19] if fields else ""
-
-
-def process_alive(pid: int, start: str = "") -> bool:
-    """Whether process ``pid`` (started at ``start``, when known) still runs on this host."""
-    try:
-        fields = proc_stat(pid)
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return fields is not None and (not start or fields[19] == start)
 
 
 def _iso(t: float) -> str:
@@ -100,6 +68,7 @@ class Holder:
     note: str
     since: float  # epoch seconds
     deadline: float  # epoch seconds; renewed while the holder lives
+    host_id: str = ""  # towerflow.procs.host_identity() of the holder ('' in rows written before it was recorded)
 
     def describe(self) -> str:
         what = f" ({self.note})" if self.note else ""
@@ -109,18 +78,24 @@ class Holder:
         """Why this holder no longer holds the lease, or None while it does."""
         if now > self.deadline:
             return f"its lease expired at {_iso(self.deadline)}"
-        if self.host == socket.gethostname() and not process_alive(self.pid, self.start):
+        if self.host_id == host_identity() and not process_alive(self.pid, self.start):
             return "its process is gone"
         return None
 
 
-_COLUMNS = "token, pid, host, start, note, since, deadline"
+_COLUMNS = "token, pid, host, start, note, since, deadline, host_id"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # explicit transactions only
     con.execute(f"CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY CHECK (id = 1), {_COLUMNS})")
+    if "host_id" not in {row[1] for row in con.execute("PRAGMA table_info(lease)")}:  # a file from before host_id
+        try:
+            con.execute("ALTER TABLE lease ADD COLUMN host_id NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as e:  # another process added it first
+            if "duplicate column" not in str(e):
+                raise
     return con
 
 
@@ -146,8 +121,8 @@ def try_take(path: Path, me: Holder) -> tuple[Holder | None, str | None]:
             if current is not None and broken is None:
                 con.execute("ROLLBACK")
                 return current, None
-            con.execute(f"INSERT OR REPLACE INTO lease (id, {_COLUMNS}) VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
-                        (me.token, me.pid, me.host, me.start, me.note, me.since, me.deadline))
+            con.execute(f"INSERT OR REPLACE INTO lease (id, {_COLUMNS}) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (me.token, me.pid, me.host, me.start, me.note, me.since, me.deadline, me.host_id))
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -178,7 +153,9 @@ class Lease:
                 return
 
     def check(self) -> None:
-        if self._lost or (read_holder(self.path) or self.holder).token != self.holder.token:
+        """Raise ``LeaseLostError`` unless the file still names this holder (no row: another took it and let go)."""
+        current = read_holder(self.path)
+        if self._lost or current is None or current.token != self.holder.token:
             raise LeaseLostError(f"the lease {self.path} was taken from this holder ({self.holder.describe()}): "
                                  f"it was not renewed for {self.lease_s:.0f}s")
 
@@ -207,7 +184,8 @@ def lease(path: str | Path, *, note: str = "", lease_s: float = 60.0, wait_s: fl
     told: tuple[str, float] | None = None
     while True:
         now = time.time()
-        me = Holder(secrets.token_hex(8), pid, socket.gethostname(), process_start(pid), note, now, now + lease_s)
+        me = Holder(secrets.token_hex(8), pid, socket.gethostname(), process_start(pid), note, now, now + lease_s,
+                    host_identity())
         current, broken = try_take(path, me)
         if current is None:
             break

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from towerflow.errors import TowerflowError
-from towerflow.infra.lease import proc_stat
+from towerflow.procs import proc_stat
 
 SERVICES: tuple[str, ...] = ("prefect", "mlflow", "worker")
 LOOPBACK = "127.0.0.1"

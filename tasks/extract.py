@@ -42,6 +42,7 @@ import towerflow
 from towerflow.contract import ACTIONS, DEFAULT_FEEDBACK, SURFACES, ContractError, arrow_schema, conform
 from towerflow.data.source import EventSource, SourceError, day_range
 from towerflow.errors import TowerflowError
+from towerflow.procs import host_key, process_alive, process_start
 from towerflow.progress import progress, say, step
 
 # Bump when what a snapshot contains changes for the same inputs, so old ids are not mistaken for new content.
@@ -50,7 +51,9 @@ TABLE_FILES = {"events": "events.parquet", "users": "users.parquet", "items": "i
 MANIFEST = "manifest.json"
 MISPLACED_EXAMPLES = 5
 STALE_TMP_AGE_S = 24 * 3600  # a temporary snapshot dir whose owner cannot be checked is stale after a day unchanged
-_TMP_NAME = re.compile(r"\.(?P<sid>[^.]+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
+# .<snapshot id>.<hostname>-<host key>-<pid>-<start>.<random>.tmp (towerflow.procs: where the pid means something)
+_TMP_NAME = re.compile(r"\.(?P<sid>[^.]+)\.(?P<host>[A-Za-z0-9-]+?)-(?P<key>[0-9a-f]{12})-(?P<pid>\d+)-(?P<start>\d*)"
+                       r"\.[^.]+\.tmp")
 
 
 class ExtractError(TowerflowError, ValueError):
@@ -381,40 +384,29 @@ def _publish(tmp: Path, target: Path) -> Snapshot:
     return Snapshot.load(target, verify=False)
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname()) or "host"
-
-
 def _owner() -> str:
-    """``<host>-<pid>`` of this process, in the temporary directory's name so a reaper can tell if it is alive."""
-    return f"{_host()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    """``<hostname>-<host key>-<pid>-<start>`` of this process, in the temporary directory's name so a reaper can
+    tell if it is alive (``towerflow.procs``: the key names the hostname, boot and PID namespace together)."""
+    pid = os.getpid()
+    return f"{re.sub(r'[^A-Za-z0-9]', '-', socket.gethostname()) or 'host'}-{host_key()}-{pid}-{process_start(pid)}"
 
 
 def reap_stale_tmp(snapshots_dir: Path, max_age_s: float = STALE_TMP_AGE_S, now: float | None = None) -> list[Path]:
-    """Remove hidden ``.<id>.<host>-<pid>.*.tmp`` directories that a killed extract left; return what went.
+    """Remove hidden ``.<id>.<owner>.*.tmp`` directories that a killed extract left; return what went.
 
-    One is stale when its process is gone (same host: the pid is not alive), or, when that cannot be told (another
-    host on shared storage, or a name from before the owner was recorded), when nothing in it changed for
-    ``max_age_s`` seconds. A live extract's directory is never touched.
+    One is stale when its process is gone (same host identity: hostname, boot and PID namespace; the pid is not
+    alive or was reused), or, when that cannot be told (another host or container on shared storage, or a name from
+    before the owner was recorded), when nothing in it changed for ``max_age_s`` seconds. A live extract's
+    directory is never touched.
     """
     now = time.time() if now is None else now
-    host, removed = _host(), []
+    key, removed = host_key(), []
     for d in Path(snapshots_dir).glob(".*.tmp"):
         if not d.is_dir():
             continue
         m = _TMP_NAME.fullmatch(d.name)
-        if m and m["host"] == host:
-            stale = not _alive(int(m["pid"]))
+        if m and m["key"] == key:
+            stale = not process_alive(int(m["pid"]), m["start"])
         else:
             newest = max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())])
             stale = now - newest > max_age_s

@@ -20,10 +20,10 @@ from towerflow.infra.lease import (
     LeaseLostError,
     LeaseTimeoutError,
     lease,
-    process_start,
     read_holder,
     try_take,
 )
+from towerflow.procs import host_identity, process_alive, process_start
 
 HOLD = """
 import sys, time
@@ -113,7 +113,60 @@ def test_threads_of_one_process_exclude_each_other_and_a_recycled_pid_counts_as_
     # same pid and host, another start time: the pid was reused by an unrelated process
     assert process_start(os.getpid()) != ""
     now = time.time()
-    stale = Holder("t1", os.getpid(), socket.gethostname(), "1", "old", now, now + 60)
+    stale = Holder("t1", os.getpid(), socket.gethostname(), "1", "old", now, now + 60, host_identity())
     assert stale.dead(now) == "its process is gone"
-    assert Holder("t2", os.getpid(), socket.gethostname(), process_start(os.getpid()), "", now, now + 60).dead(now) \
-        is None
+    assert Holder("t2", os.getpid(), socket.gethostname(), process_start(os.getpid()), "", now, now + 60,
+                  host_identity()).dead(now) is None
+
+
+def test_check_fails_when_another_holder_took_the_lease_and_already_let_go(tmp_path: Path):
+    path = tmp_path / "promote.lease"
+    with lease(path, lease_s=0.3) as held:
+        held._stop.set()  # hung: no renewals
+        held._thread.join()
+        time.sleep(0.4)
+        with lease(path, wait_s=0):  # takes the expired lease, then releases it: the file names no one
+            pass
+        assert read_holder(path) is None
+        with pytest.raises(LeaseLostError, match="was taken from this holder"):
+            held.check()
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_same_hostname_in_another_pid_namespace_or_boot_waits_for_the_deadline(tmp_path: Path):
+    # containers sharing a hostname (host networking) do not see each other's pids: a pid missing here may be alive
+    hostname, boot, pidns = host_identity().split(" ")
+    assert boot != "-" and pidns.startswith("pid:[")  # Linux: both are known
+    now, pid = time.time(), _dead_pid()
+    assert not process_alive(pid)
+    here = Holder("t", pid, hostname, "", "", now, now + 60, host_identity())
+    assert here.dead(now) == "its process is gone"
+    for other in (f"{hostname} {boot} pid:[1]", f"{hostname} 00000000-0000-0000-0000-000000000000 {pidns}",
+                  hostname, ""):  # another PID namespace, another boot, a row from before host_id
+        assert Holder("t", pid, hostname, "", "", now, now + 60, other).dead(now) is None
+        assert Holder("t", pid, hostname, "", "", now, now + 60, other).dead(now + 61).startswith("its lease expired")
+
+
+def test_a_lease_file_from_before_host_ids_is_migrated_and_its_holder_waits_for_the_deadline(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "promote.lease"
+    now = time.time()
+    with sqlite3.connect(path) as con:  # the table as it was: no host_id column
+        con.execute("CREATE TABLE lease (id INTEGER PRIMARY KEY CHECK (id = 1), token, pid, host, start, note, since, "
+                    "deadline)")
+        con.execute("INSERT INTO lease VALUES (1, 'old', ?, ?, '', 'old cli', ?, ?)",
+                    (_dead_pid(), socket.gethostname(), now, now + 60))
+    con.close()
+    assert read_holder(path).host_id == ""
+    with pytest.raises(LeaseHeldError, match=r"\(old cli\)"), lease(path, wait_s=0):
+        pass
+    with sqlite3.connect(path) as con:
+        con.execute("UPDATE lease SET deadline = ?", (now - 1,))
+    con.close()
+    with lease(path, wait_s=0):
+        assert read_holder(path).host_id == host_identity()

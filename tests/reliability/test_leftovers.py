@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from towerflow.infra.lease import process_alive
+from towerflow.procs import process_alive
 
 ROOT = Path(__file__).parents[2]
 

@@ -338,23 +338,34 @@ def test_stale_temporary_snapshot_dirs_are_reaped_live_ones_kept(source, tmp_pat
     import sys
     import time
 
+    from towerflow.procs import host_key
     from towerflow.tasks.extract import _owner, reap_stale_tmp
 
     snaps = tmp_path / "snaps"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = _owner().rsplit("-", 1)[0]
-    killed = snaps / f".20260103-2d-aaaaaaaaaaaa.{host}-{int(dead.stdout)}.x1y2.tmp"  # its extract was killed
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host, pid, start = _owner().rsplit("-", 2)
+    assert (_owner(), int(pid), start != "") == (f"{host}-{pid}-{start}", os.getpid(), True)
+    assert host.endswith(f"-{host_key()}")
+    killed = snaps / f".20260103-2d-aaaaaaaaaaaa.{host}-{dead}-123.x1y2.tmp"  # its extract was killed
+    reused = snaps / f".20260103-2d-eeeeeeeeeeee.{host}-{pid}-1.x1y2.tmp"  # a killed one whose pid is ours now
     live = snaps / f".20260103-2d-bbbbbbbbbbbb.{_owner()}.x1y2.tmp"  # this process: still writing
+    hostname = host.rsplit("-", 1)[0]
+    # same hostname, another container (PID namespace) or boot: its pid means nothing here, only the age counts;
+    # so does a name from before the host key was recorded
+    elsewhere = snaps / f".20260103-2d-ffffffffffff.{hostname}-000000000000-{dead}-123.x1y2.tmp"
+    older_name = snaps / f".20260103-2d-999999999999.{hostname}-{dead}.x1y2.tmp"
     old, fresh = snaps / ".20260103-2d-cccccccccccc.q9.tmp", snaps / ".20260103-2d-dddddddddddd.q8.tmp"  # no owner
-    for d in (killed, live, old, fresh):
+    for d in (killed, reused, live, elsewhere, older_name, old, fresh):
         d.mkdir(parents=True)
         (d / "events.parquet").write_bytes(b"partial")
     day_ago = time.time() - 25 * 3600
     for p in (old, old / "events.parquet"):
         os.utime(p, (day_ago, day_ago))
-    assert sorted(p.name for p in reap_stale_tmp(snaps)) == sorted([killed.name, old.name])
-    assert sorted(p.name for p in snaps.iterdir()) == sorted([live.name, fresh.name])
+    assert sorted(p.name for p in reap_stale_tmp(snaps)) == sorted([killed.name, reused.name, old.name])
+    kept = [live.name, elsewhere.name, older_name.name, fresh.name]
+    assert sorted(p.name for p in snaps.iterdir()) == sorted(kept)
 
     killed.mkdir()  # another kill: the next extract reaps it before writing its own snapshot
     snap = extract(source, JAN[3], 2, snaps)
-    assert sorted(p.name for p in snaps.iterdir()) == sorted([snap.snapshot_id, live.name, fresh.name])
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([snap.snapshot_id, *kept])

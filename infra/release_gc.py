@@ -9,8 +9,12 @@ when anything may still need it:
 - an alias points at its version (``champion``, ``previous`` or any other);
 - it is the champion's recorded predecessor (``previous_champion``: what ``towerflow release rollback`` goes to);
 - the backfill ledger names it (a backfilled day records the release it built);
-- it is one of the newest ``keep`` releases (ids sort by creation time), which also covers a retrain between
-  writing its release and promoting it.
+- it is one of the newest ``keep`` releases (ids sort by creation time);
+- it is younger than ``min_age_hours`` (``Settings.release_gc_min_age_hours``, 24 h): a retrain between writing its
+  release and promoting it, even when a backfill wrote more than ``keep`` newer ones meanwhile.
+
+gc sees only its own data root: the backfill ledger it reads is ``<data_root>/backfill/ledger.sqlite``; a backfill
+run with another data root (or another machine's) protects nothing here beyond the rules above.
 
 Everything else goes: the version is deleted from the registry first, then its artifacts, then the local copies
 (the other order could leave a registered version whose files are gone). Leftover temporaries of a crashed write
@@ -24,6 +28,7 @@ import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from towerflow.backfill import Ledger
@@ -74,15 +79,25 @@ def _stale_temporaries(roots: list[Path], now: float) -> list[Path]:
                   if p.is_dir() and p.name.startswith((".tmp-", ".dl-")) and now - p.stat().st_mtime > STALE_TMP_S)
 
 
-def gc_releases(settings: Settings, *, keep: int = 3, dry_run: bool = False, wait_s: float = 0.0,
-                on_wait: OnWait = None) -> GcResult:
-    """Remove every release nothing references (see the module docstring); ``keep`` >= 1 newest are kept."""
+def release_created(release_id: str) -> float:
+    """The creation time a release id records (``r-YYYYmmddTHHMMSS-...``, UTC), epoch seconds."""
+    return datetime.strptime(release_id[2:17], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
+
+
+def gc_releases(settings: Settings, *, keep: int = 3, min_age_hours: float | None = None, dry_run: bool = False,
+                wait_s: float = 0.0, on_wait: OnWait = None, now: float | None = None) -> GcResult:
+    """Remove every release nothing references (see the module docstring); ``keep`` >= 1 newest are kept, and
+    every release younger than ``min_age_hours`` (default ``settings.release_gc_min_age_hours``)."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     if keep < 1:
         raise TowerflowError(f"--keep must be at least 1 (got {keep}): the newest release may be a retrain's "
                              "that is about to be promoted")
+    min_age_hours = settings.release_gc_min_age_hours if min_age_hours is None else min_age_hours
+    if min_age_hours < 0:
+        raise TowerflowError(f"--min-age-hours must be >= 0 (got {min_age_hours})")
+    now = time.time() if now is None else now
     client, name = tracking_client(settings), settings.registered_model
     result = GcResult(dry_run=dry_run)
     with ExitStack() as stack:
@@ -105,10 +120,13 @@ def gc_releases(settings: Settings, *, keep: int = 3, dry_run: bool = False, wai
         every = {mv.tags[TAG_RELEASE_ID] for mv in versions} | set(local) | set(cached)
         for rid in sorted(every, reverse=True)[:keep]:
             result.kept.setdefault(rid, f"one of the newest {keep}")
+        for rid in sorted(every):
+            if now - release_created(rid) < min_age_hours * 3600:
+                result.kept.setdefault(rid, f"younger than {min_age_hours:g} h: a retrain may still promote it")
 
         doomed = [mv for mv in versions if mv.tags[TAG_RELEASE_ID] not in result.kept]
         paths = [p for d in (local, cached) for rid, p in sorted(d.items()) if rid not in result.kept]
-        paths += _stale_temporaries([settings.releases_dir, cache_dir(settings)], time.time())
+        paths += _stale_temporaries([settings.releases_dir, cache_dir(settings)], now)
         result.removed_versions = {int(mv.version): mv.tags[TAG_RELEASE_ID] for mv in doomed}
         result.removed_paths = paths
         if dry_run:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     registered_model: str = Field("towerflow-retrieval", description="MLflow registered model holding releases.")
     realtime_uri: str | None = Field(None, description="Realtime action store: redis://host:port/db (several service "
                                                        "replicas share it); default SQLite at <data_root>/realtime.sqlite.")
+    release_gc_min_age_hours: float = Field(
+        24.0, ge=0, description="`release gc` keeps every release younger than this (a retrain between assembling "
+                                "its release and promoting it), however many newer ones a backfill wrote.")
 
     @property
     def source(self) -> str:
@@ -291,8 +294,9 @@ class PromotionConfig(_Config):
     """The promotion lease (infra/lease.py) a retrain holds around the champion flip."""
 
     lease_s: float = Field(
-        60.0, ge=5, description="A holder renews its lease every lease_s/4; one that died on this host frees it at "
-                                "once, one that stopped renewing elsewhere after lease_s seconds.")
+        60.0, ge=5, description="A holder renews its lease every lease_s/4; one that died on this host (same "
+                                "hostname, boot and PID namespace) frees it at once, one that stopped renewing "
+                                "elsewhere after lease_s seconds.")
     wait_s: float = Field(
         300.0, ge=0, description="How long a retrain waits for another promotion's lease (logging the holder) "
                                  "before it fails naming the holder; 0 fails at once.")

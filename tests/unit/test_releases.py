@@ -455,6 +455,36 @@ def test_gc_removes_only_what_nothing_references(settings, tmp_path, monkeypatch
     assert "--keep must be at least 1" in capsys.readouterr().err
 
 
+def test_gc_keeps_a_running_retrains_release_that_a_backfill_pushed_out_of_the_newest(settings, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A daily retrain assembled r-...T000000 at 00:00 and is still gating it at 02:00; a backfill meanwhile wrote
+    three newer releases. With keep 2 the retrain's is not among the newest, but it is 2 h old: kept (default
+    24 h); with --min-age-hours 1 it goes. The week-old one goes either way."""
+    use_settings(monkeypatch, settings)
+    from datetime import UTC, datetime
+
+    from towerflow.infra.release_gc import release_created
+
+    now = datetime(2026, 3, 10, 2, 0, tzinfo=UTC).timestamp()
+    ids = {"week_old": "r-20260303T020000-000001", "retrain": "r-20260310T000000-000002",
+           **{f"backfill{k}": f"r-20260310T01{k}000-00000{k + 2}" for k in range(1, 4)}}
+    rel = {name: settings.releases_dir / make_release(settings.releases_dir, tmp_path, k, rid)
+           for k, (name, rid) in enumerate(ids.items(), 1)}
+    assert now - release_created(ids["retrain"]) == 2 * 3600
+    plan = gc_releases(settings, keep=2, dry_run=True, now=now)
+    assert plan.kept == {ids["backfill3"]: "one of the newest 2", ids["backfill2"]: "one of the newest 2",
+                         ids["backfill1"]: "younger than 24 h: a retrain may still promote it",
+                         ids["retrain"]: "younger than 24 h: a retrain may still promote it"}
+    assert plan.removed_paths == [rel["week_old"]]
+    plan = gc_releases(settings, keep=2, min_age_hours=1, dry_run=True, now=now)
+    assert sorted(plan.removed_paths) == [rel["week_old"], rel["retrain"]]
+    assert gc_releases(settings, keep=2, min_age_hours=1, now=now).removed_paths == plan.removed_paths
+    assert sorted(p.name for p in settings.releases_dir.iterdir()) == sorted(
+        ids[k] for k in ("backfill1", "backfill2", "backfill3"))
+    assert main(["release", "gc", "--min-age-hours", "-1"]) == 1
+    assert "--min-age-hours must be >= 0 (got -1.0)" in capsys.readouterr().err
+
+
 def test_cli_promote_waits_for_a_live_promotion_then_gives_up_naming_it(settings, releases, monkeypatch, capsys):
     from towerflow.infra.lease import lease
     from towerflow.infra.promote import lease_path

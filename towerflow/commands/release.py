@@ -33,12 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gc = rsub.add_parser(
         "gc", help="remove releases nothing references (directories, registered versions, their artifacts)",
-        description="Remove every release that no alias, no backfill ledger entry and none of the newest --keep "
-                    "releases references, from the registry (the version and its logged artifacts), "
-                    "<data_root>/releases and <data_root>/release_cache. The champion and the previous champion "
-                    "(the rollback target) are never removed. Prints what it kept and removed.")
+        description="Remove every release that no alias, no backfill ledger entry, none of the newest --keep "
+                    "releases and no release younger than --min-age-hours references, from the registry (the "
+                    "version and its logged artifacts), <data_root>/releases and <data_root>/release_cache. The "
+                    "champion and the previous champion (the rollback target) are never removed. gc sees only its "
+                    "own data root: it reads <data_root>/backfill/ledger.sqlite, not the ledger of a backfill run "
+                    "with another data root. Prints what it kept and removed.")
     gc.add_argument("--keep", type=int, default=3, help="newest releases kept whatever references them (default "
                                                         "3, at least 1)")
+    gc.add_argument("--min-age-hours", type=float, default=None, metavar="H",
+                    help="keep every release younger than H hours: a retrain between assembling and promoting it "
+                         "(default TOWERFLOW_RELEASE_GC_MIN_AGE_HOURS, 24)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     _wait_option(gc)
     gc.set_defaults(handler=_gc)
@@ -124,6 +129,7 @@ def _gc(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
     from towerflow.infra.release_gc import gc_releases
 
-    result = gc_releases(Settings(), keep=args.keep, dry_run=args.dry_run, wait_s=args.wait_s, on_wait=_say)
+    result = gc_releases(Settings(), keep=args.keep, min_age_hours=args.min_age_hours, dry_run=args.dry_run,
+                         wait_s=args.wait_s, on_wait=_say)
     print("\n".join(result.lines()))
     return 0

@@ -74,13 +74,18 @@ def _json_rows(events: pd.DataFrame) -> list[dict]:
 
 
 def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | None = None,
-           batch: int = 300, on_step: Callable[[ReplayResult], None] | None = None) -> ReplayResult:
-    """Replay ``events`` (contract rows) in (ts, event_id) order into the service behind ``client``."""
+           batch: int = 300, ingest: bool = True,
+           on_step: Callable[[ReplayResult], None] | None = None) -> ReplayResult:
+    """Replay ``events`` (contract rows) in (ts, event_id) order into the service behind ``client`` (anything
+    with ``post(path, body) -> (status, reply)``). ``ingest`` False: only ask (the service's states stay frozen)."""
     events = events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
     rows, out, pending = _json_rows(events), ReplayResult(), []
     t_wall, t_data = time.monotonic(), events["ts"].iloc[0] if len(events) else None
 
     def flush() -> None:
+        if not ingest:
+            pending.clear()
+            return
         for s in range(0, len(pending), batch):
             status, reply = client.post("/events", {"events": pending[s:s + batch]})
             if status != 200:

@@ -1,0 +1,411 @@
+"""Benchmark: live events, from ``POST /events`` to the next ``/retrieve`` (issue #16's freshness and ingest targets).
+
+    python -m bench.realtime [--quick] [--seconds 15] [--rps 100] [--data-root DIR]
+
+Setup: the world and releases of ``bench.serving`` (``prepare``: the champion's states refreshed).
+
+1. Recompute choice, in process: the per-request cost of a user whose state is older than their newest live action
+   (``/retrieve`` re-encodes h from source + live actions: path ``live``) against the stored-state path, and the
+   cost of the alternative, re-encoding on ingest the h of every user a batch touches (batched), per event.
+2. Over HTTP (``towerflow serve`` in a subprocess, its embedded action store fresh, background compaction on):
+   ``/retrieve`` at ``--rps`` requests/s, open loop, for ``--seconds``: p50/p99 with no ingestion; then the same
+   load while two clients post batches of 300 events as fast as the server acknowledges them (events/s), and a
+   probe every 0.2 s measures freshness: a user's top item is clicked via ``POST /events``; from the
+   acknowledgement to the first ``/retrieve`` answer that no longer holds it (``exclude_seen``).
+
+3. Value (``--value``; a world of its own under ``<data root>/value``): a champion trained on every day but the last,
+   its states refreshed at the start of the last day; that day replayed in time order (``towerflow events
+   replay``'s ``replay``, in process), ``/retrieve`` asked before each engagement, once with realtime ingestion and
+   once with the states frozen at the start of the day: recall@10 of each next engagement, and their ratio.
+
+Prints a table and writes ``bench/results/realtime.json``. The world's source is left as prepared (the compacted
+``rt-*`` files and the action store are removed before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.serving import Server, _Connection, _pct, prepare
+
+RESULTS = Path(__file__).resolve().parent / "results" / "realtime.json"
+BATCH = 300  # events per POST: about 45 KB, under the service's 64 KiB body limit
+
+
+def _world_ids(root: Path) -> tuple[list[int], np.ndarray, datetime]:
+    """(users with a champion state, the champion's item ids, the world's horizon)."""
+    from towerflow.config import Settings
+    from towerflow.data.source import ParquetSource
+    from towerflow.infra.releases import load_release
+    from towerflow.serving.state_store import SQLiteUserStateStore
+
+    settings = Settings(data_root=root)
+    info = json.loads((root / "bench-ready.json").read_text())
+    users = sorted(int(u) for u in ParquetSource(settings.source).read_users()["user_id"])
+    active = sorted(SQLiteUserStateStore(settings.user_states_path).get(users, info["champion"]["release"]))
+    return active, load_release(settings).item_ids, datetime.fromisoformat(info["as_of"])
+
+
+class Events:
+    """Synthetic live clicks: unique ids, times after the world's horizon, users with a state, release items."""
+
+    def __init__(self, users: list[int], items: np.ndarray, t0: datetime, tag: str, seed: int = 0):
+        self.users, self.items, self.t0, self.tag = np.array(users), items, t0, tag
+        self.rng, self.n = np.random.default_rng(seed), 0
+
+    def one(self, user: int, item: int) -> dict:
+        self.n += 1
+        return {"event_id": f"{self.tag}-{self.n}", "user_id": int(user), "item_id": int(item), "action": "click",
+                "ts": (self.t0 + timedelta(milliseconds=self.n)).isoformat(), "surface": "homefeed"}
+
+    def batch(self, n: int) -> list[dict]:
+        return [self.one(self.rng.choice(self.users), self.rng.choice(self.items)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ 1. in process
+
+
+def measure_recompute(root: Path, n_users: int = 300) -> dict[str, Any]:
+    import torch
+
+    from towerflow.config import Settings
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.realtime.live import merge
+    from towerflow.serving.realtime.store import SQLiteActionStore, to_frame
+    from towerflow.serving.service import RetrievalService
+    from towerflow.serving.states import compute_user_states
+    from towerflow.tasks.history import EventArrays
+
+    torch.set_num_threads(1)
+    users, items, horizon = _world_ids(root)
+    users = users[:n_users]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteActionStore(Path(tmp) / "rt.sqlite")
+        svc = RetrievalService(Settings(data_root=root), ServingConfig(compact_interval_s=None),
+                               realtime=store).start(watch=False)
+
+        def timed(fn, args) -> np.ndarray:
+            out = []
+            for a in args:
+                t0 = time.perf_counter()
+                fn(a)
+                out.append((time.perf_counter() - t0) * 1e3)
+            return np.array(out)
+
+        paths = {}
+
+        def ask(u):
+            paths[u] = svc.retrieve(u, k=10)["path"]
+
+        state = timed(ask, users)
+        assert set(paths.values()) == {"state"}, paths
+        gen = Events(users, items, horizon + timedelta(hours=1), "recompute")
+        svc.ingest([gen.one(u, gen.rng.choice(items)) for u in users])
+        live = timed(ask, users)
+        assert set(paths.values()) == {"live"}, set(paths.values())
+
+        # the alternative: on ingest, re-encode (batched) the h of every user a batch touches
+        b, recent = svc.bundle, svc._recent
+
+        def on_ingest(batch: list[dict]) -> None:
+            touched = sorted({e["user_id"] for e in batch})
+            live_ev = EventArrays.from_events(to_frame([r for u in touched for r in store.recent(u)]))
+            events = merge(recent.get(touched), live_ev)
+            as_of = max(recent.as_of_us, int(live_ev.ts_us.max()) + 1)
+            list(compute_user_states(b.release, b.vocab, events, as_of, b.history, item_table=b.item_table))
+
+        batches = [gen.batch(BATCH) for _ in range(10)]
+        for batch in batches:
+            svc.ingest(batch)
+        ingest_ms = timed(on_ingest, batches)
+        svc.close()
+    per_event = float(np.median(ingest_ms)) / BATCH
+    extra = float(np.median(live) - np.median(state))
+    return {"users": len(users), "state_path": _pct(state), "live_path": _pct(live),
+            "per_request_extra_ms": round(extra, 3),
+            "on_ingest_batch": {"events": BATCH, **_pct(ingest_ms)}, "on_ingest_ms_per_event": round(per_event, 4),
+            "cpu_ms_per_s_at_5000_events_100_requests": {
+                "per_request": round(100 * extra, 1), "on_ingest": round(5000 * per_event, 1)}}
+
+
+# ------------------------------------------------------------------------------------------------ 2. over HTTP
+
+
+def _clean(root: Path) -> None:
+    """The world as prepared: no action store, no compacted live files."""
+    for p in [root / "realtime.sqlite", root / "realtime.sqlite-wal", root / "realtime.sqlite-shm"]:
+        p.unlink(missing_ok=True)
+    for p in (root / "source" / "events").glob("dt=*/rt-*.parquet"):
+        p.unlink()
+    for d in (root / "source" / "events").glob("dt=*"):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
+async def _paced(url: str, requests: list[dict], rps: float, seconds: float) -> list[float]:
+    """/retrieve at ``rps`` requests per second, open loop (each sent at its time on a free connection)."""
+    host, port = url.rsplit("//", 1)[1].split(":")
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(16):
+        pool.put_nowait(_Connection(host, int(port)))
+    lat: list[float] = []
+    t0 = time.monotonic()
+
+    async def one(i: int) -> None:
+        conn = await pool.get()
+        start = time.monotonic()
+        status, _ = await conn.post("/retrieve", json.dumps(requests[i % len(requests)]).encode())
+        lat.append((time.monotonic() - start) * 1e3 if status == 200 else float("nan"))
+        pool.put_nowait(conn)
+
+    tasks = []
+    for i in range(int(rps * seconds)):
+        await asyncio.sleep(max(0.0, t0 + i / rps - time.monotonic()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        await pool.get_nowait().close()
+    return lat
+
+
+async def _ingest(url: str, gen: Events, seconds: float, out: dict) -> None:
+    host, port = url.rsplit("//", 1)[1].split(":")
+    conn, t0 = _Connection(host, int(port)), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        status, raw = await conn.post("/events", json.dumps({"events": gen.batch(BATCH)}).encode())
+        if status != 200:
+            raise RuntimeError(f"POST /events: {status} {raw[:300]!r}")
+        out["events"] += json.loads(raw)["accepted"]
+    await conn.close()
+
+
+async def _probes(url: str, gen: Events, users: list[int], seconds: float, out: list[dict]) -> None:
+    host, port = url.rsplit("//", 1)[1].split(":")
+    conn, t0, i = _Connection(host, int(port)), time.monotonic(), 0
+    while time.monotonic() - t0 < seconds:
+        user = users[i % len(users)]
+        i += 1
+        ask = json.dumps({"user_id": user, "k": 10}).encode()
+        top = json.loads((await conn.post("/retrieve", ask))[1])["items"][0]["item_id"]
+        status, _ = await conn.post("/events", json.dumps({"events": [gen.one(user, top)]}).encode())
+        acked, tries = time.monotonic(), 0
+        while True:
+            tries += 1
+            body = json.loads((await conn.post("/retrieve", ask))[1])
+            if top not in [x["item_id"] for x in body["items"]] or time.monotonic() - acked > 5:
+                break
+        out.append({"ms": (time.monotonic() - acked) * 1e3, "tries": tries, "path": body["path"]})
+        await asyncio.sleep(0.2)
+    await conn.close()
+
+
+def measure_http(root: Path, rps: float, seconds: float) -> dict[str, Any]:
+    from bench.serving import _requests
+
+    users, items, horizon = _world_ids(root)
+    requests = _requests(root, 2000)
+    _clean(root)
+    server = Server(root, "hybrid")
+    try:
+        server.wait_ready()
+        asyncio.run(_paced(server.url, requests, rps, 2))  # warm up
+        cpu0 = server.cpu_s()
+        quiet = asyncio.run(_paced(server.url, requests, rps, seconds))
+        cpu1 = server.cpu_s()
+        counts, probes = {"events": 0}, []
+        gen = Events(users, items, horizon + timedelta(hours=2), f"http{int(time.time())}")
+
+        async def loaded():
+            return await asyncio.gather(_paced(server.url, requests, rps, seconds),
+                                        _ingest(server.url, gen, seconds, counts),
+                                        _ingest(server.url, gen, seconds, counts),
+                                        _probes(server.url, gen, users[::-1], seconds, probes))
+
+        t0 = time.monotonic()
+        busy = asyncio.run(loaded())[0]
+        elapsed = time.monotonic() - t0
+        cpu2 = server.cpu_s()
+    finally:
+        server.stop()
+        _clean(root)
+    fresh = np.array([p["ms"] for p in probes])
+    return {
+        "rps": rps, "seconds": seconds, "load_average": os.getloadavg()[0],
+        "retrieve_without_ingest": {**_pct(np.array(quiet)), "server_cpu_s": round(cpu1 - cpu0, 2)},
+        "retrieve_with_ingest": {**_pct(np.array(busy)), "server_cpu_s": round(cpu2 - cpu1, 2)},
+        "ingest": {"events": counts["events"], "events_per_s": round(counts["events"] / elapsed),
+                   "batch": BATCH, "clients": 2,
+                   # the server's CPU beyond what the same /retrieve load cost without ingestion, per event
+                   "server_cpu_ms_per_event": round((cpu2 - cpu1 - (cpu1 - cpu0)) * 1e3 / max(1, counts["events"]), 3)},
+        "freshness": {**_pct(fresh), "first_retrieve_reflected": int(sum(p["tries"] == 1 for p in probes)),
+                      "paths": sorted({p["path"] for p in probes})},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ 3. value
+
+
+class InProcess:
+    """The replay's client, answered by a RetrievalService in this process (what /events and /retrieve call)."""
+
+    def __init__(self, svc):
+        self.svc = svc
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        from towerflow.serving.service import RequestError
+
+        if path == "/events":
+            return 200, self.svc.ingest(body["events"])
+        ctx = body.get("context", {})
+        try:
+            return 200, self.svc.retrieve(body["user_id"], ctx.get("item_id"), ctx.get("surface", "homefeed"),
+                                          body["k"])
+        except RequestError as exc:
+            return 422, {"detail": str(exc)}
+
+
+def measure_value(root: Path, quick: bool) -> dict[str, Any]:
+    import torch
+
+    from bench.serving import _retrain_config, _world
+    from towerflow.config import Settings
+    from towerflow.data.source import ParquetSource
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.realtime.replay import replay
+    from towerflow.serving.realtime.store import SQLiteActionStore
+    from towerflow.serving.service import RetrievalService
+
+    torch.set_num_threads(1)
+    root.mkdir(parents=True, exist_ok=True)
+    world = _world(quick)
+    last = world.start + timedelta(days=world.days - 1)
+    day_start = datetime.combine(last, datetime.min.time(), tzinfo=UTC)
+    ready = root / "value-ready.json"
+    old_root = os.environ["TOWERFLOW_DATA_ROOT"]
+    os.environ["TOWERFLOW_DATA_ROOT"] = str(root)
+    try:
+        if not ready.is_file():
+            from towerflow.data.synthetic import generate_world
+            from towerflow.flows.refresh_user_states import refresh_user_states
+            from towerflow.flows.retrain import retrain
+
+            generate_world(str(root / "source"), world)
+            champion = retrain(as_of=last, lookback_days=min(7, world.days - 1),
+                               config=_retrain_config(quick, 0, promote=True))
+            refresh_user_states(release=champion.release_id, as_of=day_start, lookback_days=365, incremental=False)
+            ready.write_text(json.dumps({"release": champion.release_id}))
+        settings = Settings(data_root=root)
+        events = ParquetSource(settings.source).read_day(last)
+        out = {}
+        for name in ("frozen", "realtime"):
+            with tempfile.TemporaryDirectory() as tmp:
+                config = ServingConfig(as_of=day_start, compact_interval_s=None, realtime=name == "realtime")
+                svc = RetrievalService(settings, config, realtime=SQLiteActionStore(Path(tmp) / "rt.sqlite")
+                                       if name == "realtime" else None).start(watch=False)
+                out[name] = replay(events, InProcess(svc), k=10, ingest=name == "realtime").to_dict()
+                svc.close()
+    finally:
+        os.environ["TOWERFLOW_DATA_ROOT"] = old_root
+    created = pd_created_that_day(root, last)
+    return {"day": last.isoformat(), "events": int(len(events)), **out,
+            "recall_ratio_realtime_over_frozen": round(out["realtime"]["recall_at_k"]
+                                                       / max(out["frozen"]["recall_at_k"], 1e-9), 3),
+            "items_created_that_day": created}
+
+
+def pd_created_that_day(root: Path, day) -> int:
+    from towerflow.data.source import ParquetSource
+
+    items = ParquetSource(str(root / "source")).read_items()
+    return int((items.created_ts.dt.date == day).sum())
+
+
+def _report_load(r: dict) -> list[str]:
+    rc, h = r["recompute"], r["http"]
+    return [
+        f"recompute: state path p50 {rc['state_path']['p50_ms']} ms, live path p50 {rc['live_path']['p50_ms']} ms "
+        f"(+{rc['per_request_extra_ms']} ms/request); on ingest {rc['on_ingest_ms_per_event']} ms/event "
+        f"-> CPU ms/s at 5000 events/s + 100 requests/s: {rc['cpu_ms_per_s_at_5000_events_100_requests']}",
+        f"/retrieve at {h['rps']}/s without ingest: p50 {h['retrieve_without_ingest'].get('p50_ms')} ms, "
+        f"p99 {h['retrieve_without_ingest'].get('p99_ms')} ms",
+        f"/retrieve at {h['rps']}/s with ingest: p50 {h['retrieve_with_ingest'].get('p50_ms')} ms, "
+        f"p99 {h['retrieve_with_ingest'].get('p99_ms')} ms; ingest {h['ingest']['events_per_s']} events/s "
+        f"({h['ingest']['server_cpu_ms_per_event']} ms server CPU/event); load average {h['load_average']:.1f}",
+        f"freshness (ack -> a /retrieve reflecting it): p50 {h['freshness'].get('p50_ms')} ms, "
+        f"p99 {h['freshness'].get('p99_ms')} ms over {h['freshness'].get('n')} probes, "
+        f"{h['freshness']['first_retrieve_reflected']} reflected by the first /retrieve",
+    ]
+
+
+def report(r: dict) -> str:
+    lines = _report_load(r) if "http" in r else []
+    if "value" in r:
+        v = r["value"]
+        lines.append(f"value ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
+                     f"{v['realtime']['recall_at_k']} vs frozen {v['frozen']['recall_at_k']} "
+                     f"({v['recall_ratio_realtime_over_frozen']}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run, not the figures)")
+    p.add_argument("--seconds", type=float, default=15.0, help="length of each load phase (default 15)")
+    p.add_argument("--rps", type=float, default=100.0, help="/retrieve requests per second (default 100)")
+    p.add_argument("--data-root", type=Path, help="reuse (or prepare) the world here instead of a temp dir")
+    p.add_argument("--value", action="store_true", help="also replay a held-out day: realtime vs frozen recall")
+    p.add_argument("--only-value", action="store_true", help="only the value replay (section 3)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    tmp = None
+    if args.data_root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="towerflow-bench-realtime-")
+        args.data_root = Path(tmp.name)
+    root = args.data_root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ["TOWERFLOW_DATA_ROOT"] = str(root)
+    try:
+        result = {
+            "benchmark": "realtime",
+            "command": " ".join(["python", "-m", "bench.realtime", *map(shlex.quote, argv or sys.argv[1:])]),
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "quick": args.quick,
+        }
+        if not args.only_value:
+            result |= {"world": prepare(root, args.quick)["world"], "recompute": measure_recompute(root),
+                       "http": measure_http(root, args.rps, args.seconds)}
+        if args.value or args.only_value:
+            result["value"] = measure_value(root / "value", args.quick)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if args.only_value and args.out.is_file():  # keep the load sections of the last full run beside it
+        kept = json.loads(args.out.read_text())
+        result = {**kept, "value": result["value"], "value_command": result["command"],
+                  "value_when": result["when"]}
+    print(report(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -248,12 +248,12 @@ def promote(version: int, settings: Settings, *, expected_champion: int | None |
         if verify:
             fetch_release(settings, version, client)
         before = _champion(client, name)
+        if before == int(version):  # first: a retry after this very flip succeeded is done, not a conflict
+            return PromotionResult(int(version), rid, _int(mv.tags.get(TAG_PREVIOUS)), False,
+                                   time.perf_counter() - t0)
         if expected_champion != "any" and before != expected_champion:
             raise PromotionConflictError(f"{CHAMPION} of {name!r} is version {before}, not the expected "
                                          f"{expected_champion}: the candidate was gated against another champion")
-        if before == int(version):
-            return PromotionResult(int(version), rid, _int(mv.tags.get(TAG_PREVIOUS)), False,
-                                   time.perf_counter() - t0)
         if before is None:
             if TAG_PREVIOUS in mv.tags:  # left by an earlier, crashed attempt
                 client.delete_model_version_tag(name, str(version), TAG_PREVIOUS)

@@ -329,6 +329,18 @@ def test_promoter_without_the_shared_lock_is_caught_by_compare_and_set(settings,
         promote(v[2], settings, expected_champion=v[1])
 
 
+def test_a_retried_promotion_after_its_flip_succeeded_reports_already_champion(settings, releases):
+    """A task retry (io_retries) re-runs promote(v2, expected_champion=v1) after the first attempt flipped."""
+    v = registered(settings, releases, 1, 2)
+    promote(v[1], settings)
+    first = promote(v[2], settings, expected_champion=v[1])
+    again = promote(v[2], settings, expected_champion=v[1])
+    assert (first.version, first.previous_version, first.changed) == (v[2], v[1], True)
+    assert (again.version, again.previous_version, again.changed) == (v[2], v[1], False)
+    assert str(again).endswith("is already champion")
+    assert_whole(load_release(settings, load_model=load_tower), 2)
+
+
 def test_rollback_walks_back_the_recorded_chain(settings, releases):
     v = registered(settings, releases, 1, 2, 3)
     with pytest.raises(ReleaseNotFoundError, match="nothing to roll back"):

@@ -376,10 +376,13 @@ def read_config_data(path: str | Path) -> dict:
     """The mapping in a YAML (``.yaml``/``.yml``) or JSON config file, within the limits of ``load_config_file``."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config {path}: {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit")
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as f:  # at most one byte over the limit: a pipe or /dev/zero has no size to stat
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            size = path.stat().st_size
+            said = f"{size:,} bytes, over" if size > MAX_CONFIG_BYTES else "more bytes than"
+            raise ConfigError(f"config {path}: {said} the {MAX_CONFIG_BYTES:,}-byte limit")
+        text = raw.decode("utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"config {path}: no such file") from exc
     except (OSError, UnicodeDecodeError) as exc:

@@ -80,6 +80,30 @@ def test_size_limit_and_missing_file(tmp_path, data_root):
         RetrainConfig.from_file(tmp_path / "absent.yaml")
 
 
+def test_size_limit_holds_for_a_pipe_that_has_no_size(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    wrote: list[int] = []
+
+    def feed() -> None:  # 2 MiB of a valid JSON document; stat() says 0 bytes
+        try:
+            with fifo.open("wb") as w:
+                w.write(b'{"promote": true}' + b" " * (2 * MAX_CONFIG_BYTES))
+        except BrokenPipeError:  # the reader stopped at the limit and closed its end
+            wrote.append(1)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    assert fifo.stat().st_size == 0
+    with pytest.raises(ConfigError, match=rf"^config {fifo}: more bytes than the 1,048,576-byte limit$"):
+        RetrainConfig.from_file(fifo)
+    t.join(10)
+    assert not t.is_alive() and wrote == [1]
+
+
 def test_backfill_config_errors_are_one_line_too(tmp_path, data_root):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: true\n")

@@ -97,8 +97,9 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-# an absolute path (also inside a file:// URI), not the path part of an http(s) URL: kept as ".../<last part>"
-_ABS_PATH = re.compile(r"(?:file://)?(?:(?<=file://)|(?<![\w:/.~>-]))/[^\s'\"(),;]+")
+# an absolute path, also as a URI with no host (file:///abs, sqlite:////abs, scheme:/abs), kept as
+# ".../<last part>"; not a URL with a host (scheme://host/...: http, s3, ...), whose path says nothing local
+_ABS_PATH = re.compile(r"(?<![\w:/.~>+-])[A-Za-z][\w+.-]*:(?:/{3,}|/(?!/))[^\s'\"(),;]+|(?<![\w:/.~>-])/[^\s'\"(),;]+")
 
 
 def redact_paths(text: str, data_root: Path | None = None) -> str:

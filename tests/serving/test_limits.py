@@ -119,9 +119,13 @@ def test_redact_paths(tmp_path):
     assert redact_paths("/srv/data/x/index.json says 3x4, (in /srv/data/x)") == \
         ".../index.json says 3x4, (in .../x)"
     assert redact_paths("cannot fetch file:///home/me/mlruns/1/a: gone") == "cannot fetch .../a: gone"
-    # URLs keep their path; relative names and ratios are not paths
-    assert redact_paths("http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower") == \
-        "http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower"
+    # URIs with no host name a local path too
+    assert redact_paths("store sqlite:////srv/mlflow/mlflow.db is locked") == "store .../mlflow.db is locked"
+    assert redact_paths("(at file:/srv/mlruns/7/b, dbm:/var/lib/x.db)") == "(at .../b, .../x.db)"
+    # URLs with a host keep their path; relative names, ratios and times are not paths
+    assert redact_paths("http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower at 10:30") == \
+        "http://127.0.0.1:5000/api/2.0 said 3/4 of r-1/user_tower at 10:30"
+    assert redact_paths("s3://bucket/mlruns/1/a and https://h/x:/y") == "s3://bucket/mlruns/1/a and https://h/x:/y"
 
 
 @pytest.mark.parametrize(("value", "message"), [("0", "must be at least 1, got 0"), ("64k", "'64k' is not a whole number")])

@@ -104,6 +104,21 @@ def test_size_limit_holds_for_a_pipe_that_has_no_size(tmp_path):
     assert not t.is_alive() and wrote == [1]
 
 
+def test_retrain_overrides_are_validated_like_the_file(tmp_path, capsys):
+    from towerflow.cli import main
+    from towerflow.commands.retrain import load_config
+
+    with pytest.raises(SystemExit) as exc:
+        main(["retrain", "--epochs", "-2"])
+    assert exc.value.code == 2 and "argument --epochs: must be at least 1, got -2" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^config defaults with command-line overrides: train\.epochs: "):
+        load_config(None, epochs=-2)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 5\n  batch_size: 64\n")
+    config = load_config(str(f), epochs=3, promote=False, promote_wait_s=7.5)
+    assert (config.train.epochs, config.train.batch_size, config.promote, config.promotion.wait_s) == (3, 64, False, 7.5)
+
+
 def test_backfill_config_errors_are_one_line_too(tmp_path, data_root):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: true\n")

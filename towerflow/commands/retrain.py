@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window length in days, or 'all' for everything in the source (default 7)")
     p.add_argument("--config", help="RetrainConfig as YAML or JSON (see towerflow/config.py)")
     add_source_option(p)
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=positive_int, help="override train.epochs (at least 1)")
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
     p.add_argument("--no-refresh-states", action="store_true",
                    help="after a promotion, leave the new champion's user states to the hourly refresh")
@@ -65,19 +65,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_config(path: str | None, epochs: int | None = None, promote: bool = True, refresh_states: bool = True,
                 promote_wait_s: float | None = None):
-    from towerflow.config import RetrainConfig
+    """The RetrainConfig of ``path`` (defaults without one) with the command line's overrides, validated whole
+    (``model_copy(update=...)`` would skip validation: ``epochs=-2`` would pass)."""
+    from towerflow.config import RetrainConfig, validate_config
 
-    config = RetrainConfig.from_file(path) if path else RetrainConfig()
+    data = (RetrainConfig.from_file(path) if path else RetrainConfig()).model_dump()
     if promote_wait_s is not None:
-        promotion = config.promotion.model_validate({**config.promotion.model_dump(), "wait_s": promote_wait_s})
-        config = config.model_copy(update={"promotion": promotion})
+        data["promotion"]["wait_s"] = promote_wait_s
     if epochs is not None:
-        config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+        data["train"]["epochs"] = epochs
     if not promote:
-        config = config.model_copy(update={"promote": False})
+        data["promote"] = False
     if not refresh_states:
-        config = config.model_copy(update={"refresh_user_states": False})
-    return config
+        data["refresh_user_states"] = False
+    return validate_config(RetrainConfig, data, f"{path or 'defaults'} with command-line overrides")
 
 
 def _retrain(args: argparse.Namespace) -> int:

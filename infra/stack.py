@@ -545,6 +545,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the TCP socket listening on loopback ``port`` (Linux /proc; True elsewhere)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return True
+    inodes = {f[9] for f in (line.split() for line in table.read_text().splitlines()[1:])
+              if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port}  # 0A: LISTEN
+    try:
+        links = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return False
+    return any(f"socket:[{inode}]" in links for inode in inodes)
+
+
 @contextlib.contextmanager
 def temporary_prefect_server(timeout: float = 180.0) -> Iterator[TemporaryServer]:
     """Prefect's ephemeral API server, started the way Prefect starts it (uvicorn on a free loopback port, no UI,
@@ -558,9 +572,12 @@ def temporary_prefect_server(timeout: float = 180.0) -> Iterator[TemporaryServer
     server = TemporaryServer(proc.pid, f"http://{LOOPBACK}:{port}/api")
     try:
         deadline = time.monotonic() + timeout
-        while not _get_ok(f"{server.api_url}/health"):
+        while True:  # ours first: another server that took the port meanwhile would answer /health too
             if proc.poll() is not None:
-                raise StackError(f"the temporary Prefect server exited with code {proc.returncode} during start-up")
+                raise StackError(f"the temporary Prefect server exited with code {proc.returncode} during start-up"
+                                 f" (port {port})")
+            if _get_ok(f"{server.api_url}/health") and _listens_on(proc.pid, port):
+                break
             if time.monotonic() > deadline:
                 raise StackError(f"the temporary Prefect server did not answer {server.api_url}/health within "
                                  f"{timeout:.0f}s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")

@@ -91,3 +91,36 @@ def test_the_cli_s_temporary_prefect_server_dies_with_a_killed_cli(tmp_path: Pat
     assert gone_within(server, 5)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_the_temporary_server_is_not_mistaken_for_another_that_took_its_port(tmp_path: Path, monkeypatch):
+    """Another server on the chosen port answers /health: ours cannot bind it and exits; the CLI must say so, not
+    send its flow runs to the other one."""
+    import http.server
+    import threading
+
+    from towerflow.infra import stack
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    monkeypatch.setattr(stack, "_free_port", lambda: port)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
+        with pytest.raises(stack.StackError, match=rf"exited with code \d+ during start-up \(port {port}\)"), \
+                stack.temporary_prefect_server(timeout=120):
+            pass
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -5,7 +5,9 @@ One compaction step takes the next range of sequence numbers after the store's h
 ``events/dt=<day>/rt-<first>-<last>.parquet`` (one file per day the range touches, each published atomically by
 ``ParquetSink``: written under a temporary name, then renamed), and only then moves the mark to ``last``. A step
 killed anywhere leaves the range pending; the next step writes exactly that range again, under the same file names
-(same events, same content), so a file is replaced, never doubled, and nothing is skipped. A lease in the store
+(same events, same content), so a file is replaced, never doubled, and nothing is skipped. An event whose id is
+already in its day's partition in another file (the day was replayed into a service that compacts into the source
+it came from) is left out, so the data gate's ``events.event_id unique`` holds. A lease in the store
 (``lock``) keeps two compactors (the service's background task, ``towerflow events compact``) from interleaving.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
+import pyarrow.parquet as pq
 
 from towerflow.data.source import ParquetSink
 from towerflow.errors import TowerflowError
@@ -28,7 +32,7 @@ class CompactionBusy(TowerflowError):
 
 @dataclass(frozen=True)
 class CompactResult:
-    events: int  # events written to the source by this call
+    events: int  # events written to the source by this call (not counting those already there)
     files: list[str]  # files written (relative to the source root)
     high_water: int  # the mark after this call
 
@@ -47,14 +51,27 @@ def compact_step(store: ActionStore, sink: ParquetSink, max_rows: int = 100_000)
         mark = CompactionMark(mark.high_water, (mark.high_water + 1, min(last_seq, mark.high_water + max_rows)))
         store.set_compaction_mark(mark)
     first, last = mark.pending
-    events = to_frame(store.read(first, last))
-    files = []
+    events, name = to_frame(store.read(first, last)), file_name(first, last)
+    files, written = [], 0
     for day, part in events.groupby(events["ts"].dt.date, sort=True):
-        name = file_name(first, last)
-        sink.write_events_day(day, part.sort_values(["ts", "event_id"]).reset_index(drop=True), name=name)
+        part = part[~part["event_id"].isin(ids_in_day(sink, day, besides=name))]
+        if len(part) == 0:
+            continue
+        written += sink.write_events_day(day, part.sort_values(["ts", "event_id"]).reset_index(drop=True), name=name)
         files.append(f"events/dt={day.isoformat()}/{name}")
     store.set_compaction_mark(CompactionMark(last, None))
-    return CompactResult(len(events), files, last)
+    return CompactResult(written, files, last)
+
+
+def ids_in_day(sink: ParquetSink, day, besides: str) -> set[str]:
+    """The event ids in day ``day``'s partition files other than ``besides`` (this range's own file)."""
+    paths = [p for p in sink.fs.glob(f"{sink.root}/events/dt={day.isoformat()}/*.parquet")
+             if p.rsplit("/", 1)[-1] != besides]
+    ids: set[str] = set()
+    for p in paths:
+        with sink.fs.open(p, "rb") as f:
+            ids.update(pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist())
+    return ids
 
 
 def compact(store: ActionStore, source_uri: str, max_rows: int = 100_000, lease_s: float = 300.0) -> CompactResult:

@@ -89,6 +89,16 @@ def test_the_content_is_what_was_acknowledged(store, tmp_path: Path):
     assert back.to_dict("records") == acked.to_dict("records")
 
 
+def test_an_event_already_in_its_days_partition_is_not_written_again(store, tmp_path: Path):
+    uri = str(tmp_path / "source")
+    ParquetSink(uri).write_events_day(date(2026, 1, 5), batch(2, 2))  # e0002, e0003 came with the batch data
+    store.append(batch(0, 4))  # the day replayed live: e0000 .. e0003
+    out = compact(store, uri)
+    assert out.events == 2 and out.high_water == 4  # e0000, e0001 (Jan 4); Jan 5's two are there already
+    assert out.files == [f"events/dt=2026-01-04/{file_name(1, 4)}"]
+    assert source_ids(uri) == ["e0000", "e0001", "e0002", "e0003"]
+
+
 def test_one_compactor_at_a_time(tmp_path: Path):
     store = SQLiteActionStore(tmp_path / "rt.sqlite")
     store.append(batch(0, 1))

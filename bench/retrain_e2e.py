@@ -42,18 +42,15 @@ STAGES = ("start_tracking", "extract", "validate_data", "build_examples", "augme
 def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, config) -> tuple[dict[str, float], dict]:
     """The flow's stages as plain calls of the same pure functions the flow's tasks call, in the flow's order
     -> (seconds per stage, info). No champion exists on this data root, so ``evaluate`` scores none."""
-    import numpy as np
 
     from towerflow.data.source import ParquetSource
     from towerflow.infra.promote import promote, register_release
-    from towerflow.infra.releases import load_release_dir, new_release_id, write_release
-    from towerflow.models.two_tower import save_model
+    from towerflow.infra.releases import assemble, embed_release_items, load_release_dir
     from towerflow.serving.retrieval import answer
     from towerflow.tasks.augment_context import augment_context
     from towerflow.tasks.build_examples import build_examples
     from towerflow.tasks.build_index import build_index
     from towerflow.tasks.compare import evaluate_candidate
-    from towerflow.tasks.embed_items import embed_items
     from towerflow.tasks.extract import extract
     from towerflow.tasks.train import train
     from towerflow.validation.data import validate_extracted
@@ -84,9 +81,7 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
                                            config.gates).raise_if_failed())
 
     def embed():
-        vocab = examples.vocab
-        emb = embed_items(trained.model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids,
-                          new_release_id(), model_version="plain")
+        emb = embed_release_items(trained.model, examples.vocab, model_version="plain")
         check_embeddings(emb.vectors, config.gates, seed=0).raise_if_failed()
         return emb
 
@@ -100,17 +95,9 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
 
     index = stage("build_index", index_and_check)
 
-    def assemble():
-        with tempfile.TemporaryDirectory() as tmp:
-            tower = save_model(trained.model, Path(tmp) / "user_tower")
-            vocab = Path(tmp) / "vocab.json"
-            vocab.write_text(examples.vocab.to_json())
-            return write_release(settings.releases_dir, release_id=emb.release_id, user_tower_dir=tower,
-                                 embeddings=emb, index=index, config=config, snapshot_id=snapshot.snapshot_id,
-                                 metrics={k: v for k, v in ev.candidate.items() if k != "n"},
-                                 q_table=trained.model.log_q.numpy(), vocab=vocab)
-
-    manifest = stage("assemble_release", assemble)
+    manifest = stage("assemble_release", lambda: assemble(
+        settings.releases_dir, model=trained.model, vocab=examples.vocab, embeddings=emb, index=index, config=config,
+        snapshot_id=snapshot.snapshot_id, candidate_metrics=ev.candidate))
 
     def gate_release():
         release = load_release_dir(manifest.path)
@@ -161,8 +148,7 @@ def _child(out_path: str, epochs: int, lookback_days: int, threads: int | None) 
     generate_s = time.perf_counter() - t0
     as_of = world.start + timedelta(days=world.days)
     end = datetime.combine(as_of, datetime.min.time(), tzinfo=UTC)
-    config = RetrainConfig()
-    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+    config = RetrainConfig.model_validate({"train": {"epochs": epochs}})  # validated, unlike model_copy(update=)
     plain_settings, flow_root = Settings(data_root=root / "plain"), root / "flow"
     os.environ["TOWERFLOW_DATA_ROOT"] = str(flow_root)  # what the flow's Settings() reads
 

@@ -273,13 +273,10 @@ def gate_model(ev: Evaluation, gates: GateConfig, tracking: Tracking) -> None:
 
 @stage("embed_items")
 def embed_items(trained, examples, gates: GateConfig, tracking: Tracking):
-    from towerflow.infra.releases import new_release_id
-    from towerflow.tasks.embed_items import embed_items as embed
+    from towerflow.infra.releases import embed_release_items
     from towerflow.validation.embeddings import check_embeddings
 
-    vocab = examples.vocab
-    emb = embed(trained.model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids, new_release_id(),
-                model_version=tracking.run_id)
+    emb = embed_release_items(trained.model, examples.vocab, model_version=tracking.run_id)
     result = check_embeddings(emb.vectors, gates, seed=0)
     tracking.set_tags({"towerflow.gate.embeddings": result.passed, "towerflow.release_id": emb.release_id})
     publish_gate(result, "embedding-gate")
@@ -302,19 +299,10 @@ def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, 
 @stage("assemble_release")
 def assemble_release(settings: Settings, snapshot, examples, trained, emb, index, ev: Evaluation,
                      config: RetrainConfig, tracking: Tracking):
-    import tempfile
+    from towerflow.infra.releases import assemble
 
-    from towerflow.infra.releases import write_release
-    from towerflow.models.two_tower import save_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tower = save_model(trained.model, Path(tmp) / "user_tower")
-        vocab = Path(tmp) / "vocab.json"
-        vocab.write_text(examples.vocab.to_json())
-        manifest = write_release(settings.releases_dir, release_id=emb.release_id, user_tower_dir=tower,
-                                 embeddings=emb, index=index, config=config, snapshot_id=snapshot.snapshot_id,
-                                 metrics={k: v for k, v in ev.candidate.items() if k != "n"},
-                                 q_table=trained.model.log_q.numpy(), vocab=vocab)
+    manifest = assemble(settings.releases_dir, model=trained.model, vocab=examples.vocab, embeddings=emb,
+                        index=index, config=config, snapshot_id=snapshot.snapshot_id, candidate_metrics=ev.candidate)
     get_run_logger().info(f"release {manifest.release_id} written to {manifest.path}")
     return manifest
 

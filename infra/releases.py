@@ -210,6 +210,30 @@ def write_release(
     return verify_release(final, expected_release_id=release_id)
 
 
+def embed_release_items(model: Any, vocab: Any, model_version: str) -> ItemEmbeddings:
+    """A trained model's item vectors for its vocabulary's items (ids 1..n), under a new release id."""
+    from towerflow.tasks.embed_items import embed_items
+
+    return embed_items(model.item_vectors, np.arange(1, vocab.n_items + 1), vocab.item_ids, new_release_id(),
+                       model_version=model_version)
+
+
+def assemble(releases_dir: str | Path, *, model: Any, vocab: Any, embeddings: ItemEmbeddings, index: IndexArtifact,
+             config: Any, snapshot_id: str, candidate_metrics: Mapping[str, float]) -> ReleaseManifest:
+    """Write the release of a trained ``model``: its user tower, ``vocab``, item ``embeddings`` and ``index`` under
+    ``embeddings.release_id`` (``write_release``), with the candidate's metrics (less its sample count ``n``)."""
+    from towerflow.models.two_tower import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tower = save_model(model, Path(tmp) / "user_tower")
+        vocab_file = Path(tmp) / "vocab.json"
+        vocab_file.write_text(vocab.to_json())
+        return write_release(releases_dir, release_id=embeddings.release_id, user_tower_dir=tower,
+                             embeddings=embeddings, index=index, config=config, snapshot_id=snapshot_id,
+                             metrics={k: v for k, v in candidate_metrics.items() if k != "n"},
+                             q_table=model.log_q.numpy(), vocab=vocab_file)
+
+
 def verify_release(
     directory: str | Path,
     *,

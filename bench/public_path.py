@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import RESULTS_DIR, command_line, print_table, write_result
+from bench.common import RESULTS_DIR, code_version, command_line, print_table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "downloads" / "ml-100k"  # what `make data-ml100k` extracts (RecBole atomic files)
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not PEER_PYTHON.exists():
             raise SystemExit(f"--sasrec needs the peer's own environment ({PEER_PYTHON}): make peer-recbole")
 
+    # the commands below import the checkout as it is now; "code" in the JSON is read when the run ends
+    code_at_start = code_version()
     raw = pd.read_csv(inter, sep="\t")
     raw.columns = [c.split(":")[0] for c in raw.columns]  # user_id:token -> user_id
     raw = raw.rename(columns={"user_id": "user", "item_id": "item"}).astype({"timestamp": "int64"})
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"split": {"ratings": len(raw), "users": int(raw.user.nunique()), "items": int(raw.item.nunique()),
                      "withheld": len(withheld), "imported": len(rest), "split_sha256": digest,
                      "ties": "last by timestamp, ties keep the file's row order"},
-           "k": K, "runs": runs, "baselines": base, "sasrec_from": sasrec_from, "table": table,
+           "code_at_start": code_at_start, "k": K, "runs": runs, "baselines": base, "sasrec_from": sasrec_from, "table": table,
            "commands": [c for r in runs.values() for c in r.get("commands", [])]}
     write_result("public_path", out, command_line("bench.public_path", argv))
     return out

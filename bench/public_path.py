@@ -272,6 +272,9 @@ def run_towerflow(kind: str, source_args: list[str], root: Path, withheld: pd.Da
     targets = dict(zip(withheld["user"].tolist(), withheld["item"].tolist(), strict=True))
     ranks = {u: rank_of(targets[u], [i["item_id"] for i in r["items"]]) for u, r in responses.items()}
     out["served"] = figures(list(ranks.values()))
+    if "rating" in withheld:  # the release's holdout targets are last POSITIVES (3+ stars); these are any rating
+        positive = set(withheld.loc[withheld["rating"] >= 3, "user"].tolist())
+        out["served_positive_targets"] = figures([r for u, r in ranks.items() if u in positive])
     out["paths"] = pd.Series([r["path"] for r in responses.values()]).value_counts().to_dict()
     out["releases_served"] = sorted({r["release"] for r in responses.values()})
 
@@ -424,6 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
                 title=f"MovieLens-100K, each user's last interaction withheld ({len(withheld)} users), "
                       f"served through POST /retrieve at the serving clock, seen excluded, k={K}")
     for kind, r in runs.items():
+        if "served_positive_targets" in r:
+            f = r["served_positive_targets"]
+            print(f"{kind}: served, the {f['n']} users whose withheld rating is 3+ stars: HR@{K} {_fmt(f, f'hr@{K}')}, "
+                  f"NDCG@{K} {_fmt(f, f'ndcg@{K}')}")
         c = r.get("internal_vs_served")
         if c and "error" in c:
             print(f"{kind}: internal holdout vs served: {c['error']}")

@@ -323,6 +323,9 @@ def measure_value(root: Path, quick: bool) -> dict[str, Any]:
     return {"day": last.isoformat(), "events": int(len(events)), **out,
             "recall_ratio_realtime_over_frozen": round(out["realtime"]["recall_at_k"]
                                                        / max(out["frozen"]["recall_at_k"], 1e-9), 3),
+            # engagements on items the user had not acted on earlier that day: exclude_seen cannot drop them
+            "new_items_recall_ratio": round(out["realtime"]["recall_at_k_new_items"]
+                                            / max(out["frozen"]["recall_at_k_new_items"], 1e-9), 3),
             "items_created_that_day": created}
 
 
@@ -356,7 +359,9 @@ def report(r: dict) -> str:
         v = r["value"]
         lines.append(f"value ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
                      f"{v['realtime']['recall_at_k']} vs frozen {v['frozen']['recall_at_k']} "
-                     f"({v['recall_ratio_realtime_over_frozen']}x)")
+                     f"({v['recall_ratio_realtime_over_frozen']}x); on items not acted on earlier that day "
+                     f"{v['realtime']['recall_at_k_new_items']} vs {v['frozen']['recall_at_k_new_items']} "
+                     f"({v['new_items_recall_ratio']}x)")
     return "\n".join(lines)
 
 

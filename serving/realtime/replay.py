@@ -33,6 +33,8 @@ class ReplayResult:
     events: int = 0  # events acknowledged by the service
     engagements: int = 0  # engagements asked about
     hits: int = 0  # engagements whose item was in the top k asked just before
+    new_engagements: int = 0  # engagements on an item the user had not acted on earlier in the replay
+    new_hits: int = 0  # ... in the top k (exclude_seen drops the other kind, whatever the service knows)
     paths: dict[str, int] = field(default_factory=dict)  # /retrieve answers by path
     seconds: float = 0.0
 
@@ -41,8 +43,11 @@ class ReplayResult:
         return self.hits / self.engagements if self.engagements else 0.0
 
     def to_dict(self) -> dict:
+        new = self.new_hits / self.new_engagements if self.new_engagements else 0.0
         return {"events": self.events, "engagements": self.engagements, "hits": self.hits,
-                "recall_at_k": round(self.recall, 4), "paths": self.paths, "seconds": round(self.seconds, 2)}
+                "recall_at_k": round(self.recall, 4), "new_engagements": self.new_engagements,
+                "new_hits": self.new_hits, "recall_at_k_new_items": round(new, 4), "paths": self.paths,
+                "seconds": round(self.seconds, 2)}
 
 
 class Client:
@@ -79,7 +84,7 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
     """Replay ``events`` (contract rows) in (ts, event_id) order into the service behind ``client`` (anything
     with ``post(path, body) -> (status, reply)``). ``ingest`` False: only ask (the service's states stay frozen)."""
     events = events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
-    rows, out, pending = _json_rows(events), ReplayResult(), []
+    rows, out, pending, acted = _json_rows(events), ReplayResult(), [], set()
     t_wall, t_data = time.monotonic(), events["ts"].iloc[0] if len(events) else None
 
     def flush() -> None:
@@ -112,11 +117,15 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
             if status != 200:
                 raise ReplayError(f"POST /retrieve for event {row['event_id']}: {status} "
                                   f"{reply.get('detail', reply)}")
-            out.engagements += 1
-            out.hits += row["item_id"] in {x["item_id"] for x in reply["items"]}
+            hit = row["item_id"] in {x["item_id"] for x in reply["items"]}
+            out.engagements, out.hits = out.engagements + 1, out.hits + hit
+            if (row["user_id"], row["item_id"]) not in acted:
+                out.new_engagements, out.new_hits = out.new_engagements + 1, out.new_hits + hit
             out.paths[reply["path"]] = out.paths.get(reply["path"], 0) + 1
             if on_step is not None:
                 on_step(out)
+        if row["action"] != "impression":
+            acted.add((row["user_id"], row["item_id"]))
         pending.append(row)
     flush()
     out.seconds = time.monotonic() - t_wall

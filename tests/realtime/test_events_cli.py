@@ -122,6 +122,22 @@ def test_ingest_posts_to_a_running_service_in_batches(root: Path, tmp_path: Path
     assert main(["events", "ingest", str(ndjson(tmp_path / "b.ndjson", bad)), "--url", service_url,
                  "--batch-size", "3"]) == 1
     err = capsys.readouterr().err
-    assert "refused the batch of rows 3..5 with 422: events[1].action: 'like' is not one of" in err
+    assert "refused the batch of rows 3..4 with 422: events[1].action: 'like' is not one of" in err
     assert "(row 4 of" in err and "3 events stored before it" in err
     assert stored(root) == [f"e{i}" for i in range(10)]  # the first batch of 3 was acknowledged, the second not
+
+
+def test_posts_are_cut_by_bytes_as_well_as_by_count():
+    from towerflow.commands.events import batch_bodies
+    from towerflow.errors import TowerflowError
+
+    rows = [{"event_id": f"e{i}", "pad": "x" * 10} for i in range(5)]  # 39 bytes of JSON each
+    assert len(json.dumps(rows[0])) == 39
+    # {"events": [ + rows joined by ", " + ]}: 14 + 39n + 2(n - 1) bytes; 100 fits 2 rows (94), not 3 (135)
+    out = list(batch_bodies(rows, max_events=10, max_bytes=100))
+    assert [(start, n) for start, n, _ in out] == [(0, 2), (2, 2), (4, 1)]
+    assert [len(body) for _, _, body in out] == [94, 94, 53]
+    assert [e["event_id"] for _, _, body in out for e in json.loads(body)["events"]] == [r["event_id"] for r in rows]
+    assert [(start, n) for start, n, _ in batch_bodies(rows, max_events=3, max_bytes=10_000)] == [(0, 3), (3, 2)]
+    with pytest.raises(TowerflowError, match="row 0 alone is 39 bytes of JSON: over the body limit of 52 bytes"):
+        list(batch_bodies(rows, max_events=10, max_bytes=52))

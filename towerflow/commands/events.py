@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+
+from towerflow.commands.common import positive_int
 
 FORMATS = ("ndjson", "csv", "parquet")
 
@@ -37,8 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      ".parquet); stdin is NDJSON")
     i.add_argument("--url", help="a running service (http://HOST:PORT): POST the events to its /events instead of "
                                  "writing the store here")
-    i.add_argument("--batch-size", type=int, default=300,
-                   help="events per POST with --url (default 300, about 45 KiB: under the service's 64 KiB body limit)")
+    i.add_argument("--batch-size", type=positive_int, default=300, help="at most this many events per POST with --url "
+                                                                      "(default 300)")
+    i.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
+                   help="and at most this many bytes per POST body: the service's limit (default 65536, as "
+                        "towerflow serve's)")
     i.set_defaults(handler=_ingest)
 
     r = esub.add_parser("replay", help="replay a day of a source into a running service, asking /retrieve before "
@@ -96,7 +102,7 @@ def read_events_file(path: str, fmt: str | None = None) -> tuple[list[dict] | ob
 def _ingest(args: argparse.Namespace) -> int:
     rows, name = read_events_file(args.file, args.format)
     if args.url:
-        return _post(rows, name, args.url.rstrip("/"), max(1, args.batch_size))
+        return _post(rows, name, args.url.rstrip("/"), args.batch_size, args.max_body_bytes)
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource, SourceError
     from towerflow.serving.realtime.live import LiveEvents, open_action_store
@@ -117,7 +123,30 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _post(rows, name: str, url: str, batch: int) -> int:
+def batch_bodies(rows: list[dict], max_events: int, max_bytes: int) -> Iterator[tuple[int, int, bytes]]:
+    """``(first_row, n_rows, body)`` for each POST: ``{"events": [...]}`` of at most ``max_events`` rows and at most
+    ``max_bytes`` bytes, rows in order. A row that cannot fit a body alone is a ``TowerflowError`` naming it."""
+    from towerflow.errors import TowerflowError
+
+    head, tail = b'{"events": [', b"]}"
+    start, parts, size = 0, [], len(head) + len(tail)
+    for i, row in enumerate(rows):
+        part = json.dumps(row).encode()
+        extra = len(part) + (2 if parts else 0)  # ", " between rows
+        if parts and (len(parts) == max_events or size + extra > max_bytes):
+            yield start, len(parts), head + b", ".join(parts) + tail
+            start, parts, size = i, [], len(head) + len(tail)
+            extra = len(part)
+        if size + extra > max_bytes:
+            raise TowerflowError(f"row {i} alone is {len(part):,} bytes of JSON: over the body limit of "
+                                 f"{max_bytes:,} bytes")
+        parts.append(part)
+        size += extra
+    if parts:
+        yield start, len(parts), head + b", ".join(parts) + tail
+
+
+def _post(rows, name: str, url: str, max_events: int, max_bytes: int) -> int:
     import urllib.error
     import urllib.request
 
@@ -126,8 +155,7 @@ def _post(rows, name: str, url: str, batch: int) -> int:
     if not isinstance(rows, list):  # a table: its rows as JSON objects (timestamps ISO-8601)
         rows = json.loads(rows.to_json(orient="records", date_format="iso", date_unit="us"))
     accepted = duplicates = 0
-    for start in range(0, len(rows), batch):
-        body = json.dumps({"events": rows[start:start + batch]}).encode()
+    for start, n, body in batch_bodies(rows, max_events, max_bytes):
         req = urllib.request.Request(f"{url}/events", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
@@ -136,7 +164,7 @@ def _post(rows, name: str, url: str, batch: int) -> int:
             reply = json.loads(exc.read() or b"{}")
             row = reply.get("row")
             at = f" (row {start + row} of {name})" if isinstance(row, int) else ""
-            raise TowerflowError(f"{url}/events refused the batch of rows {start}..{start + batch - 1} with "
+            raise TowerflowError(f"{url}/events refused the batch of rows {start}..{start + n - 1} with "
                                  f"{exc.code}: {reply.get('detail', exc.reason)}{at}; {accepted} events stored "
                                  "before it") from None
         except urllib.error.URLError as exc:

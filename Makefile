@@ -30,7 +30,8 @@ lint: install
 data-ml100k: install
 	$(PY) scripts/fetch_ml100k.py
 
-# Every benchmark in the README, one after another (about 50 minutes on an idle 2-core machine); each prints its table
+# Every benchmark in the README, one after another (about 50 minutes on an idle 2-core machine, plus 30-45 for
+# bench.public_path: SASRec and two retrains); each prints its table
 # and writes bench/results/<name>.json. Run one alone with the command shown in the README.
 bench: install data-ml100k peer-recbole
 	$(PY) -m bench.generate_events --streaming-check

@@ -124,3 +124,31 @@ def test_the_temporary_server_is_not_mistaken_for_another_that_took_its_port(tmp
     finally:
         other.shutdown()
         other.server_close()
+
+
+FLOW_RUN = """
+from prefect import flow, get_run_logger
+from towerflow.commands.common import prefect_api
+from towerflow.config import Settings
+
+@flow
+def chatty():
+    for i in range(50):
+        get_run_logger().info("line %d", i)
+
+with prefect_api(Settings()):
+    chatty()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_s_logs_reach_the_temporary_server_before_it_stops(tmp_path: Path):
+    # without draining Prefect's log worker inside prefect_api, its exit-time flush finds the server gone and
+    # prints "--- Error logging to API ---" after every CLI run (seen at the end of make demo)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PREFECT_API_URL")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "TOWERFLOW_DATA_ROOT": str(tmp_path / "root")}
+    proc = subprocess.run([sys.executable, "-c", FLOW_RUN], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "Error logging to API" not in proc.stderr

@@ -63,4 +63,15 @@ def _temporary_api(timeout: float) -> Iterator[None]:
     from towerflow.infra.stack import temporary_prefect_server
 
     with temporary_prefect_server(timeout) as server, temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+        try:
+            yield
+        finally:  # send queued run logs and events while the server is up: at exit it is gone ("Error logging to API")
+            _drain_prefect_workers()
+
+
+def _drain_prefect_workers(timeout: float = 10) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout, at_exit=False)

@@ -14,8 +14,10 @@ import platform
 import resource
 import shlex
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,19 @@ def write_result(name: str, result: dict[str, Any], command: str, results_dir: P
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+@contextmanager
+def bench_data_root(data_root: Path | None, prefix: str) -> Iterator[Path]:
+    """The data root a service benchmark works in (a temporary directory, removed afterwards, unless one is given),
+    with Prefect's home under it, flows on its ephemeral API, and quiet logs and progress bars."""
+    with nullcontext(str(data_root)) if data_root else tempfile.TemporaryDirectory(prefix=prefix) as d:
+        root = Path(d).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))  # nothing in the user's home
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ["TOWERFLOW_DATA_ROOT"] = str(root)
+        yield root

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import bench_data_root
 from bench.serving import Server, _Connection, _pct, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results" / "realtime.json"
@@ -375,19 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only-value", action="store_true", help="only the value replay (section 3)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    tmp = None
-    if args.data_root is None:
-        tmp = tempfile.TemporaryDirectory(prefix="towerflow-bench-realtime-")
-        args.data_root = Path(tmp.name)
-    root = args.data_root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ["TOWERFLOW_DATA_ROOT"] = str(root)
-    try:
+    with bench_data_root(args.data_root, "towerflow-bench-realtime-") as root:
         result = {
             "benchmark": "realtime",
             "command": " ".join(["python", "-m", "bench.realtime", *map(shlex.quote, argv or sys.argv[1:])]),
@@ -399,9 +388,6 @@ def main(argv: list[str] | None = None) -> dict:
                        "http": measure_http(root, args.rps, args.seconds)}
         if args.value or args.only_value:
             result["value"] = measure_value(root / "value", args.quick)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     if args.only_value and args.out.is_file():  # keep the load sections of the last full run beside it
         kept = json.loads(args.out.read_text())
         result = {**kept, "value": result["value"], "value_command": result["command"],

@@ -30,13 +30,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import bench_data_root
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 READY = "bench-ready.json"
@@ -401,20 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
-    tmp = None
-    if args.data_root is None:
-        tmp = tempfile.TemporaryDirectory(prefix="towerflow-bench-serving-")
-        args.data_root = Path(tmp.name)
-    root = args.data_root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    # flows run on Prefect's ephemeral API with its own home under the data root; nothing in the user's home
-    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ["TOWERFLOW_DATA_ROOT"] = str(root)
-    try:
+    with bench_data_root(args.data_root, "towerflow-bench-serving-") as root:
         t0 = time.perf_counter()
         info = prepare(root, args.quick)
         print(f"setup: {time.perf_counter() - t0:.0f}s (champion {info['champion']['release']}, candidate "
@@ -431,9 +419,6 @@ def main(argv: list[str] | None = None) -> dict:
             "swap": measure_swap(root, info, requests, args.concurrency, args.swap_seconds,
                                  promote_after_s=args.swap_seconds / 3),
         }
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     print()
     print(report(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# Prefect makes its home without parents (a warning, then a server with no database): make it here.
 demo: install
+	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m towerflow.demo
 
 test: install
+	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest -q
 
 lint: install

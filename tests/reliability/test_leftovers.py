@@ -89,7 +89,8 @@ def test_the_cli_s_temporary_prefect_server_dies_with_a_killed_cli(tmp_path: Pat
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     assert gone_within(server, 5)
-    with pytest.raises(httpx.ConnectError):
+    # nothing answers: refused, or (while the dying socket is torn down) accepted and reset
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
         httpx.get(f"{url}/health", timeout=2)
 
 

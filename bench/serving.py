@@ -24,20 +24,18 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import bench_data_root
+from bench.common import bench_data_root, command_line, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 READY = "bench-ready.json"
@@ -409,10 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{info['candidate']['release']})", flush=True)
         requests = _requests(root, args.requests)
         result = {
-            "benchmark": "serving",
-            "command": " ".join(["python", "-m", "bench.serving", *map(shlex.quote, argv or sys.argv[1:])]),
-            "when": datetime.now(UTC).isoformat(timespec="seconds"),
-            "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)),
             "concurrency": args.concurrency, "quick": args.quick, "setup": info,
             "latency": measure_latency(root, requests, args.concurrency),
             "in_process": measure_in_process(root, requests),
@@ -421,9 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
     print()
     print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.out}")
+    # the commit and machine the figures came from, as every other benchmark's JSON has them
+    write_result(args.out.stem, result, command_line("bench.serving", argv), results_dir=args.out.parent)
     return result
 
 

@@ -123,6 +123,10 @@ class WorldConfig(_Config):
     drift_per_day: float = Field(0.05, ge=0, le=1, description="Chance a user swaps one interest each day.")
     popularity_exponent: float = Field(1.1, gt=0, description="Zipf exponent of item popularity in a topic.")
     feature_dim: int = Field(8, ge=0, description="Length of the items' dense feature vector (0: none).")
+    slate_size: int = Field(
+        1, ge=1, description="Items one request shows at once (a slate, grouped by events.request_id); each session "
+                             "step is one request, so a day holds about events_per_day x slate_size events. 1: one "
+                             "item per step and no request_id column (the worlds of earlier versions).")
     start: date = date(2026, 1, 1)
     seed: int = 0
 
@@ -210,6 +214,10 @@ class TrainConfig(_Config):
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(0.1, gt=0, description="Softmax temperature on cosine logits.")
     logq: bool = True
+    negatives: Literal["auto", "in_batch", "full"] = Field(
+        "auto", description="full: softmax over the whole catalog each step; in_batch: the batch's positives with "
+                            "logQ correction (and mixed_negatives); auto: full up to full_softmax_max_items items.")
+    full_softmax_max_items: int = Field(20_000, ge=1, description="auto negatives: largest catalog scored in full.")
     mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
@@ -224,6 +232,69 @@ class TrainConfig(_Config):
     num_threads: int | None = Field(
         1, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
     )
+
+
+RANKER_HEADS: tuple[str, ...] = ("click", "save", "conversion", "skip", "hide")
+
+
+class RankerConfig(_Config):
+    """The TransAct + DCN v2 ranker (models/ranker.py). Sequence sizes follow Pinterest's TransAct (S = 100,
+    K = 10, 2 layers, 1 head, feed-forward 32); widths are sized for 200 candidates on one CPU thread."""
+
+    max_seq_len: int = Field(100, ge=1, description="S: the user's last S actions before the request.")
+    latest_k: int = Field(10, ge=1, description="K: latest positions kept, flattened, beside the max-pool.")
+    use_sequence: bool = Field(True, description="False: the same DCN v2 without the sequence (the baseline).")
+    action_dim: int = Field(8, ge=1, description="Action-type embedding width.")
+    item_dim: int = Field(16, ge=1, description="Width the frozen release item vectors are projected to.")
+    item_id_embedding: bool = Field(False, description="Also learn an item-id embedding, added to the projection.")
+    surface_dim: int = Field(4, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(1, ge=1)
+    ff_dim: int = Field(32, ge=1, description="Transformer feed-forward width.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    time_window_s: float = Field(
+        3600.0, ge=0, description="Training only: actions younger than a random U(0, this) window before the request "
+                                  "are masked, so the model does not lean on the last seconds alone (TransAct).")
+    time_window_prob: float = Field(0.5, ge=0, le=1, description="Share of training rows that get the window mask.")
+    cross_layers: int = Field(2, ge=0, description="DCN v2 cross layers x_{l+1} = x0 * (W x_l + b) + x_l.")
+    cross_rank: int | None = Field(None, ge=1, description="Low-rank cross layers W = U V^T of this rank (None: full).")
+    structure: Literal["parallel", "stacked"] = Field("parallel", description="MLP beside or after the cross net.")
+    mlp_hidden: tuple[int, ...] = (64, 32)
+    loss_weights: dict[str, float] = Field(
+        {"click": 1.0, "save": 1.0, "conversion": 1.0, "skip": 1.0, "hide": 1.0},
+        description="Weighted BCE: each head's weight in the loss.")
+    score_weights: dict[str, float] = Field(
+        {"click": 1.0, "save": 2.0, "conversion": 3.0, "skip": -0.5, "hide": -3.0},
+        description="Blended ranking score: sum of weight x head probability (hide and skip negative).")
+
+    @field_validator("loss_weights", "score_weights")
+    @classmethod
+    def _known_heads(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        unknown = sorted(set(value) - set(RANKER_HEADS))
+        if unknown:
+            raise ValueError(f"{info.field_name}: unknown head(s) {unknown}; heads are {list(RANKER_HEADS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> RankerConfig:
+        if self.latest_k > self.max_seq_len:
+            raise ValueError(f"latest_k ({self.latest_k}) exceeds max_seq_len ({self.max_seq_len})")
+        return self
+
+
+class RankerTrainConfig(_Config):
+    """Training of the ranker (tasks/train_ranker.py): AdamW, early stopping on the validation split's mean AUC."""
+
+    model: RankerConfig = RankerConfig()
+    epochs: int = Field(10, ge=1, description="At most: stops earlier when validation AUC stops improving.")
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(2, ge=1)
+    validation_share: float = Field(0.1, gt=0, lt=1, description="Latest share of training requests held for "
+                                                                 "early stopping.")
+    seed: int = 0
+    num_threads: int | None = Field(1, ge=1, description="torch intra-op threads (see TrainConfig.num_threads).")
 
 
 class EvalConfig(_Config):

@@ -77,6 +77,11 @@ ITEMS_REQUIRED = pa.schema(
     ]
 )
 
+# Optional columns: a source may lack them, every stage works without them; when present they have these types.
+# ``request_id`` groups what one request showed (a slate): the ranking examples' unit (tasks/ranking_examples.py).
+OPTIONAL_COLUMNS: dict[str, dict[str, pa.DataType]] = {"events": {"request_id": pa.string()}, "users": {},
+                                                       "items": {}}
+
 TABLES = ("events", "users", "items")
 NULLABLE_STRINGS = ("query", "genres", "title")
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -139,6 +144,10 @@ def conform(df: pd.DataFrame, table: str, where: str = "") -> pd.DataFrame:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
         else:
             df[col] = df[col].astype("str")
+    for col in OPTIONAL_COLUMNS[table]:
+        if col in df.columns:  # nullable strings, whatever the source wrote (ints included)
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+            df[col] = df[col].map(lambda v: v if v is None or isinstance(v, str) else str(v))
     extra = [c for c in df.columns if c not in REQUIRED_COLUMNS[table]]
     return df[list(REQUIRED_COLUMNS[table]) + extra]
 
@@ -146,6 +155,8 @@ def conform(df: pd.DataFrame, table: str, where: str = "") -> pd.DataFrame:
 def arrow_schema(df: pd.DataFrame, table: str) -> pa.Schema:
     """The Arrow schema for writing a conformed ``table``: contract fields first, inferred extras after."""
     base = {"events": EVENTS_SCHEMA, "users": USERS_REQUIRED, "items": ITEMS_REQUIRED}[table]
-    extras = [c for c in df.columns if c not in base.names]
+    optional = [pa.field(c, t, nullable=True) for c, t in OPTIONAL_COLUMNS[table].items() if c in df.columns]
+    extras = [c for c in df.columns if c not in base.names and c not in OPTIONAL_COLUMNS[table]]
     inferred = pa.Schema.from_pandas(df[extras], preserve_index=False) if extras else pa.schema([])
-    return pa.schema(list(base) + list(inferred))
+    fields_ = {f.name: f for f in [*base, *optional, *inferred]}
+    return pa.schema([fields_[c] for c in [*base.names, *[c for c in df.columns if c not in base.names]]])

@@ -342,7 +342,8 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
     query = np.full(S, -1, np.int64)  # index into w.queries
     prev_item = np.full(S, -1, np.int64)
     prev_positive = np.zeros(S, bool)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "action", "ts", "surface", "ctx", "q")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "action", "ts", "surface", "ctx", "q", "req")}
+    n_requests = 0
 
     for j in range(int(lengths[0]) if S else 0):
         n = int(np.searchsorted(-lengths, -j, side="left"))  # sessions longer than j
@@ -373,41 +374,56 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
             q[new_query] = qt * WORDS_PER_TOPIC + rng.integers(0, WORDS_PER_TOPIC, m)
         q[surf != _SEARCH] = -1
 
-        # Topic, then item, per surface.
-        topic = np.where(rng.random(n) < EXPLORE, prior_topic(n), interest_topic(u))
         is_search, is_rel = surf == _SEARCH, surf == _RELATED
-        topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9, q[is_search] // WORDS_PER_TOPIC,
-                                    topic[is_search])
-        rr = rng.random(n)
-        same_topic = is_rel & (rr >= RELATED_NEIGHBOUR) & (rr < RELATED_NEIGHBOUR + RELATED_SAME_TOPIC)
-        topic[same_topic] = topic_of[ctx[same_topic]]
-        item = everything.sample(topic, rng.random(n))
-        near = is_rel & (rr < RELATED_NEIGHBOUR)
-        if near.any():
-            m = int(near.sum())
-            offset = rng.geometric(NEIGHBOUR_P, m) * np.where(rng.random(m) < 0.5, -1, 1)
-            item[near] = circle.neighbour(ctx[near], offset)
         ts = clock[sl]
-        for _ in range(4):  # not yet created, or the viewed item itself: redraw an older item of the same topic
-            bad = (cat.created_us[item] > ts) | (is_rel & (item == ctx))
-            if not bad.any():
-                break
-            item[bad] = older.sample(topic_of[item[bad]], rng.random(int(bad.sum())))
 
-        # Action: engaging when the item fits the user's interests or the session's intent.
-        it = topic_of[item]
-        affine = (w.interests[u] == it[:, None]).any(axis=1)
-        affine |= is_rel & (it == topic_of[np.maximum(ctx, 0)])
-        affine |= is_search & (it == q // WORDS_PER_TOPIC)
-        ra = rng.random(n)
-        action = np.where(affine, np.searchsorted(np.cumsum(AFFINE_ACTIONS), ra * AFFINE_ACTIONS.sum(), "right"),
-                          np.searchsorted(np.cumsum(OTHER_ACTIONS), ra * OTHER_ACTIONS.sum(), "right"))
-        action = np.minimum(action, len(ACTIONS) - 1)
+        def show() -> tuple[np.ndarray, np.ndarray]:
+            """One shown item per active session and what the user did with it -> (item, action)."""
+            # Topic, then item, per surface.
+            topic = np.where(rng.random(n) < EXPLORE, prior_topic(n), interest_topic(u))
+            topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9, q[is_search] // WORDS_PER_TOPIC,
+                                        topic[is_search])
+            rr = rng.random(n)
+            same_topic = is_rel & (rr >= RELATED_NEIGHBOUR) & (rr < RELATED_NEIGHBOUR + RELATED_SAME_TOPIC)
+            topic[same_topic] = topic_of[ctx[same_topic]]
+            item = everything.sample(topic, rng.random(n))
+            near = is_rel & (rr < RELATED_NEIGHBOUR)
+            if near.any():
+                m = int(near.sum())
+                offset = rng.geometric(NEIGHBOUR_P, m) * np.where(rng.random(m) < 0.5, -1, 1)
+                item[near] = circle.neighbour(ctx[near], offset)
+            for _ in range(4):  # not yet created, or the viewed item itself: redraw an older item of the same topic
+                bad = (cat.created_us[item] > ts) | (is_rel & (item == ctx))
+                if not bad.any():
+                    break
+                item[bad] = older.sample(topic_of[item[bad]], rng.random(int(bad.sum())))
 
-        for key, val in (("user", u), ("item", item), ("action", action), ("ts", ts.copy()), ("surface", surf.copy()),
-                         ("ctx", np.where(is_rel, ctx, -1)), ("q", q.copy())):
-            out[key].append(val)
-        prev_item[sl], prev_positive[sl] = item, np.isin(action, _POSITIVE_CODES)
+            # Action: engaging when the item fits the user's interests or the session's intent.
+            it = topic_of[item]
+            affine = (w.interests[u] == it[:, None]).any(axis=1)
+            affine |= is_rel & (it == topic_of[np.maximum(ctx, 0)])
+            affine |= is_search & (it == q // WORDS_PER_TOPIC)
+            ra = rng.random(n)
+            action = np.where(affine, np.searchsorted(np.cumsum(AFFINE_ACTIONS), ra * AFFINE_ACTIONS.sum(), "right"),
+                              np.searchsorted(np.cumsum(OTHER_ACTIONS), ra * OTHER_ACTIONS.sum(), "right"))
+            return item, np.minimum(action, len(ACTIONS) - 1)
+
+        # Each step is one request; with slate_size > 1 it shows that many items at the same time (a slate).
+        # The session goes on from the first engaged slot (the item the user opened), else from the first slot.
+        request = n_requests + np.arange(n)
+        n_requests += n
+        slots = [show() for _ in range(cfg.slate_size)]
+        item, action = slots[0]
+        nxt_item, nxt_pos = item.copy(), np.isin(action, _POSITIVE_CODES)
+        for it_k, ac_k in slots[1:][::-1]:  # reversed: the first engaged slot is written last and wins
+            pos_k = np.isin(ac_k, _POSITIVE_CODES)
+            take = pos_k & ~np.isin(action, _POSITIVE_CODES)
+            nxt_item[take], nxt_pos[take] = it_k[take], True
+        for it_k, ac_k in slots:
+            for key, val in (("user", u), ("item", it_k), ("action", ac_k), ("ts", ts.copy()), ("surface", surf.copy()),
+                             ("ctx", np.where(is_rel, ctx, -1)), ("q", q.copy()), ("req", request)):
+                out[key].append(val)
+        prev_item[sl], prev_positive[sl] = nxt_item, nxt_pos
         gaps = np.clip(rng.exponential(gap_mean, n), gap_lo, gap_hi)
         clock[sl] += (gaps * US_PER_S).astype(np.int64)
 
@@ -418,7 +434,7 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
     w.surfaces += np.bincount(cols["surface"], minlength=len(SURFACES))
     n_ev = len(order)
     ctx = cols["ctx"]
-    return pd.DataFrame({
+    df = pd.DataFrame({
         "event_id": pc.binary_join_element_wise(f"{day.isoformat()}-", pa.array(np.arange(n_ev)).cast(pa.string()),
                                                 "").to_pandas(),
         "user_id": cols["user"] + 1,
@@ -429,6 +445,10 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
         "context_item_id": pd.arrays.IntegerArray(np.where(ctx >= 0, ctx + 1, 0), ctx < 0),
         "query": np.where(cols["q"] >= 0, w.queries[np.maximum(cols["q"], 0)], None),
     })
+    if cfg.slate_size > 1:  # only then: a world of single-item requests stays byte-identical to earlier versions
+        df["request_id"] = pc.binary_join_element_wise(
+            f"{day.isoformat()}-r", pa.array(cols["req"]).cast(pa.string()), "").to_pandas()
+    return df
 
 
 def _items_table(w: _World) -> pd.DataFrame:

@@ -1,0 +1,191 @@
+"""The ranking model: TransAct (models/transact.py) + DCN v2 (models/dcn.py) with one head per action.
+
+Item features are the candidate release's item vectors, a frozen ``(n_items + 1, D)`` table (row 0 = padding /
+unknown), projected to ``item_dim`` and optionally summed with a learned item-id embedding. A ranker is therefore
+bound to one release: ``save_ranker`` records the release id and a fingerprint of the table, and ``load_ranker``
+refuses a table that is not the one it was trained on.
+
+Heads: ``RANKER_HEADS`` (click, save, conversion, skip, hide), trained with weighted binary cross-entropy
+(``ranker_loss``); ``blended_score`` turns the head probabilities into one ranking score with configurable
+weights, hide and skip negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from towerflow.config import RANKER_HEADS, RankerConfig
+from towerflow.contract import ACTIONS, SURFACES
+from towerflow.errors import TowerflowError
+from towerflow.models.dcn import DCNv2
+from towerflow.models.transact import TransAct
+
+FORMAT, FORMAT_VERSION = "towerflow-ranker", 1
+CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
+N_ACTIONS = len(ACTIONS)  # contract ACTIONS, coded 1..6 by tasks/history.py's ACTION_INDEX (0 = padding)
+
+
+class RankerFileError(TowerflowError):
+    """A saved ranker cannot be used: wrong format, or trained on another release's item vectors."""
+
+
+@dataclass
+class RankerBatch:
+    """One batch of (request, candidate) rows; the sequence is the user's actions strictly before the request."""
+
+    cand_items: torch.Tensor  # (B,) int64 item indices of the release vocabulary
+    surface: torch.Tensor  # (B,) int64 SURFACE_INDEX
+    hist_items: torch.Tensor  # (B, S) or (1, S) shared by all rows; int64, 0 = padding, latest last
+    hist_actions: torch.Tensor  # (B, S) int64 ACTION_INDEX, 0 = padding
+    hist_age_s: torch.Tensor  # (B, S) float32 seconds between each action and the request
+    dense: torch.Tensor | None = None  # (B, dense_dim) float32 request features (e.g. a user profile vector)
+
+    def to(self, device: torch.device | str) -> RankerBatch:
+        return RankerBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                              for f in fields(self)})
+
+
+def table_fingerprint(item_vectors: torch.Tensor | np.ndarray) -> str:
+    """sha256 of the item-vector table's float32 bytes and shape: what binds a ranker to its release."""
+    a = np.ascontiguousarray(np.asarray(item_vectors, dtype=np.float32))
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+class Ranker(nn.Module):
+    """TransAct + DCN v2; ``forward`` returns (B, len(RANKER_HEADS)) logits."""
+
+    def __init__(self, item_vectors: torch.Tensor, cfg: RankerConfig, dense_dim: int = 0):
+        super().__init__()
+        if item_vectors.ndim != 2 or item_vectors.shape[0] < 2:
+            raise ValueError(f"ranker: item_vectors must be (n_items + 1, dim), got {tuple(item_vectors.shape)}")
+        self.cfg, self.dense_dim = cfg, dense_dim
+        self.register_buffer("item_vectors", item_vectors.detach().float().clone(), persistent=False)  # frozen
+        self.item_proj = nn.Linear(item_vectors.shape[1], cfg.item_dim)
+        self.item_id = (nn.Embedding(item_vectors.shape[0], cfg.item_dim, padding_idx=0)
+                        if cfg.item_id_embedding else None)
+        if self.item_id is not None:
+            nn.init.normal_(self.item_id.weight, std=0.01)
+        self.surface = nn.Embedding(len(SURFACES), cfg.surface_dim)
+        self.sequence = TransAct(N_ACTIONS, cfg.item_dim, cfg) if cfg.use_sequence else None
+        in_dim = cfg.item_dim + cfg.surface_dim + dense_dim + (self.sequence.out_dim if self.sequence else 0)
+        self.dcn = DCNv2(in_dim, cfg.cross_layers, cfg.cross_rank, tuple(cfg.mlp_hidden), cfg.structure,
+                         cfg.dropout)
+        self.heads = nn.Linear(self.dcn.out_dim, len(RANKER_HEADS))
+
+    @property
+    def n_items(self) -> int:
+        return self.item_vectors.shape[0] - 1
+
+    def item_repr(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) int64 -> (..., item_dim)."""
+        v = self.item_proj(self.item_vectors[items])
+        return v + self.item_id(items) if self.item_id is not None else v
+
+    def forward(self, batch: RankerBatch) -> torch.Tensor:
+        """-> (B, H) logits, H = len(RANKER_HEADS)."""
+        cand = self.item_repr(batch.cand_items)  # (B, di)
+        parts = [cand, self.surface(batch.surface)]
+        if self.dense_dim:
+            if batch.dense is None or batch.dense.shape[-1] != self.dense_dim:
+                got = None if batch.dense is None else tuple(batch.dense.shape)
+                raise ValueError(f"ranker: expects dense features of width {self.dense_dim}, got {got}")
+            parts.append(batch.dense)
+        if self.sequence is not None:
+            # hist_* may have batch size 1 for one user's candidates (score_candidates): project once, broadcast.
+            b = cand.shape[0]
+            seq = self.item_repr(batch.hist_items).expand(b, -1, -1)  # (B, S, di)
+            parts.append(self.sequence(batch.hist_actions.expand(b, -1), seq, cand, batch.hist_age_s.expand(b, -1)))
+        return self.heads(self.dcn(torch.cat(parts, dim=-1)))
+
+
+def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
+    """Weighted binary cross-entropy: ``sum_h w_h * mean_rows BCE(logit_h, y_h) / sum_h w_h``.
+
+    logits, labels: (B, H) in RANKER_HEADS order; heads missing from ``weights`` weigh 0.
+    """
+    w = torch.tensor([weights.get(h, 0.0) for h in RANKER_HEADS], dtype=logits.dtype, device=logits.device)
+    per_head = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)  # (H,)
+    return (per_head * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def blended_score(probs: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
+    """(B, H) head probabilities -> (B,) ``sum_h weights[h] * p_h`` (hide and skip take negative weights)."""
+    w = torch.tensor([weights.get(h, 0.0) for h in RANKER_HEADS], dtype=probs.dtype, device=probs.device)
+    return probs @ w
+
+
+@torch.no_grad()
+def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_items: np.ndarray,
+                     hist_actions: np.ndarray, hist_age_s: np.ndarray,
+                     dense: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank one request: C candidates against one user's sequence -> (probs (C, H), blended scores (C,)).
+
+    cand_items (C,) item indices; hist_* (S,) the user's sequence as in ``RankerBatch``; dense (dense_dim,).
+    """
+    c = len(cand_items)
+    batch = RankerBatch(
+        cand_items=torch.as_tensor(cand_items, dtype=torch.int64),
+        surface=torch.full((c,), int(surface), dtype=torch.int64),
+        hist_items=torch.as_tensor(hist_items, dtype=torch.int64)[None],  # (1, S): shared by the C rows
+        hist_actions=torch.as_tensor(hist_actions, dtype=torch.int64)[None],
+        hist_age_s=torch.as_tensor(hist_age_s, dtype=torch.float32)[None],
+        dense=None if dense is None else torch.as_tensor(dense, dtype=torch.float32)[None].expand(c, -1),
+    )
+    model.eval()
+    probs = torch.sigmoid(model(batch))
+    return probs.numpy(), blended_score(probs, model.cfg.score_weights).numpy()
+
+
+def save_ranker(model: Ranker, directory: str | Path, release_id: str) -> Path:
+    """Write ``ranker.json`` (config, sizes, release id, item-table fingerprint) and ``ranker.pt`` (weights,
+    without the frozen item table: the release holds it). Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "release_id": release_id,
+            "item_table": {"shape": list(model.item_vectors.shape),
+                           "sha256": table_fingerprint(model.item_vectors.cpu())},
+            "dense_dim": model.dense_dim, "ranker_config": model.cfg.model_dump(mode="json")}
+    for name, write in ((WEIGHTS_FILE, lambda p: torch.save({k: v.detach().cpu() for k, v in
+                                                              model.state_dict().items()}, p)),
+                        (CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))):
+        tmp = directory / (name + ".tmp")  # write then rename: a crash never leaves half a file under the name
+        write(tmp)
+        os.replace(tmp, directory / name)
+    return directory
+
+
+def load_ranker(directory: str | Path, item_vectors: torch.Tensor | np.ndarray,
+                release_id: str | None = None) -> Ranker:
+    """Read a ranker written by ``save_ranker`` over the release's ``item_vectors`` -> Ranker in eval mode.
+
+    Raises RankerFileError when the format differs, when ``release_id`` is given and is not the ranker's, or when
+    ``item_vectors`` are not the table the ranker was trained on.
+    """
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise RankerFileError(f"{directory / CONFIG_FILE}: format {meta.get('format')!r} version "
+                              f"{meta.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
+    if release_id is not None and meta["release_id"] != release_id:
+        raise RankerFileError(f"{directory}: ranker of release {meta['release_id']}, not of release {release_id}")
+    table = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
+    if table_fingerprint(table) != meta["item_table"]["sha256"]:
+        raise RankerFileError(
+            f"{directory}: item vectors {tuple(table.shape)} are not the table the ranker was trained on "
+            f"({tuple(meta['item_table']['shape'])}, release {meta['release_id']})")
+    with torch.random.fork_rng(devices=[]):  # init draws are overwritten; leave the caller's RNG alone
+        model = Ranker(table, RankerConfig.model_validate(meta["ranker_config"]), int(meta["dense_dim"]))
+    try:
+        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise RankerFileError(f"{directory / WEIGHTS_FILE}: weights do not fit the saved config: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,203 @@
+"""Point-in-time ranking examples: what a request showed, what the user did with each shown item, and the user's
+action sequence strictly before the request.
+
+A **request** is the events sharing a ``request_id`` (the contract's optional column: one slate); rows without one
+(or sources without the column) form one request per ``(user_id, ts, surface)``, so a source that logs an impression
+and a later click of the same item as two rows must give them a ``request_id`` to tie them. The request time is its
+earliest row. Its **examples** are its distinct shown items known to the release vocabulary; each is labelled per
+head (``RANKER_HEADS``: click, save, conversion, skip, hide) with what the request's rows record for that item, so a
+shown item without engagement (an ``impression`` row alone) is a negative for every head.
+
+The **sequence** is THE history of ``tasks/history.py`` (its action codes, impressions left out, same-timestamp ties
+ordered by ``event_id``, actions older than ``max_history_days`` cut, the last S kept, left-padded with 0) at the
+request time, strictly before it: nothing at or after the request time enters, not even the request's own rows.
+Beside it, each action's age at the request (seconds) feeds the training-time window mask (models/transact.py).
+
+Sources without impressions (MovieLens ratings, implicit files) hold no slates. The plan for them (not built yet):
+the shown items of a request are the retrieval candidates of the same release at that time, labelled by what the
+user did with them later in the window; the ratings' 4-5 stars positive and 1-2 negative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from towerflow.config import RANKER_HEADS
+from towerflow.contract import POSITIVE_ACTIONS, SURFACES, ContractError, check_columns
+from towerflow.tasks.history import (
+    ACTION_INDEX,
+    EventArrays,
+    action_codes,
+    history_tokens,
+    history_window,
+)
+from towerflow.tasks.vocabulary import Vocab, value_codes
+
+HEAD_CODES = np.array([ACTION_INDEX[h] for h in RANKER_HEADS], dtype=np.int64)  # label column h <- this action
+POSITIVE_CODES = np.array([ACTION_INDEX[a] for a in POSITIVE_ACTIONS], dtype=np.int64)
+
+
+@dataclass
+class RankingExamples:
+    """n (request, shown item) rows, grouped by request (contiguous), requests in time order."""
+
+    request: np.ndarray  # (n,) int64 request number, 0.. in time order
+    user_id: np.ndarray  # (n,) int64 raw user id
+    ts_us: np.ndarray  # (n,) int64 request time, epoch microseconds
+    surface: np.ndarray  # (n,) int64 index into contract SURFACES
+    item: np.ndarray  # (n,) int64 item index of the release vocabulary (>= 1)
+    labels: np.ndarray  # (n, H) float32, columns in RANKER_HEADS order
+    hist_items: np.ndarray  # (n, S) int64 item indices, 0 = padding, latest last
+    hist_actions: np.ndarray  # (n, S) int64 ACTION_INDEX codes, 0 = padding
+    hist_age_s: np.ndarray  # (n, S) float32 seconds from each action to the request, 0 on padding
+
+    def __len__(self) -> int:
+        return len(self.request)
+
+    @property
+    def n_requests(self) -> int:
+        return len(np.unique(self.request))
+
+    def take(self, idx) -> RankingExamples:
+        return RankingExamples(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankingExamples:
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in fields(cls)})
+
+
+def _request_keys(events: pd.DataFrame) -> np.ndarray:
+    """(n,) int64 request of each row: its request_id, or (user_id, ts, surface) where it has none."""
+    fallback = (events["user_id"].astype(str) + "|" + pd.to_datetime(events["ts"], utc=True).astype(str) + "|"
+                + events["surface"].astype(str))
+    key = pd.factorize(fallback)[0].astype(np.int64)
+    if "request_id" in events.columns:
+        rid = pd.factorize(events["request_id"])[0].astype(np.int64)  # -1 = null
+        key = np.where(rid >= 0, rid, rid.max(initial=-1) + 1 + key)
+    return pd.factorize(key)[0].astype(np.int64)  # numbered in order of first appearance
+
+
+def sequences_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_us: np.ndarray, max_seq_len: int,
+                 max_history_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's sequence: its user's last ``max_seq_len`` history actions strictly before ``request_us``.
+
+    hist: history actions (``EventArrays.from_events``, time ordered); user_id, request_us: (n,).
+    Returns hist_items, hist_actions (n, S) int64 and hist_age_s (n, S) float32 (module docstring).
+    """
+    item = vocab.item_index(hist.item_id)
+    keep = item > 0  # as build_histories: actions on items the release does not know are not in the history
+    by_user = np.argsort(hist.user_id[keep], kind="stable")  # stable: time order kept inside each user
+    user, item = hist.user_id[keep][by_user], item[keep][by_user]
+    action, ts = hist.action[keep][by_user], hist.ts_us[keep][by_user]
+    users, group = np.unique(user, return_inverse=True)
+    # key = (user group, rank of ts among all times): "before request t" is one binary search per row
+    times = np.unique(np.concatenate([ts, request_us]))
+    width = np.int64(len(times) + 1)
+    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
+    row_group = np.searchsorted(users, user_id)
+    known = (row_group < len(users)) & (users[np.minimum(row_group, len(users) - 1)] == user_id)
+    row_group = np.where(known, row_group, 0)
+    start = np.searchsorted(key, row_group * width, side="left")
+    end = np.searchsorted(key, row_group * width + np.searchsorted(times, request_us), side="left")  # strict
+    start, end = np.where(known, start, 0), np.where(known, end, 0)
+    start = history_window(group, ts, start, end, row_group, request_us, max_history_days)
+    items, actions, _ = history_tokens(item, action, ts, start, end, max_seq_len, 2)
+    # The same layout over the action times gives each slot's time (0 on padding): its age at the request.
+    when, _, _ = history_tokens(ts, action, ts, start, end, max_seq_len, 2)
+    age = np.where(actions > 0, (request_us[:, None] - when) / 1e6, 0.0).astype(np.float32)
+    return items, actions, age
+
+
+def build_ranking_examples(events: pd.DataFrame, vocab: Vocab, max_seq_len: int, max_history_days: int = 365,
+                           start_us: int | None = None, end_us: int | None = None) -> RankingExamples:
+    """Examples of the requests made in ``[start_us, end_us)`` (None: unbounded) of contract ``events``.
+
+    Histories come from all of ``events`` (before each request). Raises ContractError on missing columns, unknown
+    actions or surfaces, or a request_id shared by several users.
+    """
+    check_columns(events, "events")
+    action = action_codes(events["action"])
+    surface = value_codes(events["surface"], list(SURFACES)) - 1
+    if (surface < 0).any():
+        bad = sorted(set(events["surface"][surface < 0].astype(str)))
+        raise ContractError(f"events.surface: values outside {SURFACES}: {bad[:5]}")
+    ts = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+    user = events["user_id"].to_numpy(dtype=np.int64)
+    req = _request_keys(events)
+    n_req = int(req.max(initial=-1)) + 1
+    # per request: its time (earliest row), user and surface (of that earliest row)
+    first = np.lexsort((ts, req))
+    head = first[np.r_[True, req[first][1:] != req[first][:-1]]] if len(first) else first
+    req_ts, req_user, req_surface = np.empty(n_req, np.int64), np.empty(n_req, np.int64), np.empty(n_req, np.int64)
+    req_ts[req[head]], req_user[req[head]], req_surface[req[head]] = ts[head], user[head], surface[head]
+    if (req_user[req] != user).any():
+        bad = events["request_id"].to_numpy()[req_user[req] != user][0]
+        raise ContractError(f"events.request_id: request {bad!r} holds events of more than one user")
+
+    in_window = np.ones(n_req, bool)
+    if start_us is not None:
+        in_window &= req_ts >= start_us
+    if end_us is not None:
+        in_window &= req_ts < end_us
+    item = vocab.item_index(events["item_id"].to_numpy(dtype=np.int64))
+    rows = np.flatnonzero(in_window[req] & (item > 0))
+    # distinct (request, item) pairs; labels: which head actions any of the pair's rows record
+    pair, inverse = np.unique(np.stack([req[rows], item[rows]], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    labels = np.zeros((len(pair), len(RANKER_HEADS)), dtype=np.float32)
+    hit = action[rows][:, None] == HEAD_CODES[None, :]  # (rows, H)
+    np.maximum.at(labels, inverse, hit.astype(np.float32))
+    r, it = pair[:, 0], pair[:, 1]
+    order = np.lexsort((it, r, req_ts[r]))  # requests in time order, contiguous
+    r, it, labels = r[order], it[order], labels[order]
+    number = np.cumsum(np.r_[True, r[1:] != r[:-1]]) - 1 if len(r) else r
+
+    hist_items, hist_actions, hist_age = sequences_at(EventArrays.from_events(events), vocab, req_user[r],
+                                                      req_ts[r], max_seq_len, max_history_days)
+    return RankingExamples(request=number.astype(np.int64), user_id=req_user[r], ts_us=req_ts[r],
+                           surface=req_surface[r], item=it.astype(np.int64), labels=labels, hist_items=hist_items,
+                           hist_actions=hist_actions, hist_age_s=hist_age)
+
+
+def user_profiles(events: pd.DataFrame, vocab: Vocab, item_vectors: np.ndarray, user_id: np.ndarray,
+                  as_of_us: np.ndarray) -> np.ndarray:
+    """(n, D) the mean item vector of each row's user's positive actions strictly before ``as_of_us``; 0 if none.
+
+    A slow-moving user feature for the ranker's dense input (e.g. with ``as_of_us`` = the request's day start: a
+    daily batch feature that knows nothing of the current session). item_vectors: (n_items + 1, D).
+    """
+    hist = EventArrays.from_events(events)
+    item = vocab.item_index(hist.item_id)
+    keep = np.isin(hist.action, POSITIVE_CODES) & (item > 0)
+    by_user = np.argsort(hist.user_id[keep], kind="stable")
+    user, item, ts = hist.user_id[keep][by_user], item[keep][by_user], hist.ts_us[keep][by_user]
+    if len(user) == 0:
+        return np.zeros((len(user_id), item_vectors.shape[1]), dtype=np.float32)
+    users, group = np.unique(user, return_inverse=True)
+    cum = np.vstack([np.zeros((1, item_vectors.shape[1])), np.cumsum(item_vectors[item], axis=0)])  # (m + 1, D)
+    times = np.unique(np.concatenate([ts, as_of_us]))
+    width = np.int64(len(times) + 1)
+    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
+    g = np.minimum(np.searchsorted(users, user_id), len(users) - 1)
+    known = users[g] == user_id
+    start = np.searchsorted(key, g * width, side="left")
+    end = np.searchsorted(key, g * width + np.searchsorted(times, as_of_us), side="left")
+    count = np.where(known, end - start, 0)
+    total = cum[end] - cum[start]
+    return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], 0.0).astype(np.float32)
+
+
+def split_by_time(examples: RankingExamples, share: float) -> tuple[RankingExamples, RankingExamples]:
+    """(earlier, latest ``share`` of requests): a validation split that never looks before its training rows."""
+    n_req = int(examples.request.max(initial=-1)) + 1
+    cut = int(round(n_req * (1 - share)))
+    late = examples.request >= cut
+    return examples.take(~late), examples.take(late)

@@ -141,3 +141,39 @@ def embed_items(
             out[start : start + len(idx)] = vec.detach().to("cpu", torch.float32).numpy()
     assert out is not None
     return ItemEmbeddings(release_id, item_ids.astype(np.int64), out, model_version)
+
+
+def embed_new_items(item_tower: torch.nn.Module, vocab, items) -> np.ndarray:
+    """Vectors of catalog rows a release's vocabulary does not hold, from their features alone (no id embedding).
+
+    ``item_tower``: the release's ``ItemTower``; ``vocab``: its ``tasks.vocabulary.Vocab`` (category and genre
+    codes are looked up there: a value it lacks is code 0, unknown); ``items``: (m,) rows in the contract's items
+    columns plus an optional ``features`` list column (null rows, or no column, are zeros as in training).
+    Returns (m, dim) float32, row i for ``items.iloc[i]``: what the tower gives an item past its id table.
+    """
+    from towerflow.tasks.vocabulary import Vocab, item_features
+
+    ids = items["item_id"].to_numpy(dtype=np.int64)
+    if len(ids) == 0:
+        return np.zeros((0, item_tower.cfg.dim), dtype=np.float32)
+    if len(np.unique(ids)) != len(ids):
+        raise EmbeddingError("embed_new_items: item_ids has duplicates")
+    order = np.argsort(ids, kind="stable")
+    # a vocabulary of these items only, with the release's value lists: row i + 1 of the table is sorted id i
+    own = Vocab(ids[order], np.zeros(0, dtype=np.int64), vocab.categories, vocab.genres, [], [])
+    f = item_features(items, own, max_genres=int(item_tower.genres.shape[1]))
+    dense_dim = item_tower.sizes.dense_dim
+    dense = None
+    if dense_dim:
+        dense = f.dense[1:] if f.dense is not None else torch.zeros(len(ids), dense_dim)
+        if dense.shape[1] != dense_dim:
+            raise EmbeddingError(f"embed_new_items: features of length {dense.shape[1]}, the tower takes {dense_dim}")
+    device = item_tower.category.device
+    if item_tower.training:  # a served tower is in eval mode already; never flip a shared module's mode here
+        raise EmbeddingError("embed_new_items: the item tower is in training mode (dropout); call .eval() first")
+    with torch.inference_mode():
+        vec = item_tower.embed_features(f.category[1:].to(device), f.genres[1:].to(device),
+                                        None if dense is None else dense.float().to(device))  # (m, dim)
+    out = np.empty((len(ids), vec.shape[1]), dtype=np.float32)
+    out[order] = vec.cpu().numpy()
+    return out

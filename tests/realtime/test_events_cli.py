@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.realtime.conftest import free_port
+from tests.servers import running_app
 from towerflow.cli import main
 from towerflow.config import Settings
 from towerflow.data.source import ParquetSink, ParquetSource
@@ -93,23 +91,12 @@ def test_csv_parquet_and_stdin(root: Path, tmp_path: Path, monkeypatch, capsys):
 @pytest.fixture
 def service_url(root: Path) -> Iterator[str]:
     """A real HTTP server (uvicorn on a free port) over a service with no release: /events needs none."""
-    import uvicorn
-
     from towerflow.serving.app import create_app
     from towerflow.serving.service import RetrievalService
 
     svc = RetrievalService(Settings(), use_default_store=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service=svc), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with running_app(create_app(service=svc)) as url:
+        yield url
 
 
 def test_ingest_posts_to_a_running_service_in_batches(root: Path, tmp_path: Path, service_url: str, capsys):

@@ -3,38 +3,22 @@ every response is exactly what the release it names answers, and each client see
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
+from tests.servers import running_app
 from towerflow.serving.app import create_app
 from towerflow.serving.config import ServingConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def server(served):
     app = create_app(served.settings, ServingConfig(poll_interval_s=0.1))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with running_app(app, log_level="warning") as url:
+        yield url, app
 
 
 def _requests(bundle) -> list[dict]:

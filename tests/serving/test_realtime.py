@@ -145,12 +145,7 @@ def test_compaction_hands_every_event_to_the_source_once_and_serving_is_unchange
 def replay_server(served, tmp_path_factory):
     """A real HTTP server over a service whose source stops before the world's last day (Jan 4), no stored
     states, an empty action store: replaying Jan 4 into it is what a live day looks like."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from tests.realtime.conftest import free_port
+    from tests.servers import running_app
     from towerflow.serving.app import create_app
     from towerflow.serving.config import ServingConfig
     from towerflow.serving.service import RetrievalService
@@ -162,17 +157,8 @@ def replay_server(served, tmp_path_factory):
     svc = RetrievalService(served.settings, ServingConfig(compact_interval_s=None),
                            source=ParquetSource(str(root / "source")), realtime=store,
                            use_default_store=False).start(watch=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service=svc), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", store
-    server.should_exit = True
-    thread.join(10)
+    with running_app(create_app(service=svc)) as url:
+        yield url, store
     svc.close()
 
 
@@ -209,7 +195,7 @@ def test_kill_9_of_the_service_mid_replay_loses_no_acknowledged_event(served, tm
     import threading
     import time
 
-    from tests.realtime.conftest import free_port
+    from tests.servers import free_port
     from towerflow.serving.realtime.compact import compact
     from towerflow.serving.realtime.events import check_events
     from towerflow.serving.realtime.replay import Client, ReplayError, _json_rows

@@ -40,6 +40,7 @@ def test_a_good_batch_comes_back_in_contract_dtypes():
     ({"item_id": 1.5}, "events[1].item_id: 1.5 is not an integer id"),
     ({"user_id": True}, "events[1].user_id: True is not an integer id"),
     ({"context_item_id": 2**63}, "events[1].context_item_id: 9223372036854775808 is beyond int64"),
+    ({"item_id": -(2**63) - 1}, "events[1].item_id: -9223372036854775809 is beyond int64"),
     ({"ts": 1767607200}, "events[1].ts: 1767607200 is not an ISO-8601 string"),
     ({"ts": "yesterday"}, "events[1].ts: 'yesterday' is not a valid ISO-8601 time"),
     ({"ts": "2026-01-06T00:00:06Z"}, "events[1].ts: 2026-01-06T00:00:06+00:00 is in the future (after "

@@ -12,8 +12,6 @@ at ``Settings().user_states_path``; ``InMemoryUserStateStore`` serves tests and 
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import numpy as np
 
 from towerflow.errors import TowerflowError
 from towerflow.serving.history import from_us, to_us
+from towerflow.serving.sqlite_file import WalFile
 
 
 class StateStoreError(TowerflowError):
@@ -103,23 +102,10 @@ class SQLiteUserStateStore:
     def __init__(self, path: str | Path, timeout_s: float = 30.0):
         self.path = Path(path)
         self.timeout_s = timeout_s
-        self._local = threading.local()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = self._con()
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(_SCHEMA)
-            con.commit()
-        except (OSError, sqlite3.Error) as exc:
-            raise StateStoreError(f"user-state store {self.path} cannot be opened: {exc}") from exc
-
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(self.path, timeout=self.timeout_s)
-            con.execute("PRAGMA synchronous=NORMAL")
-            self._local.con = con
-        return con
+        # NORMAL: states are recomputed from the source by the next refresh, a power cut may lose the last ones
+        self._db = WalFile(self.path, [_SCHEMA], what="user-state store", error=StateStoreError,
+                           synchronous="NORMAL", autocommit=False, timeout_s=timeout_s)
+        self._con = self._db.connection
 
     def get(self, user_ids: Sequence[int], release_id: str) -> dict[int, UserState]:
         ids = [int(u) for u in user_ids]
@@ -172,7 +158,4 @@ class SQLiteUserStateStore:
         return dropped
 
     def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
+        self._db.close()

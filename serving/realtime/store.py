@@ -32,6 +32,7 @@ import pandas as pd
 
 from towerflow.contract import conform
 from towerflow.errors import TowerflowError
+from towerflow.serving.sqlite_file import WalFile
 
 FIELDS = ("event_id", "user_id", "item_id", "action", "ts_us", "surface", "context_item_id", "query")
 Record = tuple  # one event as FIELDS, ts as UTC epoch microseconds
@@ -147,28 +148,14 @@ class SQLiteActionStore:
         self.path = Path(path)
         self.uri = f"sqlite:///{self.path}"
         self.timeout_s = timeout_s
-        self._local = threading.local()
         # Writers of this process take turns here rather than in SQLite: a connection that finds the database
         # locked sleeps in SQLite's busy handler (1, 2, 5, ... 100 ms steps), which made concurrent POST /events
         # wait tens of ms for a lock freed in 1. Other processes (the CLI, a compactor) still meet SQLite's lock.
         self._write_lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = self._con()
-            con.execute("PRAGMA journal_mode=WAL")
-            for stmt in _SCHEMA:
-                con.execute(stmt)
-            con.commit()
-        except (OSError, sqlite3.Error) as exc:
-            raise ActionStoreError(f"realtime action store {self.path} cannot be opened: {exc}") from exc
-
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-            con.execute("PRAGMA synchronous=FULL")  # the WAL is fsynced at each commit: acknowledged is durable
-            self._local.con = con
-        return con
+        # FULL: the WAL is fsynced at each commit, so an acknowledged event is durable; explicit transactions only
+        self._db = WalFile(self.path, _SCHEMA, what="realtime action store", error=ActionStoreError,
+                           synchronous="FULL", autocommit=True, timeout_s=timeout_s)
+        self._con = self._db.connection
 
     def append(self, events: pd.DataFrame) -> AppendResult:
         records = to_records(events)
@@ -254,10 +241,7 @@ class SQLiteActionStore:
             self._con().execute("DELETE FROM meta WHERE key = ?", (f"lock:{name}",))
 
     def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
+        self._db.close()
 
 
 def mark_to_json(mark: CompactionMark) -> str:

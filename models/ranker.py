@@ -135,9 +135,10 @@ def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_i
     batch = RankerBatch(
         cand_items=torch.as_tensor(cand_items, dtype=torch.int64),
         surface=torch.full((c,), int(surface), dtype=torch.int64),
-        hist_items=torch.as_tensor(hist_items, dtype=torch.int64)[None],  # (1, S): shared by the C rows
-        hist_actions=torch.as_tensor(hist_actions, dtype=torch.int64)[None],
-        hist_age_s=torch.as_tensor(hist_age_s, dtype=torch.float32)[None],
+        # (1, S): one sequence shared by the C rows
+        hist_items=torch.as_tensor(np.ascontiguousarray(hist_items), dtype=torch.int64)[None],
+        hist_actions=torch.as_tensor(np.ascontiguousarray(hist_actions), dtype=torch.int64)[None],
+        hist_age_s=torch.as_tensor(np.ascontiguousarray(hist_age_s), dtype=torch.float32)[None],
         dense=None if dense is None else torch.as_tensor(dense, dtype=torch.float32)[None].expand(c, -1),
     )
     model.eval()

@@ -60,6 +60,12 @@ class TransAct(nn.Module):
         valid = actions > 0
         if self.training and self.cfg.time_window_s > 0 and self.cfg.time_window_prob > 0:
             valid = window_mask(age_s, valid, self.cfg.time_window_s, self.cfg.time_window_prob)
+        # Leading columns that are padding in every row change nothing (masked keys, zeroed and unpooled outputs):
+        # drop them, keeping the latest K, so short histories cost what they hold.
+        cols = valid.any(dim=0).nonzero()
+        first = min(int(cols[0]) if len(cols) else s, s - k)
+        if first > 0:
+            actions, item_vecs, valid, s = actions[:, first:], item_vecs[:, first:], valid[:, first:], s - first
         tokens = torch.cat([self.action(actions * valid), item_vecs,
                             cand_vec[:, None, :].expand(b, s, cand_vec.shape[-1])], dim=-1)  # (B, S, d)
         has = valid.any(dim=1)  # (B,)

@@ -195,9 +195,13 @@ def user_profiles(events: pd.DataFrame, vocab: Vocab, item_vectors: np.ndarray, 
     return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], 0.0).astype(np.float32)
 
 
-def split_by_time(examples: RankingExamples, share: float) -> tuple[RankingExamples, RankingExamples]:
-    """(earlier, latest ``share`` of requests): a validation split that never looks before its training rows."""
+def latest_requests(examples: RankingExamples, share: float) -> np.ndarray:
+    """(n,) bool: the rows of the latest ``share`` of requests (a validation split after its training rows)."""
     n_req = int(examples.request.max(initial=-1)) + 1
-    cut = int(round(n_req * (1 - share)))
-    late = examples.request >= cut
+    return examples.request >= int(round(n_req * (1 - share)))
+
+
+def split_by_time(examples: RankingExamples, share: float) -> tuple[RankingExamples, RankingExamples]:
+    """(earlier rows, rows of the latest ``share`` of requests)."""
+    late = latest_requests(examples, share)
     return examples.take(~late), examples.take(late)

@@ -60,10 +60,12 @@ RELATED_NEIGHBOUR, RELATED_SAME_TOPIC = 0.70, 0.10  # related: neighbour of the 
 NEIGHBOUR_P = 0.45  # neighbour offset on the topic circle is +-Geometric(0.45): mostly 1..3 steps away
 OPEN_RELATED = 0.65  # after a positive action: open the engaged item on related
 STAY_RELATED, STAY_SEARCH, HOMEFEED_TO_SEARCH = 0.60, 0.70, 0.10  # after a non-positive action
+SLATE_INTEREST = 0.5  # slate_size > 1: a slot after the first is of the user's interests, else of the prior
 
 # Action probabilities in ACTIONS order (impression, click, save, conversion, skip, hide).
 AFFINE_ACTIONS = np.array([0.56, 0.28, 0.08, 0.04, 0.03, 0.01])
 OTHER_ACTIONS = np.array([0.43, 0.05, 0.01, 0.01, 0.40, 0.10])
+MID_ACTIONS = np.array([0.62, 0.10, 0.02, 0.01, 0.22, 0.03])  # slates: the user's interests outside the session's
 
 COUNTRIES = ("us", "gb", "de", "fr", "br", "in", "jp", "mx")
 COUNTRY_PROBS = np.array([0.30, 0.10, 0.10, 0.08, 0.12, 0.15, 0.08, 0.07])
@@ -342,6 +344,8 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
     query = np.full(S, -1, np.int64)  # index into w.queries
     prev_item = np.full(S, -1, np.int64)
     prev_positive = np.zeros(S, bool)
+    slates = cfg.slate_size > 1
+    session_topic = np.full(S, -1, np.int64)  # slates only: the interest this session is about (short-term intent)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "action", "ts", "surface", "ctx", "q", "req")}
     n_requests = 0
 
@@ -356,6 +360,8 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
                                np.where(r < ENTRY_PROBS["homefeed"] + ENTRY_PROBS["search"], _SEARCH, _RELATED))
             entry = surf == _RELATED  # arrived from outside on an item of any topic
             ctx[entry] = older.sample(prior_topic(int(entry.sum())), rng.random(int(entry.sum())))
+            if slates:
+                session_topic[sl] = np.where(entry, topic_of[np.maximum(ctx, 0)], interest_topic(u))
         else:
             pos, was = prev_positive[sl], surf.copy()
             open_rel = pos & (r < OPEN_RELATED)
@@ -377,13 +383,23 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
         is_search, is_rel = surf == _SEARCH, surf == _RELATED
         ts = clock[sl]
 
-        def show() -> tuple[np.ndarray, np.ndarray]:
-            """One shown item per active session and what the user did with it -> (item, action)."""
+        def show(other_source: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            """One shown item per active session and what the user did with it -> (item, action).
+
+            ``other_source``: the slate's other slots, as from generators that ignore the session's intent (half
+            the user's long-term interests, half the global prior), so a slate mixes items that fit the session
+            (engaged far more often) with items that do not: what a ranker that reads the session can tell apart.
+            """
             # Topic, then item, per surface.
-            topic = np.where(rng.random(n) < EXPLORE, prior_topic(n), interest_topic(u))
-            topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9, q[is_search] // WORDS_PER_TOPIC,
-                                        topic[is_search])
-            rr = rng.random(n)
+            if other_source:
+                topic = np.where(rng.random(n) < SLATE_INTEREST, interest_topic(u), prior_topic(n))
+                rr = np.ones(n)  # no related neighbour or same-topic draw
+            else:
+                topic = np.where(rng.random(n) < EXPLORE, prior_topic(n),
+                                 session_topic[sl] if slates else interest_topic(u))
+                topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9,
+                                            q[is_search] // WORDS_PER_TOPIC, topic[is_search])
+                rr = rng.random(n)
             same_topic = is_rel & (rr >= RELATED_NEIGHBOUR) & (rr < RELATED_NEIGHBOUR + RELATED_SAME_TOPIC)
             topic[same_topic] = topic_of[ctx[same_topic]]
             item = everything.sample(topic, rng.random(n))
@@ -400,19 +416,24 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
 
             # Action: engaging when the item fits the user's interests or the session's intent.
             it = topic_of[item]
-            affine = (w.interests[u] == it[:, None]).any(axis=1)
-            affine |= is_rel & (it == topic_of[np.maximum(ctx, 0)])
-            affine |= is_search & (it == q // WORDS_PER_TOPIC)
+            interest = (w.interests[u] == it[:, None]).any(axis=1)
+            intent = is_rel & (it == topic_of[np.maximum(ctx, 0)])
+            intent |= is_search & (it == q // WORDS_PER_TOPIC)
             ra = rng.random(n)
-            action = np.where(affine, np.searchsorted(np.cumsum(AFFINE_ACTIONS), ra * AFFINE_ACTIONS.sum(), "right"),
-                              np.searchsorted(np.cumsum(OTHER_ACTIONS), ra * OTHER_ACTIONS.sum(), "right"))
+            draw = lambda p: np.searchsorted(np.cumsum(p), ra * p.sum(), "right")  # noqa: E731
+            if slates:  # the session's intent engages most; the user's other interests less (a realtime signal)
+                intent |= ~is_rel & ~is_search & (it == session_topic[sl])
+                action = np.where(intent, draw(AFFINE_ACTIONS), np.where(interest, draw(MID_ACTIONS),
+                                                                         draw(OTHER_ACTIONS)))
+            else:
+                action = np.where(interest | intent, draw(AFFINE_ACTIONS), draw(OTHER_ACTIONS))
             return item, np.minimum(action, len(ACTIONS) - 1)
 
         # Each step is one request; with slate_size > 1 it shows that many items at the same time (a slate).
         # The session goes on from the first engaged slot (the item the user opened), else from the first slot.
         request = n_requests + np.arange(n)
         n_requests += n
-        slots = [show() for _ in range(cfg.slate_size)]
+        slots = [show(other_source=k > 0) for k in range(cfg.slate_size)]
         item, action = slots[0]
         nxt_item, nxt_pos = item.copy(), np.isin(action, _POSITIVE_CODES)
         for it_k, ac_k in slots[1:][::-1]:  # reversed: the first engaged slot is written last and wins
@@ -424,6 +445,8 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
                              ("ctx", np.where(is_rel, ctx, -1)), ("q", q.copy()), ("req", request)):
                 out[key].append(val)
         prev_item[sl], prev_positive[sl] = nxt_item, nxt_pos
+        if slates:  # the session follows what the user just engaged with
+            session_topic[sl] = np.where(nxt_pos, topic_of[nxt_item], session_topic[sl])
         gaps = np.clip(rng.exponential(gap_mean, n), gap_lo, gap_hi)
         clock[sl] += (gaps * US_PER_S).astype(np.int64)
 

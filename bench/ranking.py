@@ -1,0 +1,187 @@
+"""Benchmark: the ranking stage (issue 17) on held-out request slates of the synthetic world.
+
+A world with slates (``WorldConfig.slate_size``: each request shows several items, grouped by ``request_id``) is
+split by time: the last day's requests are the holdout, the days before train. Compared on the holdout:
+
+- ``transact``: TransAct + DCN v2 (models/ranker.py), the user's last S actions before each request;
+- ``no_sequence``: the same DCN v2 without the sequence (same features otherwise, same training);
+- ``profile_dot``: the retrieval-score stand-in, the user's profile vector dot the item vector (no release is
+  trained here, so no retriever's embeddings: see "item vectors" below);
+- ``popularity``: positive engagements of the item in the training days.
+
+Features of both rankers: the candidate's item vector (frozen) plus a learned item-id embedding, the surface, and
+a daily user profile (the mean item vector of the user's positives before the request's day: knows the user's
+interests, not the current session). Item vectors: the items' content (category one-hot + the world's dense
+features, standardized) stand in for a release's item embeddings, so the benchmark needs no retriever.
+
+Metrics (tasks/evaluate_ranker.py): per-head AUC, GAUC, and HIT@3 of each head, requests ranked by the blended
+score. Cost: ranking 200 candidates for one user on one torch thread, in process, at S = 100 and S = 32.
+
+    python -m bench.ranking --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import command_line, print_table, write_result
+from towerflow.config import RANKER_HEADS, RankerConfig, RankerTrainConfig, WorldConfig
+from towerflow.contract import NEGATIVE_ACTIONS, POSITIVE_ACTIONS
+
+DAY_US = 86_400_000_000
+METHODS = ("transact", "no_sequence", "profile_dot", "popularity")
+
+
+def item_vectors(items: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
+    """(n_items + 1, D) content vectors of the vocabulary's items (row 0 = padding): category one-hot + dense
+    features standardized."""
+    rows = items.set_index("item_id").loc[item_ids]
+    cats = rows["category"].to_numpy(dtype=str)
+    onehot = (cats[:, None] == np.unique(cats)[None, :]).astype(np.float32)
+    parts = [onehot]
+    if "features" in rows.columns:
+        f = np.stack(rows["features"].to_numpy()).astype(np.float32)
+        parts.append((f - f.mean(0)) / np.maximum(f.std(0), 1e-6))
+    table = np.hstack(parts)
+    return np.vstack([np.zeros((1, table.shape[1]), np.float32), table])
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    """Generate one world, train both rankers, score every method on the holdout day -> per-method metrics."""
+    from towerflow.data.synthetic import generate_world
+    from towerflow.tasks.evaluate_ranker import evaluate_ranking
+    from towerflow.tasks.ranking_examples import build_ranking_examples, user_profiles
+    from towerflow.tasks.train_ranker import evaluate_ranker, train_ranker
+    from towerflow.tasks.vocabulary import build_vocab
+
+    world = WorldConfig(n_users=args.users, n_items=args.items, days=args.days, events_per_day=args.requests_per_day,
+                        slate_size=args.slate, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="bench-ranking-") as d:
+        generate_world(d, world)
+        events = pd.read_parquet(Path(d) / "events")
+        users, items = pd.read_parquet(Path(d) / "users.parquet"), pd.read_parquet(Path(d) / "items.parquet")
+    vocab = build_vocab(users, items)
+    table = item_vectors(items, vocab.item_ids)
+    cut = int(pd.Timestamp(world.start, tz="UTC").value // 1000) + (args.days - 1) * DAY_US
+    train = build_ranking_examples(events, vocab, args.seq_len, end_us=cut)
+    holdout = build_ranking_examples(events, vocab, args.seq_len, start_us=cut)
+    dense_train = user_profiles(events, vocab, table, train.user_id, train.ts_us - train.ts_us % DAY_US)
+    dense_holdout = user_profiles(events, vocab, table, holdout.user_id, holdout.ts_us - holdout.ts_us % DAY_US)
+    out: dict = {"seed": seed, "train_rows": len(train), "holdout_rows": len(holdout),
+                 "holdout_requests": holdout.n_requests, "methods": {}, "train_seconds": {}}
+    for name, use_sequence in (("transact", True), ("no_sequence", False)):
+        cfg = RankerTrainConfig(model=RankerConfig(max_seq_len=args.seq_len, use_sequence=use_sequence,
+                                                   item_id_embedding=True, cross_rank=args.cross_rank),
+                                epochs=args.epochs, patience=2, seed=seed, num_threads=args.threads)
+        t0 = time.perf_counter()
+        result = train_ranker(train, table, cfg, dense_train)
+        out["train_seconds"][name] = round(time.perf_counter() - t0, 1)
+        out["methods"][name] = evaluate_ranker(result.model, holdout, dense_holdout) | {"epochs": result.best_epoch}
+    positive = np.isin(events["action"].to_numpy(dtype=str), POSITIVE_ACTIONS)
+    before = (pd.to_datetime(events["ts"], utc=True).astype("int64") // 1000).to_numpy() < cut
+    counts = np.bincount(vocab.item_index(events["item_id"].to_numpy()[positive & before]),
+                         minlength=len(table)).astype(np.float64)
+    for name, score in (("profile_dot", np.einsum("nd,nd->n", dense_holdout, table[holdout.item])),
+                        ("popularity", counts[holdout.item])):
+        out["methods"][name] = evaluate_ranking(holdout.labels, holdout.request, holdout.user_id, score)
+    return out
+
+
+def latency(seq_lens: tuple[int, ...], candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
+    """Ranking ``candidates`` items for one user, one torch thread, in process: wall and thread-CPU percentiles."""
+    import torch
+
+    from towerflow.models.ranker import Ranker, score_candidates
+    from towerflow.tasks.train import torch_threads
+
+    rows = []
+    rng = np.random.default_rng(0)
+    table = torch.as_tensor(rng.normal(size=(n_items + 1, 28)).astype(np.float32))
+    with torch_threads(1):
+        for s in seq_lens:
+            model = Ranker(table, RankerConfig(max_seq_len=s, item_id_embedding=True), dense_dim=28).eval()
+            cand = rng.integers(1, n_items + 1, candidates)
+            hist_items, hist_actions = rng.integers(1, n_items + 1, s), rng.integers(1, 7, s)
+            age, dense = np.sort(rng.random(s) * 1e5)[::-1].astype(np.float32), rng.normal(size=28).astype(np.float32)
+            wall, cpu = [], []
+            for i in range(reps + 20):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                score_candidates(model, cand, 0, hist_items, hist_actions, age, dense)
+                if i >= 20:  # warm-up: first calls allocate
+                    wall.append(time.perf_counter() - t0)
+                    cpu.append(time.thread_time() - c0)
+            rows.append({"seq_len": s, "candidates": candidates, "p50_ms": 1e3 * float(np.percentile(wall, 50)),
+                         "p99_ms": 1e3 * float(np.percentile(wall, 99)),
+                         "cpu_p50_ms": 1e3 * float(np.percentile(cpu, 50)),
+                         "cpu_p99_ms": 1e3 * float(np.percentile(cpu, 99))})
+    return rows
+
+
+def summarize(seeds: list[dict]) -> tuple[list[dict], dict]:
+    """Per-method means over seeds, and the issue's targets checked on every seed."""
+    rows = []
+    for m in METHODS:
+        row = {"method": m}
+        for key in ["auc/mean"] + [f"gauc/{h}" for h in ("click", "hide")] + [f"hit@3/{h}" for h in RANKER_HEADS]:
+            row[key] = float(np.mean([s["methods"][m][key] for s in seeds]))
+        rows.append(row)
+    gains = []
+    for s in seeds:
+        t, b = s["methods"]["transact"], s["methods"]["no_sequence"]
+        gains.append({h: t[f"hit@3/{h}"] / b[f"hit@3/{h}"] - 1 for h in RANKER_HEADS})
+    targets = {
+        "positive_heads_hit3_gain_min": min(g[h] for g in gains for h in POSITIVE_ACTIONS),
+        "hide_hit3_change_max": max(g["hide"] for g in gains),
+    }
+    targets["met_positive_+10%_every_seed"] = targets["positive_heads_hit3_gain_min"] >= 0.10
+    targets["met_hide_-15%_every_seed"] = targets["hide_hit3_change_max"] <= -0.15
+    return rows, {"per_seed_hit3_gain_vs_no_sequence": gains, **targets}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--users", type=int, default=400)
+    p.add_argument("--items", type=int, default=800)
+    p.add_argument("--days", type=int, default=5, help="the last one is the holdout")
+    p.add_argument("--requests-per-day", type=int, default=1500, help="session steps (requests) per day")
+    p.add_argument("--slate", type=int, default=8, help="items shown per request")
+    p.add_argument("--seq-len", type=int, default=32, help="S of the compared rankers")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--cross-rank", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-reps", type=int, default=300)
+    p.add_argument("--name", default="ranking")
+    args = p.parse_args(argv)
+
+    seeds = []
+    for seed in range(args.seeds):
+        seeds.append(run_seed(seed, args))
+        print_table([{"method": m, **seeds[-1]["methods"][m]} for m in METHODS],
+                    [("method", "method", "")] + [(k, k, ".4f") for k in
+                                                  ["auc/mean"] + [f"hit@3/{h}" for h in RANKER_HEADS]],
+                    title=f"seed {seed}: {seeds[-1]['holdout_requests']:,} holdout requests, "
+                          f"{seeds[-1]['train_rows']:,} training rows, S = {args.seq_len}")
+    rows, targets = summarize(seeds)
+    cols = [("method", "method", "")] + [(k, k, ".4f") for k in rows[0] if k != "method"]
+    print_table(rows, cols, title=f"mean over {args.seeds} seed(s)")
+    for k, v in targets.items():
+        if k != "per_seed_hit3_gain_vs_no_sequence":
+            print(f"  {k}: {v if isinstance(v, bool) else f'{v:+.3f}'}")
+    lat = latency((100, 32), 200, args.latency_reps)
+    print_table(lat, [("S", "seq_len", ""), ("candidates", "candidates", ""), ("p50 ms", "p50_ms", ".2f"),
+                      ("p99 ms", "p99_ms", ".2f"), ("cpu p50 ms", "cpu_p50_ms", ".2f"),
+                      ("cpu p99 ms", "cpu_p99_ms", ".2f")], title="ranking latency, 1 thread, in process")
+    write_result(args.name, {"args": vars(args), "summary": rows, "targets": targets, "seeds": seeds,
+                             "latency": lat, "negative_heads": list(NEGATIVE_ACTIONS)},
+                 command_line("bench.ranking", argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,13 +12,13 @@ import importlib
 import os
 import sys
 
-GROUPS = ("data", "retrain", "backfill", "release", "serve", "events", "stack")
+GROUPS = ("data", "retrain", "backfill", "release", "serve", "events", "items", "stack")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="towerflow",
-        description="Auto-retraining for two-tower retrieval: data, retrain, backfill, release, serve, events, stack.",
+        description="Auto-retraining for two-tower retrieval: data, retrain, backfill, release, serve, events, items, stack.",
         epilog="Settings come from TOWERFLOW_* environment variables (TOWERFLOW_DATA_ROOT, "
         "TOWERFLOW_MLFLOW_TRACKING_URI, TOWERFLOW_PREFECT_API_URL). Run 'towerflow COMMAND --help' for details.",
     )

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -269,28 +269,15 @@ class LiveItems:
             raise ItemBatchError(f"{where}: no event source: there is no items table to add items to")
         dense_dim = int(bundle.release.model.sizes.dense_dim)
         batch = check_items(rows, dense_dim=dense_dim, max_skew_s=self.max_skew_s, where=where)
-        with self._lock, file_lock(self.lock_path, note="items table writer"):
-            table = self.source.read_items()
-            by_id = {int(i): n for n, i in enumerate(table["item_id"].to_numpy(dtype=np.int64))}
-            new = np.ones(len(batch), dtype=bool)
-            for n, rec in enumerate(batch.to_dict(orient="records")):
-                at = by_id.get(int(rec["item_id"]))
-                if at is None:
-                    continue
-                old = table.iloc[at].to_dict()
-                if not same_item(rec, old):
-                    raise ConflictError(f"{where}[{n}].item_id: {rec['item_id']} is already in the source's items "
-                                        f"table as another item ({_diff(rec, old)}); items are not changed here", n)
-                new[n] = False
+        with self._lock:
             live_now = max((len(ix) for _, ix in self._held.values()), default=0)
-            if live_now + int(new.sum()) > self.max_items:
-                raise ItemBatchError(f"{where}: {live_now} live items plus {int(new.sum())} new would pass "
-                                     f"ServingConfig.live_items_max={self.max_items}; retrain to fold them in")
-            if new.any():
-                added = batch[new]
-                if "features" in table.columns and "features" not in added.columns:
-                    added = added.assign(features=None)
-                ParquetSink(self.source.uri).write_items(pd.concat([table, added], ignore_index=True))
+
+            def room(n_new: int) -> None:
+                if live_now + n_new > self.max_items:
+                    raise ItemBatchError(f"{where}: {live_now} live items plus {n_new} new would pass "
+                                         f"ServingConfig.live_items_max={self.max_items}; retrain to fold them in")
+
+            new = append_items(self.source, batch, self.lock_path, where, before_write=room)
             self._posted.update(int(i) for i in batch["item_id"])
             for rid, (b, ix) in list(self._held.items()):
                 want = (b.item_index(batch["item_id"].to_numpy(dtype=np.int64)) == 0) & ~np.isin(
@@ -298,6 +285,46 @@ class LiveItems:
                 self._held = {**self._held, rid: (b, self._embed(b, ix, batch[want]))}
         return {"accepted": int(new.sum()), "duplicates": int((~new).sum()),
                 "live_items": self.count(bundle.release_id)}
+
+
+def append_items(source: EventSource, batch: pd.DataFrame, lock_path: str | Path, where: str = "items",
+                 before_write: Callable[[int], None] | None = None) -> np.ndarray:
+    """Add the checked ``batch``'s items the source's items table lacks -> (n,) bool, True where written.
+
+    One writer: under an exclusive file lock the table is read, compared and rewritten whole by
+    ``ParquetSink.write_items`` (a temporary file renamed over it, as the importer writes it). An item_id the table
+    holds with the same fields is left alone; with other fields the batch is refused (ConflictError naming the row)
+    and nothing is written. ``before_write(n_new)`` may refuse the batch before anything is written.
+    """
+    with file_lock(lock_path, note="items table writer"):
+        table = source.read_items()
+        by_id = {int(i): n for n, i in enumerate(table["item_id"].to_numpy(dtype=np.int64))}
+        new = np.ones(len(batch), dtype=bool)
+        for n, rec in enumerate(batch.to_dict(orient="records")):
+            at = by_id.get(int(rec["item_id"]))
+            if at is None:
+                continue
+            old = table.iloc[at].to_dict()
+            if not same_item(rec, old):
+                raise ConflictError(f"{where}[{n}].item_id: {rec['item_id']} is already in the source's items "
+                                    f"table as another item ({_diff(rec, old)}); items are not changed here", n)
+            new[n] = False
+        if before_write is not None:
+            before_write(int(new.sum()))
+        if new.any():
+            added = batch[new]
+            if "features" in table.columns and "features" not in added.columns:
+                added = added.assign(features=None)
+            ParquetSink(source.uri).write_items(pd.concat([table, added], ignore_index=True))
+    return new
+
+
+def table_dense_dim(items: pd.DataFrame) -> int:
+    """The dense feature length of an items table (0 without a ``features`` column or with every row null)."""
+    if "features" not in items.columns:
+        return 0
+    present = items["features"].dropna()
+    return int(len(present.iloc[0])) if len(present) else 0
 
 
 def _diff(a: Mapping, b: Mapping) -> str:

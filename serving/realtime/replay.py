@@ -7,6 +7,10 @@ conversion) the events before it are flushed and ``/retrieve`` is asked for that
 (its ``context_item_id``, if the served release knows it, and surface); then the engagement itself is sent. With
 ``speed`` the replay keeps the day's pace, ``speed`` times faster (1: real time); without it, as fast as the
 service answers.
+
+New items (``items``: the catalog rows created that day): each is sent to ``POST /items`` before the first event at
+or after its ``created_ts`` (``post_items``; the service embeds it with its release's item tower), and engagements
+with them are counted apart (``created_*``): a release built before the day cannot answer them otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class ReplayResult:
     new_engagements: int = 0  # engagements on an item the user had not acted on earlier in the replay
     new_hits: int = 0  # ... in the top k (exclude_seen drops the other kind, whatever the service knows)
     paths: dict[str, int] = field(default_factory=dict)  # /retrieve answers by path
+    items: int = 0  # new items sent to POST /items
+    created_engagements: int = 0  # engagements on an item created during the replay (``items``)
+    created_hits: int = 0  # ... in the top k
     seconds: float = 0.0
 
     @property
@@ -44,9 +51,12 @@ class ReplayResult:
 
     def to_dict(self) -> dict:
         new = self.new_hits / self.new_engagements if self.new_engagements else 0.0
+        created = self.created_hits / self.created_engagements if self.created_engagements else 0.0
         return {"events": self.events, "engagements": self.engagements, "hits": self.hits,
                 "recall_at_k": round(self.recall, 4), "new_engagements": self.new_engagements,
-                "new_hits": self.new_hits, "recall_at_k_new_items": round(new, 4), "paths": self.paths,
+                "new_hits": self.new_hits, "recall_at_k_new_items": round(new, 4), "items_posted": self.items,
+                "created_engagements": self.created_engagements, "created_hits": self.created_hits,
+                "recall_at_k_created_items": round(created, 4), "paths": self.paths,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -78,14 +88,51 @@ def _json_rows(events: pd.DataFrame) -> list[dict]:
     return json.loads(events.to_json(orient="records", date_format="iso", date_unit="us"))
 
 
+def item_rows(items: pd.DataFrame) -> list[dict]:
+    """Items table rows -> POST /items payloads (the contract's columns and ``features``, JSON types)."""
+    cols = [c for c in ("item_id", "category", "genres", "title", "created_ts", "features") if c in items.columns]
+    rows = items[cols].to_dict(orient="records")
+    for r in rows:
+        r["item_id"] = int(r["item_id"])
+        for c in ("genres", "title"):
+            if c in r and (r[c] is None or (isinstance(r[c], float) and r[c] != r[c])):
+                r[c] = None
+        if "created_ts" in r:
+            r["created_ts"] = None if pd.isna(r["created_ts"]) else pd.Timestamp(r["created_ts"]).isoformat()
+        if "features" in r:
+            f = r["features"]
+            r["features"] = None if f is None or (isinstance(f, float) and f != f) else [float(x) for x in f]
+    return rows
+
+
 def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | None = None,
-           batch: int = 300, ingest: bool = True,
-           on_step: Callable[[ReplayResult], None] | None = None) -> ReplayResult:
+           batch: int = 300, ingest: bool = True, items: pd.DataFrame | None = None, post_items: bool = True,
+           items_batch: int = 100, on_step: Callable[[ReplayResult], None] | None = None) -> ReplayResult:
     """Replay ``events`` (contract rows) in (ts, event_id) order into the service behind ``client`` (anything
-    with ``post(path, body) -> (status, reply)``). ``ingest`` False: only ask (the service's states stay frozen)."""
+    with ``post(path, body) -> (status, reply)``). ``ingest`` False: only ask (the service's states stay frozen).
+    ``items``: rows of the items table created during the replay, posted by creation time unless ``post_items``
+    is False (the same engagements counted, the items never sent)."""
     events = events.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
     rows, out, pending, acted = _json_rows(events), ReplayResult(), [], set()
     t_wall, t_data = time.monotonic(), events["ts"].iloc[0] if len(events) else None
+    if items is None or len(items) == 0:
+        items = pd.DataFrame({"item_id": pd.Series([], dtype="int64"), "created_ts": pd.Series([], dtype=object)})
+    items = items.sort_values("created_ts", kind="stable", na_position="first").reset_index(drop=True)
+    new_items, created, next_item = item_rows(items) if post_items else [], set(items["item_id"].tolist()), 0
+    due = pd.to_datetime(items["created_ts"], utc=True).fillna(pd.Timestamp.min.tz_localize("UTC")).tolist()
+
+    def post_due(ts) -> None:
+        nonlocal next_item
+        start = next_item
+        while next_item < len(new_items) and due[next_item] <= ts:
+            next_item += 1
+        for s in range(start, next_item, items_batch):
+            part = new_items[s:min(s + items_batch, next_item)]
+            status, reply = client.post("/items", {"items": part})
+            if status != 200:
+                raise ReplayError(f"POST /items refused items {part[0]['item_id']}..: {status} "
+                                  f"{reply.get('detail', reply)}")
+            out.items += len(part)
 
     def flush() -> None:
         if not ingest:
@@ -100,6 +147,9 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
         pending.clear()
 
     for i, row in enumerate(rows):
+        if next_item < len(new_items) and due[next_item] <= events["ts"].iloc[i]:
+            flush()  # the events before the item was created go first
+            post_due(events["ts"].iloc[i])
         if speed:
             due = t_wall + (events["ts"].iloc[i] - t_data).total_seconds() / speed
             if due > time.monotonic():
@@ -121,6 +171,8 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
             out.engagements, out.hits = out.engagements + 1, out.hits + hit
             if (row["user_id"], row["item_id"]) not in acted:
                 out.new_engagements, out.new_hits = out.new_engagements + 1, out.new_hits + hit
+            if row["item_id"] in created:
+                out.created_engagements, out.created_hits = out.created_engagements + 1, out.created_hits + hit
             out.paths[reply["path"]] = out.paths.get(reply["path"], 0) + 1
             if on_step is not None:
                 on_step(out)

@@ -9,8 +9,10 @@
     towerflow events compact [--max-rows N]
         hands every acknowledged event not yet in the source to its day partitions (exactly once)
     towerflow events replay --day D --url http://HOST:PORT [--speed X] [--from URI] [--limit N] [-k 10] [--json]
+                            [--no-items]
         replays day D of a source (default: the settings' source) into a running service in time order, asking
-        /retrieve before each engagement; prints recall@k of the engaged items
+        /retrieve before each engagement; prints recall@k of the engaged items. The items created that day are
+        POSTed to /items at their creation time (live items), unless --no-items.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=int, help="replay only the day's first N events")
     r.add_argument("-k", type=int, default=10, help="items asked for before each engagement (default 10)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.add_argument("--no-items", dest="items", action="store_false",
+                   help="do not POST the items created that day to /items (they are still counted apart)")
     r.set_defaults(handler=_replay)
 
     c = esub.add_parser("compact", help="move acknowledged events from the action store into the event source")
@@ -123,12 +127,13 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def batch_bodies(rows: list[dict], max_events: int, max_bytes: int) -> Iterator[tuple[int, int, bytes]]:
-    """``(first_row, n_rows, body)`` for each POST: ``{"events": [...]}`` of at most ``max_events`` rows and at most
+def batch_bodies(rows: list[dict], max_events: int, max_bytes: int,
+                 key: str = "events") -> Iterator[tuple[int, int, bytes]]:
+    """``(first_row, n_rows, body)`` for each POST: ``{"<key>": [...]}`` of at most ``max_events`` rows and at most
     ``max_bytes`` bytes, rows in order. A row that cannot fit a body alone is a ``TowerflowError`` naming it."""
     from towerflow.errors import TowerflowError
 
-    head, tail = b'{"events": [', b"]}"
+    head, tail = b'{"' + key.encode() + b'": [', b"]}"
     start, parts, size = 0, [], len(head) + len(tail)
     for i, row in enumerate(rows):
         part = json.dumps(row).encode()
@@ -203,9 +208,11 @@ def _replay(args: argparse.Namespace) -> int:
                              f"{', '.join(d.isoformat() for d in source.days()[-5:])} ...)")
     if args.limit is not None:
         events = events.sort_values(["ts", "event_id"]).head(max(0, args.limit))
+    items = source.read_items()
+    created = items[items["created_ts"].dt.date == args.day]
     client = Client(args.url)
     try:
-        out = replay(events, client, k=args.k, speed=args.speed)
+        out = replay(events, client, k=args.k, speed=args.speed, items=created, post_items=args.items)
     finally:
         client.close()
     if args.json:
@@ -214,4 +221,9 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"replayed {out.events} events of {args.day.isoformat()} in {out.seconds:.1f}s: "
               f"{out.engagements} engagements, recall@{args.k} {out.recall:.4f} ({out.hits} hits); "
               f"answers by path {out.paths}")
+        if len(created):
+            d = out.to_dict()
+            print(f"{len(created)} items created that day ({out.items} posted to /items): "
+                  f"{out.created_engagements} engagements with them, recall@{args.k} "
+                  f"{d['recall_at_k_created_items']:.4f}")
     return 0

@@ -151,17 +151,19 @@ def batch_bodies(rows: list[dict], max_events: int, max_bytes: int,
         yield start, len(parts), head + b", ".join(parts) + tail
 
 
-def _post(rows, name: str, url: str, max_events: int, max_bytes: int) -> int:
+def post_rows(rows: list[dict], name: str, url: str, key: str, max_rows: int,
+              max_bytes: int) -> tuple[int, int, dict]:
+    """POST ``rows`` to ``<url>/<key>`` as ``{"<key>": [...]}`` batches (``batch_bodies``) -> (accepted, duplicates,
+    the last reply). A refused batch is a TowerflowError naming its rows, the bad row and what was stored before."""
     import urllib.error
     import urllib.request
 
     from towerflow.errors import TowerflowError
 
-    if not isinstance(rows, list):  # a table: its rows as JSON objects (timestamps ISO-8601)
-        rows = json.loads(rows.to_json(orient="records", date_format="iso", date_unit="us"))
     accepted = duplicates = 0
-    for start, n, body in batch_bodies(rows, max_events, max_bytes):
-        req = urllib.request.Request(f"{url}/events", data=body, headers={"Content-Type": "application/json"})
+    out: dict = {}
+    for start, n, body in batch_bodies(rows, max_rows, max_bytes, key=key):
+        req = urllib.request.Request(f"{url}/{key}", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 out = json.loads(resp.read())
@@ -169,12 +171,19 @@ def _post(rows, name: str, url: str, max_events: int, max_bytes: int) -> int:
             reply = json.loads(exc.read() or b"{}")
             row = reply.get("row")
             at = f" (row {start + row} of {name})" if isinstance(row, int) else ""
-            raise TowerflowError(f"{url}/events refused the batch of rows {start}..{start + n - 1} with "
-                                 f"{exc.code}: {reply.get('detail', exc.reason)}{at}; {accepted} events stored "
+            raise TowerflowError(f"{url}/{key} refused the batch of rows {start}..{start + n - 1} with "
+                                 f"{exc.code}: {reply.get('detail', exc.reason)}{at}; {accepted} {key} stored "
                                  "before it") from None
         except urllib.error.URLError as exc:
             raise TowerflowError(f"{url}: cannot reach the service ({exc.reason})") from None
         accepted, duplicates = accepted + out["accepted"], duplicates + out["duplicates"]
+    return accepted, duplicates, out
+
+
+def _post(rows, name: str, url: str, max_events: int, max_bytes: int) -> int:
+    if not isinstance(rows, list):  # a table: its rows as JSON objects (timestamps ISO-8601)
+        rows = json.loads(rows.to_json(orient="records", date_format="iso", date_unit="us"))
+    accepted, duplicates, _ = post_rows(rows, name, url, "events", max_events, max_bytes)
     print(f"{name}: {accepted} events stored, {duplicates} already stored (via {url}/events)")
     return 0
 

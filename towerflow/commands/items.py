@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from towerflow.commands.common import positive_int
 
@@ -67,29 +65,9 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _post(rows: list[dict], name: str, url: str, max_items: int, max_bytes: int) -> int:
-    import urllib.error
-    import urllib.request
+    from towerflow.commands.events import post_rows
 
-    from towerflow.commands.events import batch_bodies
-    from towerflow.errors import TowerflowError
-
-    accepted = duplicates = 0
-    out: dict = {}
-    for start, n, body in batch_bodies(rows, max_items, max_bytes, key="items"):
-        req = urllib.request.Request(f"{url}/items", data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                out = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            reply = json.loads(exc.read() or b"{}")
-            row = reply.get("row")
-            at = f" (row {start + row} of {name})" if isinstance(row, int) else ""
-            raise TowerflowError(f"{url}/items refused the batch of rows {start}..{start + n - 1} with "
-                                 f"{exc.code}: {reply.get('detail', exc.reason)}{at}; {accepted} items added "
-                                 "before it") from None
-        except urllib.error.URLError as exc:
-            raise TowerflowError(f"{url}: cannot reach the service ({exc.reason})") from None
-        accepted, duplicates = accepted + out["accepted"], duplicates + out["duplicates"]
+    accepted, duplicates, last = post_rows(rows, name, url, "items", max_items, max_bytes)
     print(f"{name}: {accepted} items added, {duplicates} already in the items table (via {url}/items); release "
-          f"{out.get('release')} serves {out.get('live_items')} live items", file=sys.stdout)
+          f"{last.get('release')} serves {last.get('live_items')} live items")
     return 0

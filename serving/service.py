@@ -127,7 +127,15 @@ class RetrievalService:
             return
         if time.monotonic() - self._compacted_at >= every:
             self._compacted_at = time.monotonic()
-            self.live.compact(self.source.uri)
+            self.live.compact(self.source.uri, prune_before_us=self._history_horizon_us())
+
+    def _history_horizon_us(self) -> int | None:
+        """The oldest action any history served now can hold: the source's as_of (a history's time is never
+        earlier) minus the served release's ``max_history_days``; None before a release and events are loaded."""
+        b, recent = self._bundle, self._recent
+        if b is None or recent is None:
+            return None
+        return recent.as_of_us - b.history.max_history_days * 86_400 * 1_000_000
 
     def ingest(self, rows, where: str = "events") -> dict[str, int]:
         """Store a batch of live events (serving/realtime/live.py) -> {accepted, duplicates, last_seq}."""

@@ -122,13 +122,16 @@ class LiveEvents:
                            action=np.array([ACTION_INDEX[r[3]] for r in records], dtype=np.int64),
                            ts_us=np.array([r[4] for r in records], dtype=np.int64))
 
-    def compact(self, source_uri: str) -> CompactResult | None:
-        """Hand acknowledged events to the source (compact.py); None when another compactor holds the lease."""
+    def compact(self, source_uri: str, prune_before_us: int | None = None) -> CompactResult | None:
+        """Hand acknowledged events to the source (compact.py), then prune the store (store.py: of the compacted
+        events, those beyond each user's last ``max_actions`` -- what a request reads -- or older than
+        ``prune_before_us``); None when another compactor holds the lease."""
         try:
             result = compact(self.store, source_uri)
         except CompactionBusy as exc:
             log.info("%s", exc)
             return None
+        pruned = self.store.prune(self.max_actions, prune_before_us)
         self.last_compaction = {"events": result.events, "files": len(result.files),
-                                "high_water": result.high_water, "at": time.time()}
+                                "high_water": result.high_water, "pruned": pruned, "at": time.time()}
         return result

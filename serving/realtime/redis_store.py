@@ -7,6 +7,13 @@ and ``lock:<name>`` (leases). A batch is appended by one Lua script, which Redis
 the sequence numbers and the writes of a batch are one step, so replicas appending at once never interleave inside a
 batch and ``seq`` order is commit order. Durability is the server's: run it with ``appendonly yes`` and
 ``appendfsync always`` for an acknowledged event to survive a crash of the server.
+
+Retention (``prune``, store.py's rules): an event stays in ``log`` (and its id in ``ids``) while it is not yet
+compacted or still in its user's set; ``prune`` walks the compacted part of ``log`` (seq <= the high-water mark)
+and drops from the user's set, ``log`` and ``ids`` each event older than ``before_us``, beyond its user's newest
+``keep_per_user``, or already trimmed from its user's set by an append (which keeps the newest
+``keep_per_user`` of the store's own). Its cost is one pass over ``log``, which holds the uncompacted events
+plus at most ``keep_per_user`` per user.
 """
 
 from __future__ import annotations
@@ -56,6 +63,30 @@ end
 return {#new, n - #new, tonumber(redis.call('GET', KEYS[1]) or '0')}
 """
 
+# KEYS: log, ids. ARGV: before_us, keep_per_user, then (json, event_id, user key, ts_us) per compacted log event.
+# An event goes when it is older than before_us, or beyond its user's newest keep_per_user (rank 0: the newest),
+# or already trimmed from its user's set by an append. -> how many events left the store (log and ids).
+# One script per chunk: an append never sees half of it.
+_PRUNE = """
+local before, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local dropped = 0
+for i = 3, #ARGV, 4 do
+  local js, eid, ukey, ts = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local gone = ts < before
+  if not gone then
+    local rank = redis.call('ZREVRANK', ukey, js)
+    gone = (not rank) or rank >= keep
+  end
+  if gone then
+    redis.call('ZREM', ukey, js)
+    redis.call('HDEL', KEYS[2], eid)
+    redis.call('ZREM', KEYS[1], js)
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
 
 class RedisActionStore:
     def __init__(self, uri: str, prefix: str = "towerflow:rt:", keep_per_user: int = 1000):
@@ -71,6 +102,7 @@ class RedisActionStore:
         except redis.RedisError as exc:
             raise ActionStoreError(f"realtime action store {uri}: cannot reach Redis ({exc})") from exc
         self._append = self._r.register_script(_APPEND)
+        self._prune = self._r.register_script(_PRUNE)
         self._k = {name: prefix + name for name in ("seq", "ids", "log", "u:", "mark")}
 
     def append(self, events: pd.DataFrame) -> AppendResult:
@@ -101,6 +133,26 @@ class RedisActionStore:
 
     def compaction_mark(self) -> CompactionMark:
         return mark_from_json(self._r.get(self._k["mark"]))
+
+    def prune(self, keep_per_user: int, before_us: int | None = None, chunk: int = 1000) -> int:
+        """Retention (module docstring): compacted events beyond a user's last ``keep_per_user`` or older than
+        ``before_us`` leave the store -> how many."""
+        if keep_per_user < 1:
+            raise ValueError(f"keep_per_user must be >= 1, got {keep_per_user}")
+        high_water, k = self.compaction_mark().high_water, self._k
+        before = -(2**62) if before_us is None else int(before_us)
+        dropped, after = 0, 0
+        while True:  # chunks of the compacted log by seq, decoded here (Lua's cjson reads ids as doubles)
+            rows = self._r.zrangebyscore(k["log"], f"({after}", high_water, start=0, num=chunk, withscores=True)
+            argv: list = [before, int(keep_per_user)]
+            for js, _ in rows:
+                rec = decode(js)
+                argv += [js, rec[0], f"{k['u:']}{rec[1]}", rec[4]]
+            if rows:
+                dropped += int(self._prune(keys=[k["log"], k["ids"]], args=argv))
+                after = int(rows[-1][1])
+            if len(rows) < chunk:
+                return dropped
 
     def set_compaction_mark(self, mark: CompactionMark) -> None:
         self._r.set(self._k["mark"], mark_to_json(mark))

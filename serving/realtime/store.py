@@ -9,6 +9,13 @@ Every accepted event gets a sequence number (``seq``, increasing in arrival orde
   surface, context item, query, ts), oldest first: what serving adds to the offline state.
 - ``read(first, last)``: the events with ``first <= seq <= last``, the log the hand-off to the source compacts
   (``compact.py``), and ``compaction_mark`` / ``set_compaction_mark`` / ``lock``: its high-water mark and lease.
+- ``prune(keep_per_user, before_us)``: retention. Drops the events already compacted into the source (``seq <=``
+  the high-water mark) that are beyond their user's last ``keep_per_user`` actions or older than ``before_us``;
+  an event not yet compacted is never dropped (the store is its only copy until the hand-off). Serving reads a
+  user's last ``ServingConfig.realtime_max_actions`` actions and builds histories from actions at most
+  ``max_history_days`` old, so with those two as the limits a pruned event changes no answer. A pruned event's id
+  is forgotten: sent again, it is stored again (and compaction leaves it out of the source, whose day partition
+  already holds that id: ``compact.py``).
 
 ``SQLiteActionStore`` is the embedded default (``<data_root>/realtime.sqlite``, WAL, ``synchronous=FULL``: an
 acknowledged event survives ``kill -9`` and power loss); ``redis_store.RedisActionStore`` is for several service
@@ -109,6 +116,8 @@ class ActionStore(Protocol):
 
     def set_compaction_mark(self, mark: CompactionMark) -> None: ...
 
+    def prune(self, keep_per_user: int, before_us: int | None = None) -> int: ...
+
     def lock(self, name: str, ttl_s: float) -> str | None: ...
 
     def unlock(self, name: str, token: str) -> None: ...
@@ -183,7 +192,7 @@ class SQLiteActionStore:
             now = time.time_ns() // 1000
             con.executemany(f"INSERT INTO events ({_COLS}, ingested_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [(*r, now) for r in new])
-            (last,) = con.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+            last = self._last_seq(con)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -201,12 +210,39 @@ class SQLiteActionStore:
             f"SELECT {_COLS} FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq", (int(first), int(last)))]
 
     def last_seq(self) -> int:
-        (seq,) = self._con().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
-        return int(seq)
+        return self._last_seq(self._con())
+
+    @staticmethod
+    def _last_seq(con: sqlite3.Connection) -> int:
+        # AUTOINCREMENT's counter, not MAX(seq): the newest events may have been pruned, and seq never goes back
+        row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return 0 if row is None else int(row[0])
 
     def count(self) -> int:
         (n,) = self._con().execute("SELECT COUNT(*) FROM events").fetchone()
         return int(n)
+
+    def prune(self, keep_per_user: int, before_us: int | None = None) -> int:
+        """Drop compacted events beyond each user's last ``keep_per_user`` or older than ``before_us`` (module
+        docstring) -> how many were dropped."""
+        if keep_per_user < 1:
+            raise ValueError(f"keep_per_user must be >= 1, got {keep_per_user}")
+        con = self._con()
+        with self._write_lock:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                high_water = mark_from_json(self._meta("compaction")).high_water
+                # rank within the user in recent()'s order (newest first): what a read of the last N returns
+                cur = con.execute(
+                    "DELETE FROM events WHERE seq <= ? AND (ts_us < ? OR seq IN (SELECT seq FROM ("
+                    "  SELECT seq, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY ts_us DESC, event_id DESC) AS n"
+                    "  FROM events) WHERE n > ?))",
+                    (high_water, -(2**63) if before_us is None else int(before_us), int(keep_per_user)))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return int(cur.rowcount)
 
     def _meta(self, key: str) -> str | None:
         row = self._con().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

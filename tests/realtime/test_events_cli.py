@@ -51,9 +51,12 @@ def test_ingest_ndjson_twice_then_compact(root: Path, tmp_path: Path, capsys):
     assert "0 events stored, 5 already stored" in capsys.readouterr().out
     assert stored(root) == [f"e{i}" for i in range(5)]
     assert main(["events", "compact"]) == 0
-    assert "compacted 5 events into 1 files" in capsys.readouterr().out
+    assert "compacted 5 events into 1 files" in capsys.readouterr().out  # (users 1, 2, 3, 1, 2)
     day = ParquetSource(str(root / "source")).read_day(datetime(2026, 1, 5).date())
     assert sorted(day.event_id) == [f"e{i}" for i in range(5)]
+    assert main(["events", "compact", "--keep-per-user", "1"]) == 0  # nothing new; the store keeps 1 per user
+    assert "compacted 0 events into 0 files" in (out := capsys.readouterr().out) and "2 compacted events pruned" in out
+    assert stored(root) == ["e2", "e3", "e4"]
 
 
 def test_a_bad_row_refuses_the_whole_file(root: Path, tmp_path: Path, capsys):

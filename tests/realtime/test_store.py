@@ -70,3 +70,28 @@ def test_the_compaction_mark_and_lease(store):
     assert store.lock("compaction", 60) is None
     store.unlock("compaction", token)
     assert store.lock("compaction", 60) is not None
+
+
+def test_prune_keeps_each_users_last_n_and_never_an_event_not_yet_compacted(store):
+    def at(second: int) -> int:
+        return int(datetime(2026, 1, 5, 10, 0, second, tzinfo=UTC).timestamp() * 1e6)
+
+    def users_events(user: int) -> list[str]:
+        return [r[0] for r in store.recent(user)]
+
+    store.append(batch(("a", 1, 10, 0), ("b", 1, 11, 1), ("c", 1, 12, 2), ("d", 1, 13, 3), ("o", 2, 50, 1)))
+    assert store.prune(keep_per_user=1, before_us=at(59)) == 0  # nothing compacted yet: nothing may go
+    assert users_events(1) == ["a", "b", "c", "d"]
+    store.set_compaction_mark(CompactionMark(3, None))  # a, b, c are in the source
+    assert store.prune(keep_per_user=2) == 2  # a, b: beyond user 1's newest two
+    assert users_events(1) == ["c", "d"] and users_events(2) == ["o"]
+    store.append(batch(("e", 1, 14, 4)))  # seq 6
+    assert store.prune(keep_per_user=1, before_us=at(59)) == 1  # c (compacted, old); d, o, e are not compacted
+    assert users_events(1) == ["d", "e"] and users_events(2) == ["o"]
+    assert (store.append(batch(("a", 1, 10, 0))).accepted, store.append(batch(("d", 1, 13, 3))).duplicates) == (1, 1)
+    assert users_events(1) == ["a", "d", "e"]  # a pruned id is forgotten: stored again (seq 7); d still known
+    store.set_compaction_mark(CompactionMark(7, None))
+    assert store.prune(keep_per_user=1) == 2  # user 1 keeps e (newest), d and a go; user 2 keeps o
+    assert users_events(1) == ["e"] and users_events(2) == ["o"] and store.count() == 2
+    assert store.last_seq() == 7  # the newest seq was pruned: the counter does not go back
+    assert store.append(batch(("f", 3, 15, 5))).last_seq == 8

@@ -141,6 +141,30 @@ def test_compaction_hands_every_event_to_the_source_once_and_serving_is_unchange
     assert client.post("/retrieve", json={"user_id": user, "k": 10}).json()["items"] == before["items"]
 
 
+
+def test_retention_after_compaction_keeps_what_a_request_reads(served, user, tmp_path):
+    """Compaction then prune (the service's watcher step): of a user's 5 live actions the store keeps the last 3
+    (``realtime_max_actions``, what a request reads), the source holds all 5, and the next answer is unchanged."""
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RetrievalService
+
+    shutil.copytree(served.settings.source, tmp_path / "source")
+    source, store = ParquetSource(str(tmp_path / "source")), SQLiteActionStore(tmp_path / "realtime.sqlite")
+    svc = RetrievalService(served.settings, ServingConfig(compact_interval_s=None, realtime_max_actions=3),
+                           source=source, realtime=store).start(watch=False)
+    items = [int(i) for i in svc.bundle.vocab.item_ids[10:15]]
+    svc.ingest([event(100 + i, user, item, seconds=i) for i, item in enumerate(items)])
+    before = svc.retrieve(user, k=10)
+    assert before["path"] == "live"
+    out = svc.live.compact(source.uri, prune_before_us=svc._history_horizon_us())
+    assert out.events == 5 and svc.live.last_compaction["pruned"] == 2
+    assert [r[2] for r in store.recent(user)] == items[2:] and store.count() == 3
+    day = ParquetSource(source.uri).read_day(T_LIVE.date())
+    assert sorted(day[day.event_id.str.startswith("live-")].item_id) == sorted(items)
+    assert svc.retrieve(user, k=10) == before
+    svc.close()
+
+
 @pytest.fixture(scope="module")
 def replay_server(served, tmp_path_factory):
     """A real HTTP server over a service whose source stops before the world's last day (Jan 4), no stored

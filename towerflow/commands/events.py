@@ -6,8 +6,10 @@
         transaction, all or nothing; a running service reads the same store.
         with --url: POSTs it to a running service's /events in batches (each accepted whole or refused whole;
         idempotent by event_id, so re-running after a refusal or a crash stores nothing twice).
-    towerflow events compact [--max-rows N]
-        hands every acknowledged event not yet in the source to its day partitions (exactly once)
+    towerflow events compact [--max-rows N] [--keep-per-user N]
+        hands every acknowledged event not yet in the source to its day partitions (exactly once), then drops
+        from the store the compacted events beyond each user's last N actions (default: what /retrieve reads,
+        ServingConfig.realtime_max_actions; 0 keeps everything)
     towerflow events replay --day D --url http://HOST:PORT [--speed X] [--from URI] [--limit N] [-k 10] [--json]
                             [--no-items]
         replays day D of a source (default: the settings' source) into a running service in time order, asking
@@ -64,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = esub.add_parser("compact", help="move acknowledged events from the action store into the event source")
     c.add_argument("--max-rows", type=int, default=100_000, help="events per file at most (default 100000)")
+    c.add_argument("--keep-per-user", type=int, default=None,
+                   help="after compacting, keep each user's last N actions in the store (default: "
+                        "ServingConfig.realtime_max_actions, what /retrieve reads; 0: prune nothing)")
     c.set_defaults(handler=_compact)
 
 
@@ -190,17 +195,20 @@ def _post(rows, name: str, url: str, max_events: int, max_bytes: int) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
+    from towerflow.serving.config import ServingConfig
     from towerflow.serving.realtime.compact import compact
     from towerflow.serving.realtime.live import open_action_store
 
     settings = Settings()
+    keep = ServingConfig().realtime_max_actions if args.keep_per_user is None else args.keep_per_user
     store = open_action_store(settings)
     try:
         out = compact(store, settings.source, max_rows=max(1, args.max_rows))
+        pruned = store.prune(keep) if keep > 0 else 0
     finally:
         store.close()
     print(f"compacted {out.events} events into {len(out.files)} files of {settings.source}; "
-          f"high water {out.high_water}")
+          f"high water {out.high_water}; {pruned} compacted events pruned from the store")
     return 0
 
 

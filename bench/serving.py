@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -123,13 +124,13 @@ def _free_port() -> int:
 class Server:
     """``towerflow serve`` in a subprocess on loopback."""
 
-    def __init__(self, root: Path, mode: str, poll_s: float = 1.0):
+    def __init__(self, root: Path, mode: str, poll_s: float = 1.0, extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "TOWERFLOW_DATA_ROOT": str(root)}
         self.log = open(root / f"serve-{mode}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "towerflow.cli", "serve", "--port", str(self.port),
-                                      "--mode", mode, "--poll-s", str(poll_s), "--log-level", "warning"],
+                                      "--mode", mode, "--poll-s", str(poll_s), "--log-level", "warning", *extra],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -173,11 +174,15 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes | None) -> tuple[int, bytes]:
+        """POST ``body`` as JSON, or GET ``path`` when ``body`` is None -> (status, response body)."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        if body is None:
+            self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        else:
+            self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -398,7 +403,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run, not the figures)")
     p.add_argument("--data-root", type=Path, help="reuse (or prepare) the world here instead of a temp dir")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--floor", action="store_true", help="instead: /retrieve against the service's own /healthz at "
+                                                        "each --levels, for each --items (bench/serving_floor.py)")
+    p.add_argument("--items", type=int, nargs="+", default=[5_000, 100_000], help="--floor: catalog sizes")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128], help="--floor: concurrent clients")
+    p.add_argument("--seconds", type=float, default=4.0, help="--floor: seconds per endpoint and level")
+    p.add_argument("--serve-args", default="", help="--floor: extra 'towerflow serve' options, one string")
     args = p.parse_args(argv)
+    if args.floor:
+        return _floor(args, argv)
 
     with bench_data_root(args.data_root, "towerflow-bench-serving-") as root:
         t0 = time.perf_counter()
@@ -418,6 +431,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(report(result))
     # the commit and machine the figures came from, as every other benchmark's JSON has them
     write_result(args.out.stem, result, command_line("bench.serving", argv), results_dir=args.out.parent)
+    return result
+
+
+def _floor(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    from bench import serving_floor
+
+    with bench_data_root(args.data_root, "towerflow-bench-floor-") as root:
+        result = serving_floor.run(root, args.items, args.levels, args.seconds, tuple(shlex.split(args.serve_args)))
+    print(serving_floor.report(result))
+    out = args.out if args.out != RESULTS else RESULTS.with_name("serving_floor.json")
+    write_result(out.stem, result, command_line("bench.serving", argv), results_dir=out.parent)
     return result
 
 

@@ -14,7 +14,16 @@ before any release is loaded.
 
 Live events (serving/realtime/): checked by the data gate's rules and stored whole, durably, before the reply;
 idempotent by event_id. 422 names the first bad row ({"detail": "events[3].action: ...", "row": 3}); 409 an
-event_id already stored as a different event. Unknown users are not an error: they get the context item's neighbours, or the most
+event_id already stored as a different event.
+
+    POST /items {"items": [{"item_id": 9001, "category": "topic_03", "genres": "kalo|mira", "title": "...",
+                            "created_ts": "2026-01-05T10:00:00Z", "features": [0.1, ...]}, ...]}
+      -> 200 {"accepted": 1, "duplicates": 0, "live_items": 1, "release": "r-..."}
+
+Live items (serving/realtime/live_items.py): checked by the items table's rules, written to the source's items
+table, embedded by the served release's item tower and retrievable by the next /retrieve; GET /release counts them
+(``live_items``). Idempotent by item_id; 422 names the first bad row, 409 an item_id the table holds as another
+item. Unknown users are not an error: they get the context item's neighbours, or the most
 popular items. ``/docs``, ``/redoc`` and ``/openapi.json`` exist only with ``ServingConfig.docs``
 (``towerflow serve --docs``), and no response names a local filesystem path (``GET /release``, errors).
 """
@@ -32,13 +41,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from towerflow.config import Settings
+from towerflow.serving.batcher import MicroBatcher
 from towerflow.serving.config import ServingConfig
 from towerflow.serving.realtime.events import EventBatchError
 from towerflow.serving.realtime.store import ConflictError
-from towerflow.serving.service import RequestError, RetrievalService, ServiceNotReady
+from towerflow.serving.service import Query, RequestError, RetrievalService, ServiceNotReady
 
 log = logging.getLogger("towerflow.serving")
 INT64 = 2**63 - 1
@@ -83,10 +93,57 @@ class EventsRequest(BaseModel):
                                                                    "context_item_id and query may be left out.")
 
 
+class ItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[dict[str, Any]] = Field(min_length=1, description="Catalog rows in the contract's items columns "
+                                                                  "(item_id, category, genres, title, created_ts) "
+                                                                  "plus features; all but item_id and category may "
+                                                                  "be left out.")
+
+
+class ItemsResponse(BaseModel):
+    accepted: int = Field(description="New items written to the source's items table.")
+    duplicates: int = Field(description="Items the table already held with the same fields (not written again).")
+    live_items: int = Field(description="Items the served release lacks that it now serves from its side index.")
+    release: str = Field(description="The release whose item tower embedded them.")
+
+
 class EventsResponse(BaseModel):
     accepted: int = Field(description="New events stored.")
     duplicates: int = Field(description="Events already stored under their event_id (acknowledged, not re-stored).")
     last_seq: int = Field(description="The action store's highest sequence number after this batch.")
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """``body`` as ``model``, with the errors FastAPI gives for a body parameter (loc starting with "body").
+
+    The hot path parses its body here: FastAPI's own body handling costs several times the pydantic validation.
+    """
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": exc.msg}}]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def _inline_refs(schema: dict) -> dict:
+    """A model's JSON schema with its ``$defs`` written in place (the body is documented without a named component)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk({**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -199,6 +256,13 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     service = service or RetrievalService(settings or Settings(), config)
     config, data_root = service.config, service.settings.data_root
 
+    def answer(queries: list[Query]) -> list[str | Exception]:
+        # on a batch worker: the JSON is written there too, not on the event loop
+        return [out if isinstance(out, Exception) else json.dumps(out) for out in service.retrieve_batch(queries)]
+
+    batcher = MicroBatcher(answer, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1e3,
+                           threads=config.batch_threads)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owned:
@@ -206,13 +270,14 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         try:
             yield
         finally:
+            batcher.close()
             if owned:
                 service.close()
 
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="towerflow retrieval", lifespan=lifespan, **docs,
                   description="Two-tower retrieval: history states computed offline, context combined online.")
-    app.state.service = service
+    app.state.service, app.state.batcher = service, batcher
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -250,19 +315,26 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         return JSONResponse({"detail": redact_paths(f"internal error: {type(exc).__name__}: {exc}", data_root)},
                             status_code=500)
 
-    @app.post("/retrieve", response_model=RetrieveResponse)
-    async def retrieve(req: RetrieveRequest) -> Response:
-        # Answered inline on the event loop: a request costs a few ms of CPU, and handing it to a worker thread
-        # and back costs more than that on a busy 2-core machine (measured: p99 at 8 concurrent clients 324 ms
-        # with a thread pool, 95 ms inline). Scale out with more processes, not threads.
-        out = service.retrieve(req.user_id, req.context.item_id, req.context.surface, req.k, req.exclude_seen)
+    @app.post("/retrieve", response_model=RetrieveResponse,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": _inline_refs(RetrieveRequest.model_json_schema())}}}})
+    async def retrieve(request: Request) -> Response:
+        req = parse_body(RetrieveRequest, await request.body())
+        # gathered with the requests that arrive meanwhile and answered on a worker thread (serving/batcher.py)
+        body = await batcher.submit(Query(req.user_id, req.context.item_id, req.context.surface, req.k,
+                                          req.exclude_seen))
         # already the response's shape: skip FastAPI's re-validation of the response model
-        return Response(json.dumps(out), media_type="application/json")
+        return Response(body, media_type="application/json")
 
     @app.post("/events", response_model=EventsResponse)
     def events(req: EventsRequest) -> dict:
         # on a worker thread: the store's commit waits for the disk (fsync), requests need not wait with it
         return service.ingest(req.events)
+
+    @app.post("/items", response_model=ItemsResponse)
+    def items(req: ItemsRequest) -> dict:
+        # on a worker thread: the items table is rewritten (and fsynced) before the reply
+        return service.add_items(req.items)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -10,12 +10,16 @@ history states ``h`` it already has), so what is gated is what serves. The user 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from towerflow.infra.releases import LoadedRelease
 from towerflow.models.batch import Batch
+
+if TYPE_CHECKING:
+    from towerflow.serving.realtime.live_items import LiveIndex
 
 
 def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor) -> Batch:
@@ -56,34 +60,82 @@ def user_vectors(release: LoadedRelease, batch: Batch, h: torch.Tensor | None = 
     return u.cpu().numpy().astype(np.float32, copy=False)
 
 
-def search(release: LoadedRelease, u: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None) -> list[dict]:
+def search_depth(k: int, n_excluded: int, n_items: int) -> int:
+    """How deep a request asking ``k`` items minus ``n_excluded`` ids searches: k + n_excluded rounded up to a power
+    of two (at least 16), at most ``n_items``.
+
+    A function of the request alone, so a request searched in a batch gets exactly what it gets alone, whatever
+    its neighbours ask: an approximate index's answer depends on the depth asked (HNSW searches max(efSearch, k)
+    candidates), and requests of one depth bucket share one FAISS call.
+    """
+    return min(max(16, 1 << (k + n_excluded - 1).bit_length()), n_items)
+
+
+def excluded(ids: np.ndarray, exclude: Sequence[np.ndarray]) -> np.ndarray:
+    """ids (r, depth) int64, one array of ids to exclude per row -> (r, depth) bool: ``ids[j, c] in exclude[j]``.
+
+    Short lists (most users have seen a few dozen items) are compared all at once against the rows' lists padded
+    to one width (padded with their own first id, or with -1, FAISS's "no result", when empty); long ones with a
+    sorted membership test per row.
+    """
+    width = max((len(e) for e in exclude), default=0)
+    if width == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    if ids.shape[1] * width <= 8192:
+        pad = np.full((len(exclude), width), -1, dtype=np.int64)  # (r, width)
+        for j, e in enumerate(exclude):
+            if len(e):
+                pad[j, :len(e)], pad[j, len(e):] = e, e[0]
+        return (ids[:, :, None] == pad[:, None, :]).any(axis=2)
+    return np.stack([np.isin(row, e) for row, e in zip(ids, exclude, strict=True)])
+
+
+def search(release: LoadedRelease, u: np.ndarray, k: int | Sequence[int],
+           exclude: Sequence[np.ndarray | set[int]] | None = None, live: LiveIndex | None = None) -> list[dict]:
     """u (b, d) -> b responses naming ``release``: its index's top k item ids by inner product, minus ``exclude[i]``.
 
-    Searches k + |exclude| so that dropping excluded items still leaves k answers when the catalog allows.
+    ``k``: one for all rows or one per row. Searches ``search_depth(k, |exclude|)`` so that dropping excluded items
+    still leaves k answers when the catalog allows; rows of one depth share one index search, and the excluded
+    ids are dropped with one vectorised membership test per row (no Python set per request).
+    ``live``: items added after the release was built (serving/realtime/live_items.py), searched beside its index
+    and merged by score; the release's index itself is never written to.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    exclude = exclude or [set() for _ in range(len(u))]
-    depth = min(k + max((len(e) for e in exclude), default=0), len(release.item_ids))
-    scores, ids = release.search(u, depth)
-    out = []
-    for row_scores, row_ids, ex in zip(scores, ids, exclude, strict=True):
-        keep = [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0 and int(i) not in ex]
-        out.append({"release": release.release_id,
-                    "items": [{"item_id": i, "score": s} for i, s in keep[:k]]})
+    n = len(u)
+    ks = [k] * n if isinstance(k, int) else [int(x) for x in k]
+    if len(ks) != n or min(ks, default=1) < 1:
+        raise ValueError(f"k must be >= 1 for each of the {n} rows, got {k}")
+    none = np.zeros(0, dtype=np.int64)
+    ex = [none if e is None else np.fromiter(e, np.int64, len(e)) if isinstance(e, set | frozenset)
+          else np.asarray(e, dtype=np.int64) for e in (exclude or [none] * n)]
+    n_items = len(release.item_ids)
+    depths = np.array([search_depth(ki, len(e), n_items) for ki, e in zip(ks, ex, strict=True)], dtype=np.int64)
+    out: list[dict] = [{}] * n
+    for depth in np.unique(depths).tolist():
+        rows = np.flatnonzero(depths == depth)
+        scores, ids = release.search(u[rows], depth)  # (r, depth) each
+        if live is not None and len(live):
+            scores, ids = live.merge(u[rows], scores, ids, depth)  # (r, depth + min(depth, live items))
+        keep = (ids >= 0) & ~excluded(ids, [ex[i] for i in rows.tolist()])  # (r, depth)
+        for j, i in enumerate(rows.tolist()):
+            row_ids = ids[j]
+            sel = np.flatnonzero(keep[j])[:ks[i]]
+            out[i] = {"release": release.release_id,
+                      "items": [{"item_id": a, "score": s}
+                                for a, s in zip(row_ids[sel].tolist(), scores[j][sel].tolist(), strict=True)]}
     return out
 
 
 def answer(release: LoadedRelease, batch: Batch, k: int, exclude: Sequence[set[int]] | None = None,
-           h: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> list[dict]:
+           h: torch.Tensor | None = None, item_table: torch.Tensor | None = None,
+           live: LiveIndex | None = None) -> list[dict]:
     """b encoded requests -> b responses naming ``release``; ``exclude[i]`` holds item ids request i must not get.
 
     ``h`` (b, history_dim): history states already computed by this release's tower (the hybrid path); the
-    batch's history fields are then not read. ``item_table``: see encode_histories.
+    batch's history fields are then not read. ``item_table``: see encode_histories. ``live``: see search.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return search(release, user_vectors(release, batch, h, item_table), k, exclude)
+    return search(release, user_vectors(release, batch, h, item_table), k, exclude, live)
 
 
 def _eval(release: LoadedRelease) -> None:

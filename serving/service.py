@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,15 +34,26 @@ from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
 from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
+from towerflow.serving.realtime.live_items import LiveItems
 from towerflow.serving.realtime.store import ActionStore
 from towerflow.serving.recent_events import RecentEvents
-from towerflow.serving.retrieval import answer, context_batch, encode_histories, search
-from towerflow.serving.state_store import SQLiteUserStateStore, UserStateStore
+from towerflow.serving.retrieval import context_batch, encode_histories, search, user_vectors
+from towerflow.serving.state_store import SQLiteUserStateStore, UserState, UserStateStore
 from towerflow.serving.states import history_batch
 from towerflow.tasks.history import SURFACE_INDEX, EventArrays, build_histories, to_us
 
 log = logging.getLogger("towerflow.serving")
 PATHS = ("state", "live", "online", "context", "popularity")  # how a response's user vector was obtained
+
+
+class Query(NamedTuple):
+    """One ``/retrieve`` request, as ``RetrievalService.retrieve_batch`` takes it."""
+
+    user_id: int
+    item_id: int | None = None
+    surface: str = "homefeed"
+    k: int = 10
+    exclude_seen: bool = True
 
 
 class RequestError(TowerflowError):
@@ -72,6 +84,10 @@ class RetrievalService:
             realtime = open_action_store(settings)
         self.live = None if realtime is None else LiveEvents(realtime, source, max_skew_s=self.config.max_clock_skew_s,
                                                              max_actions=self.config.realtime_max_actions)
+        # items the served release lacks, embedded by its tower and searched beside its index (live_items.py)
+        self.items = LiveItems(source, settings.data_root / "items-table.lock", as_of=self.config.as_of,
+                               max_items=self.config.live_items_max, max_skew_s=self.config.max_clock_skew_s
+                               ) if self.config.live_items else None
         self._compacted_at = time.monotonic()
         self._bundle: ServingBundle | None = None
         self._recent: RecentEvents | None = None
@@ -161,6 +177,7 @@ class RetrievalService:
             self._events_loaded_at = time.monotonic()
             if (b := self._bundle) is not None:
                 self._bundle = replace(b, profiles=UserProfiles.build(recent.users, b.vocab))
+                self._sync_items(self._bundle)  # rows added to the source's items table since
             log.info("recent events: %d users, as of %s", len(recent), recent.as_of.isoformat())
 
     def poll(self) -> str | None:
@@ -193,6 +210,7 @@ class RetrievalService:
                 if current is None:
                     raise
                 return None
+            self._sync_items(bundle)  # live items re-embedded by the new tower BEFORE it serves
             self._bundle = bundle  # THE swap: towers, index, vocabulary and profiles change together
             self.swaps += current is not None
             self._failed.pop(version, None)
@@ -205,47 +223,93 @@ class RetrievalService:
     def retrieve(self, user_id: int, item_id: int | None = None, surface: str = "homefeed", k: int = 10,
                  exclude_seen: bool = True) -> dict[str, Any]:
         """-> {release, version, path, items: [{item_id, score}]}; raises RequestError / ServiceNotReady."""
-        b = self._bundle  # read ONCE: everything below uses this release only
+        (out,) = self.retrieve_batch([Query(user_id, item_id, surface, k, exclude_seen)])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def retrieve_batch(self, queries: Sequence[Query]) -> list[dict[str, Any] | RequestError]:
+        """Answer requests together with ONE release: one state-store read, one ``combine``, one index search
+        (per depth, ``retrieval.search``) for the batch. -> per query its response, or the RequestError it alone
+        raised; raises ServiceNotReady before any release is loaded. A query's answer is the one it gets alone."""
+        b = self._bundle  # read ONCE: every query of the batch uses this release only
         if b is None:
             raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
-        if not 1 <= k <= self.config.max_k:
-            raise RequestError(f"k must be between 1 and {self.config.max_k}, got {k}")
-        if surface not in SURFACE_INDEX:
-            raise RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {surface!r}")
-        context = 0
-        if item_id is not None:
-            context = int(b.item_index([item_id])[0])
-            if context == 0:
-                raise RequestError(f"context.item_id {item_id} is not in the catalog of release {b.release_id} "
-                                   f"({b.vocab.n_items} items)")
-        h, seen, path = self._history(b, int(user_id))
-        exclude = set(seen.tolist()) if exclude_seen else set()
-        if item_id is not None:
-            exclude.add(int(item_id))  # never answer "related to X" with X itself
-        if h is not None:
-            batch = context_batch(torch.tensor([context]), torch.tensor([SURFACE_INDEX[surface]]),
-                                  torch.from_numpy(b.profiles.of(np.array([user_id], dtype=np.int64))))
-            out = answer(b.release, batch, k, [exclude], h=torch.tensor(h).reshape(1, -1), item_table=b.item_table)[0]
-        elif item_id is not None and (row := b.item_row(int(item_id))) is not None:
-            path = "context"  # an unknown user viewing an item: the item's neighbours in this release's index
-            out = search(b.release, np.asarray(b.release.item_vectors[row:row + 1], dtype=np.float32), k,
-                         [exclude])[0]
-        else:
-            path = "popularity"
-            items = [{"item_id": int(i), "score": float(s)}
-                     for i, s in zip(b.popular_ids, b.popular_scores, strict=True) if int(i) not in exclude]
-            out = {"release": b.release_id, "items": items[:k]}
-        return {**out, "version": b.release.version, "path": path}
+        out: list[dict[str, Any] | RequestError] = [{}] * len(queries)
+        context = b.item_index([0 if q.item_id is None else q.item_id for q in queries])
+        ok = []
+        for i, q in enumerate(queries):
+            if not 1 <= q.k <= self.config.max_k:
+                out[i] = RequestError(f"k must be between 1 and {self.config.max_k}, got {q.k}")
+            elif q.surface not in SURFACE_INDEX:
+                out[i] = RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {q.surface!r}")
+            elif q.item_id is not None and context[i] == 0:
+                out[i] = RequestError(f"context.item_id {q.item_id} is not in the catalog of release {b.release_id} "
+                                      f"({b.vocab.n_items} items)")
+            else:
+                ok.append(i)
+        states = None
+        if self.config.mode == "hybrid" and self.store is not None and ok:
+            states = self.store.get(list({int(queries[i].user_id) for i in ok}), b.release_id)
+        model, near, paths, exclude = [], [], {}, {}  # model: (i, h); near: (i, item row)
+        for i in ok:
+            q = queries[i]
+            h, seen, paths[i] = self._history(b, int(q.user_id), states)
+            exclude[i] = seen if q.exclude_seen else seen[:0]
+            if q.item_id is not None:  # never answer "related to X" with X itself
+                exclude[i] = np.append(exclude[i], np.int64(q.item_id))
+            if h is not None:
+                model.append((i, h))
+            elif q.item_id is not None and (row := b.item_row(int(q.item_id))) is not None:
+                paths[i] = "context"  # an unknown user viewing an item: the item's neighbours in this release's index
+                near.append((i, row))
+            else:
+                paths[i] = "popularity"
+                out[i] = self._popular(b, q.k, exclude[i])
+        vectors = []
+        if model:
+            rows = [i for i, _ in model]
+            users = np.array([queries[i].user_id for i in rows], dtype=np.int64)
+            batch = context_batch(torch.from_numpy(np.where([queries[i].item_id is None for i in rows], 0,
+                                                            context[rows]).astype(np.int64)),
+                                  torch.tensor([SURFACE_INDEX[queries[i].surface] for i in rows]),
+                                  torch.from_numpy(b.profiles.of(users)))
+            h = torch.from_numpy(np.stack([np.asarray(h, dtype=np.float32) for _, h in model]))  # (m, history_dim)
+            vectors.append(user_vectors(b.release, batch, h, b.item_table))
+        if near:
+            vectors.append(np.asarray(b.release.item_vectors[[r for _, r in near]], dtype=np.float32))
+        searched = [i for i, _ in model] + [i for i, _ in near]
+        if searched:
+            found = search(b.release, np.concatenate(vectors), [queries[i].k for i in searched],
+                           [exclude[i] for i in searched], live=None if self.items is None else
+                           self.items.index(b.release_id))
+            for i, res in zip(searched, found, strict=True):
+                out[i] = res
+        for i in ok:
+            out[i] = {**out[i], "version": b.release.version, "path": paths[i]}
+        return out
 
-    def _history(self, b: ServingBundle, user_id: int) -> tuple[np.ndarray | None, np.ndarray, str | None]:
-        """(h (history_dim,) or None, seen item ids, path) for the release of ``b`` only."""
+    @staticmethod
+    def _popular(b: ServingBundle, k: int, exclude: np.ndarray) -> dict[str, Any]:
+        """The release's k most popular items minus ``exclude`` (an unknown user with no context)."""
+        depth = k + len(exclude)
+        top = b.popular_ids[:depth]
+        keep = np.flatnonzero(~np.isin(top, exclude))[:k]
+        return {"release": b.release_id, "items": [{"item_id": i, "score": s} for i, s in zip(
+            top[keep].tolist(), b.popular_scores[:depth][keep].tolist(), strict=True)]}
+
+    def _history(self, b: ServingBundle, user_id: int,
+                 states: dict[int, UserState] | None = None) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+        """(h (history_dim,) or None, seen item ids, path) for the release of ``b`` only. ``states``: the store's
+        answer for a batch's users and ``b``'s release, already read (read here when None)."""
         none = np.zeros(0, dtype=np.int64)
         live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
         if self.config.mode == "hybrid" and self.store is not None:
-            state = self.store.get([user_id], b.release_id).get(user_id)
+            state = (self.store.get([user_id], b.release_id) if states is None else states).get(user_id)
             if state is not None:
                 if state.release_id == b.release_id and state.h.shape == (b.history_dim,):
-                    if not (live.ts_us > to_us(state.last_event_ts)).any():  # nothing after the state: it holds
+                    # nothing after the state: it holds (to_us costs more than the rest of this path: skip it)
+                    if len(live) == 0 or not (live.ts_us > to_us(state.last_event_ts)).any():
                         seen = np.concatenate([live.item_id[::-1], state.seen_items]) if len(live) else None
                         return state.h, state.seen_items if seen is None else seen, "state"
                     return self._encode_online(b, user_id, live)
@@ -270,7 +334,38 @@ class RetrievalService:
         if len(hist) == 0:
             return None, np.unique(live.item_id), None
         h = encode_histories(b.release, history_batch(hist, [0]), b.item_table)[0].numpy()
-        return h, hist.seen[0], "live" if len(live) else "online"
+        seen = hist.seen[0]
+        if len(live) and len(unknown := live.item_id[b.item_index(live.item_id) == 0]):
+            # live items (the release lacks them): no history token, but seen all the same
+            seen = np.concatenate([np.unique(unknown), seen])
+        return h, seen, "live" if len(live) else "online"
+
+    def _sync_items(self, bundle: ServingBundle) -> None:
+        """Bring ``bundle``'s live items up to date with the source's items table; a failure only logs (the
+        release serves without the items it could not embed)."""
+        if self.items is None:
+            return
+        try:
+            self.items.sync(bundle)
+        except Exception as exc:  # noqa: BLE001 - live items must never keep a release from serving
+            log.warning("live items for release %s: %s", bundle.release_id, exc)
+            self.last_error = {"error": f"live items: {exc}", "at": datetime.now(UTC).isoformat()}
+
+    def add_items(self, rows, where: str = "items") -> dict[str, Any]:
+        """POST /items: check a batch of catalog rows, write the new ones to the source's items table and make
+        them retrievable now (serving/realtime/live_items.py) -> {accepted, duplicates, live_items, release}."""
+        if self.items is None:
+            raise RequestError("live items are off (ServingConfig.live_items is false)")
+        b = self._bundle
+        if b is None:
+            raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet: new items are "
+                                  "embedded by its item tower")
+        if self.items.index(b.release_id) is None:
+            self.items.sync(b)
+        out = self.items.add(rows, b, where)
+        if self.live is not None:
+            self.live.items_added([int(r["item_id"]) for r in rows if isinstance(r, dict)])
+        return {**out, "release": b.release_id}
 
     def status(self) -> dict[str, Any]:
         b, recent = self._bundle, self._recent
@@ -291,6 +386,7 @@ class RetrievalService:
                     "n_items": int(len(b.release.item_ids)), "dim": int(b.release.item_vectors.shape[1]),
                     "index": b.release.index_meta.get("kind", m.index.get("kind")),
                     "history_dim": b.history_dim, "max_seq_len": b.max_seq_len,
+                    "live_items": None if self.items is None else self.items.count(b.release_id),
                     "path": str(Path(b.release.path))}
         else:
             out["release"] = None

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--docs", action="store_true", help="also serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--batch-max-size", type=int, default=32,
+                   help="most /retrieve requests answered together (default 32; 1: one at a time)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="longest a request waits for others while a worker is free (default 0: batches form "
+                        "only while the workers are busy)")
+    p.add_argument("--batch-threads", type=int, default=1, help="worker threads answering batches (default 1)")
     p.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
                    help="largest request body accepted; a longer one is refused with 413 while it is read "
                         "(default 65536)")
@@ -93,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _threads(args.torch_threads)
     app = create_app(Settings(), _config(args, poll_interval_s=args.poll_s, docs=args.docs,
-                                         max_body_bytes=args.max_body_bytes))
+                                         max_body_bytes=args.max_body_bytes, batch_max_size=args.batch_max_size,
+                                         batch_wait_ms=args.batch_wait_ms, batch_threads=args.batch_threads))
     docs = ", GET /docs" if args.docs else ""
     print(f"serving on http://{args.host}:{args.port} (POST /retrieve, GET /healthz, GET /release{docs})",
           file=sys.stderr)

@@ -1,6 +1,6 @@
 """Benchmark: live events, from ``POST /events`` to the next ``/retrieve`` (issue #16's freshness and ingest targets).
 
-    python -m bench.realtime [--quick] [--seconds 15] [--rps 100] [--data-root DIR]
+    python -m bench.realtime [--quick] [--seconds 15] [--rps 100] [--ingest-rate 5000] [--data-root DIR]
 
 Setup: the world and releases of ``bench.serving`` (``prepare``: the champion's states refreshed).
 
@@ -9,14 +9,18 @@ Setup: the world and releases of ``bench.serving`` (``prepare``: the champion's 
    cost of the alternative, re-encoding on ingest the h of every user a batch touches (batched), per event.
 2. Over HTTP (``towerflow serve`` in a subprocess, its embedded action store fresh, background compaction on):
    ``/retrieve`` at ``--rps`` requests/s, open loop, for ``--seconds``: p50/p99 with no ingestion; then the same
-   load while two clients post batches of 300 events as fast as the server acknowledges them (events/s), and a
-   probe every 0.2 s measures freshness: a user's top item is clicked via ``POST /events``; from the
-   acknowledgement to the first ``/retrieve`` answer that no longer holds it (``exclude_seen``).
+   load while two clients post batches of 300 events (made before the phase), first paced at ``--ingest-rate``
+   events/s together (the target: the events/s reached and what it costs /retrieve), then as fast as the server
+   acknowledges them (its capacity beside the /retrieve load); in both, a probe every 0.2 s measures freshness:
+   a user's top item is clicked via ``POST /events``; from the acknowledgement to the first ``/retrieve`` answer
+   that no longer holds it (``exclude_seen``).
 
 3. Value (``--value``; a world of its own under ``<data root>/value``): a champion trained on every day but the last,
    its states refreshed at the start of the last day; that day replayed in time order (``towerflow events
    replay``'s ``replay``, in process), ``/retrieve`` asked before each engagement, once with realtime ingestion and
-   once with the states frozen at the start of the day: recall@10 of each next engagement, and their ratio.
+   once with the states frozen at the start of the day: recall@10 of each next engagement, and their ratio. A
+   third replay also posts the day's new items (``POST /items``, each at its creation time): recall@10 of the
+   engagements with items created that day, with live items and without (the release was built before them).
 
 Prints a table and writes ``bench/results/realtime.json``. The world's source is left as prepared (the compacted
 ``rt-*`` files and the action store are removed before and after).
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_data_root
+from bench.common import bench_data_root, write_result
 from bench.serving import Server, _Connection, _pct, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results" / "realtime.json"
@@ -73,7 +77,14 @@ class Events:
                 "ts": (self.t0 + timedelta(milliseconds=self.n)).isoformat(), "surface": "homefeed"}
 
     def batch(self, n: int) -> list[dict]:
-        return [self.one(self.rng.choice(self.users), self.rng.choice(self.items)) for _ in range(n)]
+        users, items = self.rng.choice(self.users, n).tolist(), self.rng.choice(self.items, n).tolist()
+        return [self.one(u, i) for u, i in zip(users, items, strict=True)]
+
+    def bodies(self, n: int) -> list[bytes]:
+        """``n`` POST /events bodies of BATCH events each, made before a load phase: the load generator shares
+        the 2 cores with the server, and making them on its event loop during the phase delayed the /retrieve
+        requests it times and took CPU from the server it measures."""
+        return [json.dumps({"events": self.batch(BATCH)}).encode() for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ 1. in process
@@ -182,11 +193,21 @@ async def _paced(url: str, requests: list[dict], rps: float, seconds: float) -> 
     return lat
 
 
-async def _ingest(url: str, gen: Events, seconds: float, out: dict) -> None:
+async def _ingest(url: str, gen: Events, bodies: list[bytes], seconds: float, out: dict,
+                  rate: float | None = None) -> None:
+    """POST /events batches for ``seconds`` (the bodies made beforehand, then new ones): ``rate`` events/s (a batch
+    every BATCH / rate s, open loop: a late batch goes at once, and the achieved rate shows any shortfall), or
+    with ``rate`` None one after the other, as fast as the server acknowledges them."""
     host, port = url.rsplit("//", 1)[1].split(":")
-    conn, t0 = _Connection(host, int(port)), time.monotonic()
+    conn, t0, k = _Connection(host, int(port)), time.monotonic(), 0
     while time.monotonic() - t0 < seconds:
-        status, raw = await conn.post("/events", json.dumps({"events": gen.batch(BATCH)}).encode())
+        if rate is not None:
+            await asyncio.sleep(max(0.0, t0 + k * BATCH / rate - time.monotonic()))
+            k += 1
+            if time.monotonic() - t0 >= seconds:
+                break
+        body = bodies.pop(0) if bodies else json.dumps({"events": gen.batch(BATCH)}).encode()
+        status, raw = await conn.post("/events", body)
         if status != 200:
             raise RuntimeError(f"POST /events: {status} {raw[:300]!r}")
         out["events"] += json.loads(raw)["accepted"]
@@ -213,7 +234,40 @@ async def _probes(url: str, gen: Events, users: list[int], seconds: float, out: 
     await conn.close()
 
 
-def measure_http(root: Path, rps: float, seconds: float) -> dict[str, Any]:
+def _loaded(server: Server, requests: list[dict], rps: float, seconds: float, gen: Events, users: list[int],
+            rate: float | None, quiet_cpu_s: float) -> dict[str, Any]:
+    """/retrieve at ``rps`` while two clients ingest (``rate`` events/s together, or as fast as acknowledged) and
+    the freshness probes run: /retrieve latency, events/s, server CPU, freshness."""
+    counts, probes = {"events": 0}, []
+    bodies = gen.bodies(int(seconds * (rate or 20_000) / BATCH) + 2)  # (as fast as possible: enough for 20,000/s)
+    per_client = None if rate is None else rate / 2
+
+    async def run():
+        return await asyncio.gather(_paced(server.url, requests, rps, seconds),
+                                    _ingest(server.url, gen, bodies, seconds, counts, per_client),
+                                    _ingest(server.url, gen, bodies, seconds, counts, per_client),
+                                    _probes(server.url, gen, users[::-1], seconds, probes))
+
+    cpu0, t0, load0 = server.cpu_s(), time.monotonic(), os.getloadavg()[0]
+    busy = asyncio.run(run())[0]
+    elapsed, cpu = time.monotonic() - t0, server.cpu_s() - cpu0
+    fresh = np.array([p["ms"] for p in probes])
+    return {
+        "events_per_s_asked": rate, "load_average": round((load0 + os.getloadavg()[0]) / 2, 1),
+        "retrieve": {**_pct(np.array(busy)), "server_cpu_s": round(cpu, 2)},
+        "ingest": {"events": counts["events"], "events_per_s": round(counts["events"] / elapsed),
+                   "batch": BATCH, "clients": 2,
+                   # the server's CPU beyond what the same /retrieve load cost without ingestion, per event
+                   "server_cpu_ms_per_event": round((cpu - quiet_cpu_s * elapsed / seconds) * 1e3
+                                                    / max(1, counts["events"]), 3)},
+        "freshness": {**_pct(fresh), "first_retrieve_reflected": int(sum(p["tries"] == 1 for p in probes)),
+                      "paths": sorted({p["path"] for p in probes})},
+    }
+
+
+def measure_http(root: Path, rps: float, seconds: float, rate: float) -> dict[str, Any]:
+    """Three phases on one server: /retrieve alone; with ingestion at ``rate`` events/s (the target); with
+    ingestion as fast as the server acknowledges (its capacity while it answers /retrieve)."""
     from bench.serving import _requests
 
     users, items, horizon = _world_ids(root)
@@ -223,37 +277,19 @@ def measure_http(root: Path, rps: float, seconds: float) -> dict[str, Any]:
     try:
         server.wait_ready()
         asyncio.run(_paced(server.url, requests, rps, 2))  # warm up
-        cpu0 = server.cpu_s()
+        cpu0, load0 = server.cpu_s(), os.getloadavg()[0]
         quiet = asyncio.run(_paced(server.url, requests, rps, seconds))
-        cpu1 = server.cpu_s()
-        counts, probes = {"events": 0}, []
+        quiet_cpu = server.cpu_s() - cpu0
         gen = Events(users, items, horizon + timedelta(hours=2), f"http{int(time.time())}")
-
-        async def loaded():
-            return await asyncio.gather(_paced(server.url, requests, rps, seconds),
-                                        _ingest(server.url, gen, seconds, counts),
-                                        _ingest(server.url, gen, seconds, counts),
-                                        _probes(server.url, gen, users[::-1], seconds, probes))
-
-        t0 = time.monotonic()
-        busy = asyncio.run(loaded())[0]
-        elapsed = time.monotonic() - t0
-        cpu2 = server.cpu_s()
+        without = {**_pct(np.array(quiet)), "server_cpu_s": round(quiet_cpu, 2),
+                   "load_average": round((load0 + os.getloadavg()[0]) / 2, 1)}
+        at_rate = _loaded(server, requests, rps, seconds, gen, users, rate, quiet_cpu)
+        fastest = _loaded(server, requests, rps, seconds, gen, users, None, quiet_cpu)
     finally:
         server.stop()
         _clean(root)
-    fresh = np.array([p["ms"] for p in probes])
-    return {
-        "rps": rps, "seconds": seconds, "load_average": os.getloadavg()[0],
-        "retrieve_without_ingest": {**_pct(np.array(quiet)), "server_cpu_s": round(cpu1 - cpu0, 2)},
-        "retrieve_with_ingest": {**_pct(np.array(busy)), "server_cpu_s": round(cpu2 - cpu1, 2)},
-        "ingest": {"events": counts["events"], "events_per_s": round(counts["events"] / elapsed),
-                   "batch": BATCH, "clients": 2,
-                   # the server's CPU beyond what the same /retrieve load cost without ingestion, per event
-                   "server_cpu_ms_per_event": round((cpu2 - cpu1 - (cpu1 - cpu0)) * 1e3 / max(1, counts["events"]), 3)},
-        "freshness": {**_pct(fresh), "first_retrieve_reflected": int(sum(p["tries"] == 1 for p in probes)),
-                      "paths": sorted({p["path"] for p in probes})},
-    }
+    return {"rps": rps, "seconds": seconds, "retrieve_without_ingest": without, "ingest_at_rate": at_rate,
+            "ingest_fastest": fastest}
 
 
 # ------------------------------------------------------------------------------------------------ 3. value
@@ -270,6 +306,8 @@ class InProcess:
 
         if path == "/events":
             return 200, self.svc.ingest(body["events"])
+        if path == "/items":
+            return 200, self.svc.add_items(body["items"])
         ctx = body.get("context", {})
         try:
             return 200, self.svc.retrieve(body["user_id"], ctx.get("item_id"), ctx.get("surface", "homefeed"),
@@ -309,49 +347,50 @@ def measure_value(root: Path, quick: bool) -> dict[str, Any]:
             refresh_user_states(release=champion.release_id, as_of=day_start, lookback_days=365, incremental=False)
             ready.write_text(json.dumps({"release": champion.release_id}))
         settings = Settings(data_root=root)
-        events = ParquetSource(settings.source).read_day(last)
+        source = ParquetSource(settings.source)
+        events, items = source.read_day(last), source.read_items()
+        created = items[items["created_ts"].dt.date == last]
         out = {}
-        for name in ("frozen", "realtime"):
+        for name in ("frozen", "realtime", "live_items"):
             with tempfile.TemporaryDirectory() as tmp:
-                config = ServingConfig(as_of=day_start, compact_interval_s=None, realtime=name == "realtime")
+                realtime, live_items = name != "frozen", name == "live_items"
+                config = ServingConfig(as_of=day_start, compact_interval_s=None, realtime=realtime,
+                                       live_items=live_items)
                 svc = RetrievalService(settings, config, realtime=SQLiteActionStore(Path(tmp) / "rt.sqlite")
-                                       if name == "realtime" else None).start(watch=False)
-                out[name] = replay(events, InProcess(svc), k=10, ingest=name == "realtime").to_dict()
+                                       if realtime else None).start(watch=False)
+                out[name] = replay(events, InProcess(svc), k=10, ingest=realtime, items=created,
+                                   post_items=live_items).to_dict()
+                out[name]["live_items_at_end"] = svc.status().get("live_items")
                 svc.close()
     finally:
         os.environ["TOWERFLOW_DATA_ROOT"] = old_root
-    created = pd_created_that_day(root, last)
     return {"day": last.isoformat(), "events": int(len(events)), **out,
             "recall_ratio_realtime_over_frozen": round(out["realtime"]["recall_at_k"]
                                                        / max(out["frozen"]["recall_at_k"], 1e-9), 3),
             # engagements on items the user had not acted on earlier that day: exclude_seen cannot drop them
             "new_items_recall_ratio": round(out["realtime"]["recall_at_k_new_items"]
                                             / max(out["frozen"]["recall_at_k_new_items"], 1e-9), 3),
-            "items_created_that_day": created}
-
-
-def pd_created_that_day(root: Path, day) -> int:
-    from towerflow.data.source import ParquetSource
-
-    items = ParquetSource(str(root / "source")).read_items()
-    return int((items.created_ts.dt.date == day).sum())
+            "items_created_that_day": int(len(created))}
 
 
 def _report_load(r: dict) -> list[str]:
     rc, h = r["recompute"], r["http"]
-    return [
+    q = h["retrieve_without_ingest"]
+    lines = [
         f"recompute: state path p50 {rc['state_path']['p50_ms']} ms, live path p50 {rc['live_path']['p50_ms']} ms "
         f"(+{rc['per_request_extra_ms']} ms/request); on ingest {rc['on_ingest_ms_per_event']} ms/event "
         f"-> CPU ms/s at 5000 events/s + 100 requests/s: {rc['cpu_ms_per_s_at_5000_events_100_requests']}",
-        f"/retrieve at {h['rps']}/s without ingest: p50 {h['retrieve_without_ingest'].get('p50_ms')} ms, "
-        f"p99 {h['retrieve_without_ingest'].get('p99_ms')} ms",
-        f"/retrieve at {h['rps']}/s with ingest: p50 {h['retrieve_with_ingest'].get('p50_ms')} ms, "
-        f"p99 {h['retrieve_with_ingest'].get('p99_ms')} ms; ingest {h['ingest']['events_per_s']} events/s "
-        f"({h['ingest']['server_cpu_ms_per_event']} ms server CPU/event); load average {h['load_average']:.1f}",
-        f"freshness (ack -> a /retrieve reflecting it): p50 {h['freshness'].get('p50_ms')} ms, "
-        f"p99 {h['freshness'].get('p99_ms')} ms over {h['freshness'].get('n')} probes, "
-        f"{h['freshness']['first_retrieve_reflected']} reflected by the first /retrieve",
-    ]
+        f"/retrieve at {h['rps']}/s without ingest: p50 {q.get('p50_ms')} ms, p99 {q.get('p99_ms')} ms "
+        f"(load average {q['load_average']})"]
+    for name, phase in (("at the target rate", h["ingest_at_rate"]), ("as fast as acknowledged", h["ingest_fastest"])):
+        ret, ing, fr = phase["retrieve"], phase["ingest"], phase["freshness"]
+        lines += [
+            f"ingest {name}: {ing['events_per_s']} events/s (asked {phase['events_per_s_asked'] or 'max'}), "
+            f"{ing['server_cpu_ms_per_event']} ms server CPU/event; /retrieve p50 {ret.get('p50_ms')} ms, "
+            f"p99 {ret.get('p99_ms')} ms; load average {phase['load_average']}",
+            f"  freshness (ack -> a /retrieve reflecting it): p50 {fr.get('p50_ms')} ms, p99 {fr.get('p99_ms')} ms "
+            f"over {fr.get('n')} probes, {fr['first_retrieve_reflected']} reflected by the first /retrieve"]
+    return lines
 
 
 def report(r: dict) -> str:
@@ -363,6 +402,13 @@ def report(r: dict) -> str:
                      f"({v['recall_ratio_realtime_over_frozen']}x); on items not acted on earlier that day "
                      f"{v['realtime']['recall_at_k_new_items']} vs {v['frozen']['recall_at_k_new_items']} "
                      f"({v['new_items_recall_ratio']}x)")
+        if "live_items" in v:
+            li = v["live_items"]
+            lines.append(f"items created that day ({v['items_created_that_day']} items, {li['created_engagements']} "
+                         f"engagements): recall@10 with live items {li['recall_at_k_created_items']} vs without "
+                         f"{v['realtime']['recall_at_k_created_items']} (realtime) / "
+                         f"{v['frozen']['recall_at_k_created_items']} (frozen); all engagements "
+                         f"{li['recall_at_k']} vs {v['realtime']['recall_at_k']}")
     return "\n".join(lines)
 
 
@@ -371,6 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run, not the figures)")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each load phase (default 15)")
     p.add_argument("--rps", type=float, default=100.0, help="/retrieve requests per second (default 100)")
+    p.add_argument("--ingest-rate", type=float, default=5000.0,
+                   help="events/s of the paced ingest phase (default 5000, issue #16's target); a last phase "
+                        "ingests as fast as the server acknowledges")
     p.add_argument("--data-root", type=Path, help="reuse (or prepare) the world here instead of a temp dir")
     p.add_argument("--value", action="store_true", help="also replay a held-out day: realtime vs frozen recall")
     p.add_argument("--only-value", action="store_true", help="only the value replay (section 3)")
@@ -385,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if not args.only_value:
             result |= {"world": prepare(root, args.quick)["world"], "recompute": measure_recompute(root),
-                       "http": measure_http(root, args.rps, args.seconds)}
+                       "http": measure_http(root, args.rps, args.seconds, args.ingest_rate)}
         if args.value or args.only_value:
             result["value"] = measure_value(root / "value", args.quick)
     if args.only_value and args.out.is_file():  # keep the load sections of the last full run beside it
@@ -393,8 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {**kept, "value": result["value"], "value_command": result["command"],
                   "value_when": result["when"]}
     print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(args.out.stem, result, result["command"], results_dir=args.out.parent)
     return result
 
 

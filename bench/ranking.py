@@ -9,9 +9,10 @@ split by time: the last day's requests are the holdout, the days before train. C
   trained here, so no retriever's embeddings: see "item vectors" below);
 - ``popularity``: positive engagements of the item in the training days.
 
-Features of both rankers: the candidate's item vector (frozen) plus a learned item-id embedding, the surface, and
-a daily user profile (the mean item vector of the user's positives before the request's day: knows the user's
-interests, not the current session). Item vectors: the items' content (category one-hot + the world's dense
+Features of both rankers: the candidate's item vector (frozen; no learned item-id embedding: it overfit), the surface, a
+daily user profile (the mean item vector of the user's positives before the request's day: knows the user's
+interests, not the current session) and its dot with the candidate (``profile_dot``'s score, as a ranker takes the
+retriever's score). Item vectors: the items' content (category one-hot + the world's dense
 features, standardized) stand in for a release's item embeddings, so the benchmark needs no retriever.
 
 Metrics (tasks/evaluate_ranker.py): per-head AUC, GAUC, and HIT@3 of each head, requests ranked by the blended
@@ -52,11 +53,21 @@ def item_vectors(items: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     return np.vstack([np.zeros((1, table.shape[1]), np.float32), table])
 
 
+def request_features(events: pd.DataFrame, vocab, table: np.ndarray, ex) -> np.ndarray:
+    """(n, D + 1) dense features of each row: the user's daily profile (mean vector of their positives before the
+    request's day) and its dot with the candidate's vector (the retrieval-score stand-in, as rankers take the
+    retriever's score as a feature)."""
+    from towerflow.tasks.ranking_examples import user_profiles
+
+    profile = user_profiles(events, vocab, table, ex.user_id, ex.ts_us - ex.ts_us % DAY_US)
+    return np.hstack([profile, np.einsum("nd,nd->n", profile, table[ex.item])[:, None]]).astype(np.float32)
+
+
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     """Generate one world, train both rankers, score every method on the holdout day -> per-method metrics."""
     from towerflow.data.synthetic import generate_world
     from towerflow.tasks.evaluate_ranker import evaluate_ranking
-    from towerflow.tasks.ranking_examples import build_ranking_examples, user_profiles
+    from towerflow.tasks.ranking_examples import build_ranking_examples
     from towerflow.tasks.train_ranker import evaluate_ranker, train_ranker
     from towerflow.tasks.vocabulary import build_vocab
 
@@ -71,13 +82,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     cut = int(pd.Timestamp(world.start, tz="UTC").value // 1000) + (args.days - 1) * DAY_US
     train = build_ranking_examples(events, vocab, args.seq_len, end_us=cut)
     holdout = build_ranking_examples(events, vocab, args.seq_len, start_us=cut)
-    dense_train = user_profiles(events, vocab, table, train.user_id, train.ts_us - train.ts_us % DAY_US)
-    dense_holdout = user_profiles(events, vocab, table, holdout.user_id, holdout.ts_us - holdout.ts_us % DAY_US)
+    dense_train, dense_holdout = (request_features(events, vocab, table, ex) for ex in (train, holdout))
     out: dict = {"seed": seed, "train_rows": len(train), "holdout_rows": len(holdout),
                  "holdout_requests": holdout.n_requests, "methods": {}, "train_seconds": {}}
     for name, use_sequence in (("transact", True), ("no_sequence", False)):
         cfg = RankerTrainConfig(model=RankerConfig(max_seq_len=args.seq_len, use_sequence=use_sequence,
-                                                   item_id_embedding=True, cross_rank=args.cross_rank),
+                                                   cross_rank=args.cross_rank,
+                                                   time_window_prob=args.window_prob),
                                 epochs=args.epochs, patience=2, seed=seed, num_threads=args.threads)
         t0 = time.perf_counter()
         result = train_ranker(train, table, cfg, dense_train)
@@ -87,14 +98,20 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     before = (pd.to_datetime(events["ts"], utc=True).astype("int64") // 1000).to_numpy() < cut
     counts = np.bincount(vocab.item_index(events["item_id"].to_numpy()[positive & before]),
                          minlength=len(table)).astype(np.float64)
-    for name, score in (("profile_dot", np.einsum("nd,nd->n", dense_holdout, table[holdout.item])),
+    for name, score in (("profile_dot", dense_holdout[:, -1]),
                         ("popularity", counts[holdout.item])):
         out["methods"][name] = evaluate_ranking(holdout.labels, holdout.request, holdout.user_id, score)
     return out
 
 
-def latency(seq_lens: tuple[int, ...], candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
-    """Ranking ``candidates`` items for one user, one torch thread, in process: wall and thread-CPU percentiles."""
+LATENCY_CASES = (  # (label, S, RankerConfig overrides): the default widths, and narrower tokens (d_model 20, not 40)
+    ("default", 100, {}), ("default", 32, {}), ("narrow", 100, {"action_dim": 4, "item_dim": 8}),
+    ("narrow", 32, {"action_dim": 4, "item_dim": 8}))
+
+
+def latency(candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
+    """Ranking ``candidates`` items for one user (a full sequence of S actions), one torch thread, in process:
+    wall and thread-CPU percentiles per ``LATENCY_CASES``."""
     import torch
 
     from towerflow.models.ranker import Ranker, score_candidates
@@ -104,8 +121,9 @@ def latency(seq_lens: tuple[int, ...], candidates: int, reps: int, n_items: int 
     rng = np.random.default_rng(0)
     table = torch.as_tensor(rng.normal(size=(n_items + 1, 28)).astype(np.float32))
     with torch_threads(1):
-        for s in seq_lens:
-            model = Ranker(table, RankerConfig(max_seq_len=s, item_id_embedding=True), dense_dim=28).eval()
+        for label, s, overrides in LATENCY_CASES:
+            cfg = RankerConfig(max_seq_len=s, cross_rank=32, **overrides)  # as the quality runs
+            model = Ranker(table, cfg, dense_dim=28).eval()
             cand = rng.integers(1, n_items + 1, candidates)
             hist_items, hist_actions = rng.integers(1, n_items + 1, s), rng.integers(1, 7, s)
             age, dense = np.sort(rng.random(s) * 1e5)[::-1].astype(np.float32), rng.normal(size=28).astype(np.float32)
@@ -116,7 +134,8 @@ def latency(seq_lens: tuple[int, ...], candidates: int, reps: int, n_items: int 
                 if i >= 20:  # warm-up: first calls allocate
                     wall.append(time.perf_counter() - t0)
                     cpu.append(time.thread_time() - c0)
-            rows.append({"seq_len": s, "candidates": candidates, "p50_ms": 1e3 * float(np.percentile(wall, 50)),
+            rows.append({"widths": label, "d_model": cfg.action_dim + 2 * cfg.item_dim, "seq_len": s,
+                         "candidates": candidates, "p50_ms": 1e3 * float(np.percentile(wall, 50)),
                          "p99_ms": 1e3 * float(np.percentile(wall, 99)),
                          "cpu_p50_ms": 1e3 * float(np.percentile(cpu, 50)),
                          "cpu_p99_ms": 1e3 * float(np.percentile(cpu, 99))})
@@ -153,12 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests-per-day", type=int, default=1500, help="session steps (requests) per day")
     p.add_argument("--slate", type=int, default=8, help="items shown per request")
     p.add_argument("--seq-len", type=int, default=32, help="S of the compared rankers")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--cross-rank", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--cross-rank", type=int, default=32, help="low-rank cross layers (0: full rank)")
+    p.add_argument("--window-prob", type=float, default=0.1,
+                   help="share of training rows with the time-window mask (the world's sessions last minutes: a "
+                        "1-hour window hides the whole session)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-reps", type=int, default=300)
     p.add_argument("--name", default="ranking")
     args = p.parse_args(argv)
+    args.cross_rank = args.cross_rank or None
 
     seeds = []
     for seed in range(args.seeds):
@@ -168,14 +191,15 @@ def main(argv: list[str] | None = None) -> None:
                                                   ["auc/mean"] + [f"hit@3/{h}" for h in RANKER_HEADS]],
                     title=f"seed {seed}: {seeds[-1]['holdout_requests']:,} holdout requests, "
                           f"{seeds[-1]['train_rows']:,} training rows, S = {args.seq_len}")
-    rows, targets = summarize(seeds)
-    cols = [("method", "method", "")] + [(k, k, ".4f") for k in rows[0] if k != "method"]
-    print_table(rows, cols, title=f"mean over {args.seeds} seed(s)")
+    rows, targets = summarize(seeds) if seeds else ([], {})  # --seeds 0: the latency alone
+    if rows:
+        cols = [("method", "method", "")] + [(k, k, ".4f") for k in rows[0] if k != "method"]
+        print_table(rows, cols, title=f"mean over {args.seeds} seed(s)")
     for k, v in targets.items():
         if k != "per_seed_hit3_gain_vs_no_sequence":
             print(f"  {k}: {v if isinstance(v, bool) else f'{v:+.3f}'}")
-    lat = latency((100, 32), 200, args.latency_reps)
-    print_table(lat, [("S", "seq_len", ""), ("candidates", "candidates", ""), ("p50 ms", "p50_ms", ".2f"),
+    lat = latency(200, args.latency_reps)
+    print_table(lat, [("widths", "widths", ""), ("d_model", "d_model", ""), ("S", "seq_len", ""), ("candidates", "candidates", ""), ("p50 ms", "p50_ms", ".2f"),
                       ("p99 ms", "p99_ms", ".2f"), ("cpu p50 ms", "cpu_p50_ms", ".2f"),
                       ("cpu p99 ms", "cpu_p99_ms", ".2f")], title="ranking latency, 1 thread, in process")
     write_result(args.name, {"args": vars(args), "summary": rows, "targets": targets, "seeds": seeds,

@@ -76,9 +76,9 @@ class RankingExamples:
 
 def _request_keys(events: pd.DataFrame) -> np.ndarray:
     """(n,) int64 request of each row: its request_id, or (user_id, ts, surface) where it has none."""
-    fallback = (events["user_id"].astype(str) + "|" + pd.to_datetime(events["ts"], utc=True).astype(str) + "|"
-                + events["surface"].astype(str))
-    key = pd.factorize(fallback)[0].astype(np.int64)
+    cols = pd.DataFrame({"u": events["user_id"].to_numpy(), "t": pd.to_datetime(events["ts"], utc=True).to_numpy(),
+                         "s": events["surface"].to_numpy()})
+    key = cols.groupby(["u", "t", "s"], sort=False).ngroup().to_numpy(dtype=np.int64)
     if "request_id" in events.columns:
         rid = pd.factorize(events["request_id"])[0].astype(np.int64)  # -1 = null
         key = np.where(rid >= 0, rid, rid.max(initial=-1) + 1 + key)

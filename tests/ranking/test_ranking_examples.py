@@ -55,7 +55,7 @@ def _reference(events: pd.DataFrame, known: set[int], S: int, max_days: int):
         key = row["request_id"] if not pd.isna(row["request_id"]) else (row["user_id"], ts[i], row["surface"])
         requests.setdefault(key, []).append(i)
     out = []
-    for order, (key, idx) in enumerate(requests.items()):
+    for order, idx in enumerate(requests.values()):
         first = min(idx, key=lambda i: (ts[i], i))
         t_req, user = ts[first], int(ev.at[first, "user_id"])
         hist = [i for i in range(len(ev)) if ev.at[i, "user_id"] == user and ev.at[i, "action"] != "impression"

@@ -22,6 +22,14 @@ What is planted, so that later stages have something measurable to learn:
   item's topic) are mostly impressions and clicks, sometimes saves and conversions; other items are mostly
   skips and hides. About a third of events are positive.
 
+- **Slates** (``slate_size`` > 1; the default 1 writes the worlds of earlier versions byte for byte). Each session
+  step is one request that shows ``slate_size`` items at once, grouped by ``request_id``: the first as above, the
+  others from generators that ignore the session (half the user's interests, half the global prior). Each session
+  is about one topic (an interest, or with ``SESSION_EXPLORE`` another topic; then whatever the user engages with):
+  items of that topic are engaged as affine items, items of the user's other interests much less (``MID_ACTIONS``),
+  others rarely. A daily profile knows the interests; only the session's recent actions tell which one is live,
+  the short-term signal a realtime sequence model (TransAct) exploits.
+
 Generation is vectorized per day (a loop over positions in a session, never over events), streams one day at a
 time through ``ParquetSink`` and is byte-for-byte deterministic per config.
 """
@@ -65,7 +73,8 @@ SLATE_INTEREST = 0.5  # slate_size > 1: a slot after the first is of the user's 
 # Action probabilities in ACTIONS order (impression, click, save, conversion, skip, hide).
 AFFINE_ACTIONS = np.array([0.56, 0.28, 0.08, 0.04, 0.03, 0.01])
 OTHER_ACTIONS = np.array([0.43, 0.05, 0.01, 0.01, 0.40, 0.10])
-MID_ACTIONS = np.array([0.62, 0.10, 0.02, 0.01, 0.22, 0.03])  # slates: the user's interests outside the session's
+MID_ACTIONS = np.array([0.58, 0.07, 0.015, 0.005, 0.27, 0.06])  # slates: the user's interests outside the session's
+SESSION_EXPLORE = 0.3  # slates: chance a session is about a topic outside the user's interests (short-term only)
 
 COUNTRIES = ("us", "gb", "de", "fr", "br", "in", "jp", "mx")
 COUNTRY_PROBS = np.array([0.30, 0.10, 0.10, 0.08, 0.12, 0.15, 0.08, 0.07])
@@ -349,6 +358,54 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "action", "ts", "surface", "ctx", "q", "req")}
     n_requests = 0
 
+    def show(n: int, u: np.ndarray, ctx: np.ndarray, q: np.ndarray, ts: np.ndarray, sl: slice,
+             is_search: np.ndarray, is_rel: np.ndarray, other_source: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One shown item per active session (the first ``n``, state ``u`` ... ``is_rel`` of this step) and what the
+        user did with it -> (item, action).
+
+        ``other_source``: the slate's other slots, as from generators that ignore the session's intent (half
+        the user's long-term interests, half the global prior), so a slate mixes items that fit the session
+        (engaged far more often) with items that do not: what a ranker that reads the session can tell apart.
+        """
+        # Topic, then item, per surface.
+        if other_source:
+            topic = np.where(rng.random(n) < SLATE_INTEREST, interest_topic(u), prior_topic(n))
+            rr = np.ones(n)  # no related neighbour or same-topic draw
+        else:
+            topic = np.where(rng.random(n) < EXPLORE, prior_topic(n),
+                             session_topic[sl] if slates else interest_topic(u))
+            topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9,
+                                        q[is_search] // WORDS_PER_TOPIC, topic[is_search])
+            rr = rng.random(n)
+        same_topic = is_rel & (rr >= RELATED_NEIGHBOUR) & (rr < RELATED_NEIGHBOUR + RELATED_SAME_TOPIC)
+        topic[same_topic] = topic_of[ctx[same_topic]]
+        item = everything.sample(topic, rng.random(n))
+        near = is_rel & (rr < RELATED_NEIGHBOUR)
+        if near.any():
+            m = int(near.sum())
+            offset = rng.geometric(NEIGHBOUR_P, m) * np.where(rng.random(m) < 0.5, -1, 1)
+            item[near] = circle.neighbour(ctx[near], offset)
+        for _ in range(4):  # not yet created, or the viewed item itself: redraw an older item of the same topic
+            bad = (cat.created_us[item] > ts) | (is_rel & (item == ctx))
+            if not bad.any():
+                break
+            item[bad] = older.sample(topic_of[item[bad]], rng.random(int(bad.sum())))
+
+        # Action: engaging when the item fits the user's interests or the session's intent.
+        it = topic_of[item]
+        interest = (w.interests[u] == it[:, None]).any(axis=1)
+        intent = is_rel & (it == topic_of[np.maximum(ctx, 0)])
+        intent |= is_search & (it == q // WORDS_PER_TOPIC)
+        ra = rng.random(n)
+        draw = lambda p: np.searchsorted(np.cumsum(p), ra * p.sum(), "right")  # noqa: E731
+        if slates:  # the session's intent engages most; the user's other interests less (a realtime signal)
+            intent |= ~is_rel & ~is_search & (it == session_topic[sl])
+            action = np.where(intent, draw(AFFINE_ACTIONS), np.where(interest, draw(MID_ACTIONS),
+                                                                     draw(OTHER_ACTIONS)))
+        else:
+            action = np.where(interest | intent, draw(AFFINE_ACTIONS), draw(OTHER_ACTIONS))
+        return item, np.minimum(action, len(ACTIONS) - 1)
+
     for j in range(int(lengths[0]) if S else 0):
         n = int(np.searchsorted(-lengths, -j, side="left"))  # sessions longer than j
         sl = slice(0, n)
@@ -361,7 +418,8 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
             entry = surf == _RELATED  # arrived from outside on an item of any topic
             ctx[entry] = older.sample(prior_topic(int(entry.sum())), rng.random(int(entry.sum())))
             if slates:
-                session_topic[sl] = np.where(entry, topic_of[np.maximum(ctx, 0)], interest_topic(u))
+                topic0 = np.where(rng.random(n) < SESSION_EXPLORE, prior_topic(n), interest_topic(u))
+                session_topic[sl] = np.where(entry, topic_of[np.maximum(ctx, 0)], topic0)
         else:
             pos, was = prev_positive[sl], surf.copy()
             open_rel = pos & (r < OPEN_RELATED)
@@ -383,57 +441,11 @@ def _simulate_day(w: _World, day: date, rng: np.random.Generator) -> pd.DataFram
         is_search, is_rel = surf == _SEARCH, surf == _RELATED
         ts = clock[sl]
 
-        def show(other_source: bool = False) -> tuple[np.ndarray, np.ndarray]:
-            """One shown item per active session and what the user did with it -> (item, action).
-
-            ``other_source``: the slate's other slots, as from generators that ignore the session's intent (half
-            the user's long-term interests, half the global prior), so a slate mixes items that fit the session
-            (engaged far more often) with items that do not: what a ranker that reads the session can tell apart.
-            """
-            # Topic, then item, per surface.
-            if other_source:
-                topic = np.where(rng.random(n) < SLATE_INTEREST, interest_topic(u), prior_topic(n))
-                rr = np.ones(n)  # no related neighbour or same-topic draw
-            else:
-                topic = np.where(rng.random(n) < EXPLORE, prior_topic(n),
-                                 session_topic[sl] if slates else interest_topic(u))
-                topic[is_search] = np.where(rng.random(int(is_search.sum())) < 0.9,
-                                            q[is_search] // WORDS_PER_TOPIC, topic[is_search])
-                rr = rng.random(n)
-            same_topic = is_rel & (rr >= RELATED_NEIGHBOUR) & (rr < RELATED_NEIGHBOUR + RELATED_SAME_TOPIC)
-            topic[same_topic] = topic_of[ctx[same_topic]]
-            item = everything.sample(topic, rng.random(n))
-            near = is_rel & (rr < RELATED_NEIGHBOUR)
-            if near.any():
-                m = int(near.sum())
-                offset = rng.geometric(NEIGHBOUR_P, m) * np.where(rng.random(m) < 0.5, -1, 1)
-                item[near] = circle.neighbour(ctx[near], offset)
-            for _ in range(4):  # not yet created, or the viewed item itself: redraw an older item of the same topic
-                bad = (cat.created_us[item] > ts) | (is_rel & (item == ctx))
-                if not bad.any():
-                    break
-                item[bad] = older.sample(topic_of[item[bad]], rng.random(int(bad.sum())))
-
-            # Action: engaging when the item fits the user's interests or the session's intent.
-            it = topic_of[item]
-            interest = (w.interests[u] == it[:, None]).any(axis=1)
-            intent = is_rel & (it == topic_of[np.maximum(ctx, 0)])
-            intent |= is_search & (it == q // WORDS_PER_TOPIC)
-            ra = rng.random(n)
-            draw = lambda p: np.searchsorted(np.cumsum(p), ra * p.sum(), "right")  # noqa: E731
-            if slates:  # the session's intent engages most; the user's other interests less (a realtime signal)
-                intent |= ~is_rel & ~is_search & (it == session_topic[sl])
-                action = np.where(intent, draw(AFFINE_ACTIONS), np.where(interest, draw(MID_ACTIONS),
-                                                                         draw(OTHER_ACTIONS)))
-            else:
-                action = np.where(interest | intent, draw(AFFINE_ACTIONS), draw(OTHER_ACTIONS))
-            return item, np.minimum(action, len(ACTIONS) - 1)
-
         # Each step is one request; with slate_size > 1 it shows that many items at the same time (a slate).
         # The session goes on from the first engaged slot (the item the user opened), else from the first slot.
         request = n_requests + np.arange(n)
         n_requests += n
-        slots = [show(other_source=k > 0) for k in range(cfg.slate_size)]
+        slots = [show(n, u, ctx, q, ts, sl, is_search, is_rel, other_source=k > 0) for k in range(cfg.slate_size)]
         item, action = slots[0]
         nxt_item, nxt_pos = item.copy(), np.isin(action, _POSITIVE_CODES)
         for it_k, ac_k in slots[1:][::-1]:  # reversed: the first engaged slot is written last and wins

@@ -237,3 +237,15 @@ def test_the_replay_posts_a_new_item_before_the_first_event_after_its_creation(l
     c = InProcess(svc)
     out = replay(events.assign(event_id=["rq-1", "rq-2", "rq-3"]), c, k=10, items=items, post_items=False)
     assert "/items" not in c.paths and (out.items, out.created_engagements) == (0, 2)
+
+
+def test_the_next_retrains_snapshot_folds_a_posted_item_into_its_catalog(live, tmp_path):
+    from towerflow.tasks.extract import extract
+    from towerflow.tasks.vocabulary import build_vocab
+
+    svc, client, source = live
+    assert rows_of(source, NEW + 1) == 1  # posted by the first test
+    snap = extract(source, HORIZON + timedelta(days=1), 5, tmp_path / "snapshots")
+    items = snap.items()
+    assert int((items["item_id"] == NEW + 1).sum()) == 1
+    assert NEW + 1 in build_vocab(snap.users(), items).item_ids  # the next release holds it: not live there

@@ -316,7 +316,9 @@ class InProcess:
             return 422, {"detail": str(exc)}
 
 
-def measure_value(root: Path, quick: bool) -> dict[str, Any]:
+def measure_value(root: Path, quick: bool, slate: int = 1) -> dict[str, Any]:
+    """Section 3 on the world of ``bench.serving`` (with ``slate`` > 1: slates of that many items per request and
+    as many events in all, sessions with a topic of their own), plus ``short_term_signal`` of its last day."""
     import torch
 
     from bench.serving import _retrain_config, _world
@@ -330,6 +332,8 @@ def measure_value(root: Path, quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     root.mkdir(parents=True, exist_ok=True)
     world = _world(quick)
+    if slate > 1:
+        world = world.model_copy(update={"slate_size": slate, "events_per_day": world.events_per_day // slate})
     last = world.start + timedelta(days=world.days - 1)
     day_start = datetime.combine(last, datetime.min.time(), tzinfo=UTC)
     ready = root / "value-ready.json"
@@ -370,7 +374,64 @@ def measure_value(root: Path, quick: bool) -> dict[str, Any]:
             # engagements on items the user had not acted on earlier that day: exclude_seen cannot drop them
             "new_items_recall_ratio": round(out["realtime"]["recall_at_k_new_items"]
                                             / max(out["frozen"]["recall_at_k_new_items"], 1e-9), 3),
-            "items_created_that_day": int(len(created))}
+            "items_created_that_day": int(len(created)), "slate_size": world.slate_size,
+            "short_term_signal": short_term_signal(str(root / "source"), last)}
+
+
+def short_term_signal(source_uri: str, day, history_days: int = 7) -> dict[str, Any]:
+    """How much a user's actions of the same day tell about their next engagement beyond their longer-term profile,
+    in the world itself (no model): per surface, over the engagements of ``day`` that follow an earlier one by the
+    same user that day,
+
+    - ``same_topic``: the share whose item's topic is the previous engagement's, against ``same_topic_expected``,
+      the share that topic has in the user's engagements of the ``history_days`` before (what it would be if the
+      day's engagements were drawn from the profile alone);
+    - recall@10 of three topic-level guesses, each the 10 items most engaged in the days before within one topic:
+      the user's most engaged topic of those days (``profile_topic``: what a frozen state knows), the previous
+      engagement's topic (``previous_topic``: what the realtime path adds), the request's context item's topic
+      where it has one (``context_topic``: what both frozen and realtime /retrieve are given), the engaged item's
+      own topic (``true_topic``: a ceiling for guessing the topic right).
+    """
+    import pandas as pd
+
+    from towerflow.contract import POSITIVE_ACTIONS
+    from towerflow.data.source import ParquetSource
+
+    source = ParquetSource(source_uri)
+    topic = dict(zip(*source.read_items()[["item_id", "category"]].T.values, strict=True))
+
+    def engagements(df: pd.DataFrame) -> pd.DataFrame:
+        df = df[df["action"].isin(POSITIVE_ACTIONS)].sort_values(["ts", "event_id"], kind="stable").copy()
+        df["topic"] = df["item_id"].map(topic)
+        return df
+
+    past = engagements(pd.concat([source.read_day(day - timedelta(days=k)) for k in range(1, history_days + 1)]))
+    today = engagements(source.read_day(day))
+    share = past.groupby(["user_id", "topic"]).size()
+    share = (share / share.groupby(level=0).transform("sum")).to_dict()
+    favourite = past.groupby("user_id")["topic"].agg(lambda s: s.value_counts().sort_index().idxmax()).to_dict()
+    counts = past.groupby(["topic", "item_id"]).size().rename("n").reset_index()
+    top10 = (counts.sort_values(["topic", "n", "item_id"], ascending=[True, False, True]).groupby("topic")["item_id"]
+             .apply(lambda s: set(s.head(10))).to_dict())
+    today["previous"] = today.groupby("user_id")["topic"].shift(1)
+    today = today[today["previous"].notna()]
+    today["profile"] = today["user_id"].map(favourite)
+    today["context"] = today["context_item_id"].map(topic)
+    today["expected"] = [share.get((u, t), 0.0) for u, t in zip(today["user_id"], today["previous"], strict=True)]
+
+    def recall(g: pd.DataFrame, col: str) -> float | None:
+        g = g[g[col].notna()]
+        hits = [i in top10.get(t, ()) for i, t in zip(g["item_id"], g[col], strict=True)]
+        return round(float(np.mean(hits)), 4) if hits else None
+
+    out = {}
+    for surface, g in [("all", today), *today.groupby("surface")]:
+        out[surface] = {"engagements": int(len(g)), "same_topic": round(float((g["topic"] == g["previous"]).mean()), 4),
+                        "same_topic_expected": round(float(g["expected"].mean()), 4),
+                        "recall_at_10": {"profile_topic": recall(g, "profile"), "previous_topic": recall(g, "previous"),
+                                         "context_topic": recall(g, "context"), "true_topic": recall(g, "topic")},
+                        "context_topic_is_previous": round(float((g["context"] == g["previous"]).mean()), 4)}
+    return out
 
 
 def _report_load(r: dict) -> list[str]:
@@ -395,9 +456,10 @@ def _report_load(r: dict) -> list[str]:
 
 def report(r: dict) -> str:
     lines = _report_load(r) if "http" in r else []
-    if "value" in r:
-        v = r["value"]
-        lines.append(f"value ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
+    for key in [k for k in r if k == "value" or k.startswith("value_slate") and "_" not in k[len("value_"):]]:
+        v = r[key]
+        s = v["short_term_signal"]["all"] if "short_term_signal" in v else None
+        lines.append(f"{key} ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
                      f"{v['realtime']['recall_at_k']} vs frozen {v['frozen']['recall_at_k']} "
                      f"({v['recall_ratio_realtime_over_frozen']}x); on items not acted on earlier that day "
                      f"{v['realtime']['recall_at_k_new_items']} vs {v['frozen']['recall_at_k_new_items']} "
@@ -409,6 +471,11 @@ def report(r: dict) -> str:
                          f"{v['realtime']['recall_at_k_created_items']} (realtime) / "
                          f"{v['frozen']['recall_at_k_created_items']} (frozen); all engagements "
                          f"{li['recall_at_k']} vs {v['realtime']['recall_at_k']}")
+        if s is not None:
+            g = s["recall_at_10"]
+            lines.append(f"  the world's short-term signal: next engagement on the previous one's topic {s['same_topic']} "
+                         f"(the 7-day profile predicts {s['same_topic_expected']}); topic-level recall@10 profile "
+                         f"{g['profile_topic']}, previous engagement {g['previous_topic']}, true topic {g['true_topic']}")
     return "\n".join(lines)
 
 
@@ -423,6 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", type=Path, help="reuse (or prepare) the world here instead of a temp dir")
     p.add_argument("--value", action="store_true", help="also replay a held-out day: realtime vs frozen recall")
     p.add_argument("--only-value", action="store_true", help="only the value replay (section 3)")
+    p.add_argument("--slate", type=int, default=1,
+                   help="the value world's slate size (default 1; N > 1: its own world under <data root>/value-slateN, "
+                        "written as value_slateN)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     with bench_data_root(args.data_root, "towerflow-bench-realtime-") as root:
@@ -435,12 +505,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.only_value:
             result |= {"world": prepare(root, args.quick)["world"], "recompute": measure_recompute(root),
                        "http": measure_http(root, args.rps, args.seconds, args.ingest_rate)}
+        key = "value" if args.slate == 1 else f"value_slate{args.slate}"
         if args.value or args.only_value:
-            result["value"] = measure_value(root / "value", args.quick)
-    if args.only_value and args.out.is_file():  # keep the load sections of the last full run beside it
-        kept = json.loads(args.out.read_text())
-        result = {**kept, "value": result["value"], "value_command": result["command"],
-                  "value_when": result["when"]}
+            result[key] = measure_value(root / key.replace("_", "-"), args.quick, args.slate)
+    kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.only_value:  # keep the load sections and the other value sections of the last runs beside it
+        result = {**kept, key: result[key], f"{key}_command": result["command"], f"{key}_when": result["when"]}
+    else:  # keep the value sections (and their commands) this run did not make
+        made = {key, f"{key}_command", f"{key}_when"} if args.value else set()
+        result |= {k: v for k, v in kept.items() if k.startswith("value") and k not in result and k not in made}
     print(report(result))
     write_result(args.out.stem, result, result["command"], results_dir=args.out.parent)
     return result

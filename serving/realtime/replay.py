@@ -40,6 +40,7 @@ class ReplayResult:
     new_engagements: int = 0  # engagements on an item the user had not acted on earlier in the replay
     new_hits: int = 0  # ... in the top k (exclude_seen drops the other kind, whatever the service knows)
     paths: dict[str, int] = field(default_factory=dict)  # /retrieve answers by path
+    surfaces: dict[str, list[int]] = field(default_factory=dict)  # surface -> [engagements, hits]
     items: int = 0  # new items sent to POST /items
     created_engagements: int = 0  # engagements on an item created during the replay (``items``)
     created_hits: int = 0  # ... in the top k
@@ -57,6 +58,8 @@ class ReplayResult:
                 "new_hits": self.new_hits, "recall_at_k_new_items": round(new, 4), "items_posted": self.items,
                 "created_engagements": self.created_engagements, "created_hits": self.created_hits,
                 "recall_at_k_created_items": round(created, 4), "paths": self.paths,
+                "recall_at_k_by_surface": {s: {"engagements": e, "recall_at_k": round(h / e, 4)}
+                                           for s, (e, h) in sorted(self.surfaces.items())},
                 "seconds": round(self.seconds, 2)}
 
 
@@ -174,6 +177,8 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
             if row["item_id"] in created:
                 out.created_engagements, out.created_hits = out.created_engagements + 1, out.created_hits + hit
             out.paths[reply["path"]] = out.paths.get(reply["path"], 0) + 1
+            counts = out.surfaces.setdefault(row["surface"], [0, 0])
+            counts[0], counts[1] = counts[0] + 1, counts[1] + hit
             if on_step is not None:
                 on_step(out)
         if row["action"] != "impression":

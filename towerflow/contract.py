@@ -132,17 +132,22 @@ def conform(df: pd.DataFrame, table: str, where: str = "") -> pd.DataFrame:
     df = df.copy()
     place = f" in {where}" if where else ""
     for col in REQUIRED_COLUMNS[table]:
+        # a column already in its contract dtype is kept as it is: re-casting costs more than the rest of a small
+        # frame's conform (the live event path conforms batches of a few hundred rows)
+        dtype = str(df[col].dtype)
         if col.endswith("_ts") or col == "ts":
-            df[col] = _to_utc(df[col], table, col, where)
+            if dtype != "datetime64[us, UTC]":
+                df[col] = _to_utc(df[col], table, col, where)
         elif col.endswith("_id") and col != "event_id":
-            nullable = col == "context_item_id"
-            try:
-                df[col] = df[col].astype("Int64" if nullable else "int64")
-            except (ValueError, TypeError) as exc:
-                raise ContractError(f"{table}.{col}{place}: ids must be integers ({exc})") from exc
+            target = "Int64" if col == "context_item_id" else "int64"
+            if dtype != target:
+                try:
+                    df[col] = df[col].astype(target)
+                except (ValueError, TypeError) as exc:
+                    raise ContractError(f"{table}.{col}{place}: ids must be integers ({exc})") from exc
         elif col in NULLABLE_STRINGS:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
-        else:
+        elif dtype != "str":
             df[col] = df[col].astype("str")
     for col in OPTIONAL_COLUMNS[table]:
         if col in df.columns:  # nullable strings, whatever the source wrote (ints included)

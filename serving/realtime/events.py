@@ -98,6 +98,52 @@ def to_frame(rows: Sequence[Mapping] | pd.DataFrame, where: str = "events") -> p
     return df[list(COLUMNS)]
 
 
+# JSON batches whose values all have these Python types (bool is not int here: type() is exact) can be checked
+# column by column with numpy (_clean_json); any other batch takes check_events' row-by-row path
+_CLEAN_KINDS = {"event_id": {str}, "user_id": {int}, "item_id": {int}, "action": {str}, "ts": {str},
+                "surface": {str}, "context_item_id": {int, type(None)}, "query": {str, type(None)}}
+_ACTION_SET, _SURFACE_SET = frozenset(ACTIONS), frozenset(SURFACES)
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+
+
+def _clean_json(rows: Sequence[Mapping], limit: pd.Timestamp,
+                known_users: Callable[[np.ndarray], np.ndarray] | None,
+                known_items: Callable[[np.ndarray], np.ndarray] | None, where: str) -> pd.DataFrame | None:
+    """The conformed frame of a batch of JSON objects that passes every rule of the module docstring with each value
+    already of its contract type, checked a column at a time; None as soon as a value has another type or a rule
+    fails anywhere (then the row-by-row path finds and names the row). The same rules, without pandas' per-value
+    calls: a well-formed batch costs about a third of the row-by-row path (it is most of POST /events' CPU)."""
+    if not all(type(r) is dict and r.keys() <= _COLUMN_SET for r in rows):
+        return None
+    cols = {c: [r.get(c) for r in rows] for c in COLUMNS}
+    if any(not set(map(type, cols[c])) <= kinds for c, kinds in _CLEAN_KINDS.items()):
+        return None
+    try:
+        user, item = np.array(cols["user_id"], dtype=np.int64), np.array(cols["item_id"], dtype=np.int64)
+        no_ctx = np.array([v is None for v in cols["context_item_id"]], dtype=bool)
+        ctx = np.array([0 if v is None else v for v in cols["context_item_id"]], dtype=np.int64)
+    except OverflowError:  # beyond int64
+        return None
+    if (user < 0).any() or (item < 0).any() or (ctx < 0).any() or "" in cols["event_id"]:
+        return None
+    if not (set(cols["action"]) <= _ACTION_SET and set(cols["surface"]) <= _SURFACE_SET):
+        return None
+    ts = pd.to_datetime(cols["ts"], utc=True, format="ISO8601", errors="coerce").as_unit("us")
+    if ts.isna().any() or (ts > limit).any() or (ts < _EPOCH).any():
+        return None
+    if known_users is not None and not known_users(user).all():
+        return None
+    if known_items is not None and not (known_items(item).all() and known_items(ctx[~no_ctx]).all()):
+        return None
+    if len(set(cols["event_id"])) < len(rows):  # repeats (one event twice, or a clash): the row-by-row path
+        return None
+    return conform(pd.DataFrame({
+        "event_id": pd.array(cols["event_id"], dtype="str"), "user_id": user, "item_id": item,
+        "action": pd.array(cols["action"], dtype="str"), "ts": ts, "surface": pd.array(cols["surface"], dtype="str"),
+        "context_item_id": pd.arrays.IntegerArray(ctx, no_ctx), "query": np.array(cols["query"], dtype=object)}),
+        "events", where)
+
+
 def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None = None, max_skew_s: float = 5.0,
                  known_users: Callable[[np.ndarray], np.ndarray] | None = None,
                  known_items: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -105,6 +151,11 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
     """The batch as a conformed events frame (duplicates of one event collapsed), or EventBatchError naming the
     first bad row and what is wrong with it (module docstring). ``known_users(ids)`` / ``known_items(ids)`` answer
     a boolean mask (None: not checked)."""
+    limit = pd.Timestamp(now or datetime.now(UTC)) + timedelta(seconds=max_skew_s)
+    if not isinstance(rows, pd.DataFrame) and len(rows) > 0:
+        clean = _clean_json(rows, limit, known_users, known_items, where)
+        if clean is not None:
+            return clean
     df = to_frame(rows, where)
     if len(df) == 0:
         raise EventBatchError(f"{where}: empty batch (nothing to ingest)")
@@ -162,7 +213,6 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
             bad([isinstance(v, str) and _null(pd.to_datetime(v, utc=True, format="ISO8601", errors="coerce"))
                  for v in ts], "ts", "is not a valid ISO-8601 time")
     df = conform(df, "events", where)
-    limit = pd.Timestamp(now or datetime.now(UTC)) + timedelta(seconds=max_skew_s)
     bad((df["ts"] > limit).to_numpy(), "ts", f"is in the future (after {limit.isoformat()})")
     bad((df["ts"] < pd.Timestamp("1970-01-01", tz="UTC")).to_numpy(), "ts", "is before 1970")
 

@@ -98,3 +98,22 @@ def test_a_table_from_a_file_is_checked_the_same_way():
         check(pd.DataFrame([ev(0), ev(1, action="like")]), where="x.csv")
     with pytest.raises(EventBatchError, match=r"x.csv: unknown column\(s\) \['colour'\]"):
         check(pd.DataFrame([ev(0, colour="red")]), where="x.csv")
+
+
+def test_a_well_formed_json_batch_is_checked_a_column_at_a_time_to_the_same_frame(monkeypatch):
+    """JSON objects whose values have their contract types skip the row-by-row path (to_frame is never called);
+    the same rows as a table take it: both give the same frame."""
+    from towerflow.serving.realtime import events
+
+    rows = [ev(0), ev(1, surface="related", context_item_id=10), ev(2, action="save", surface="search",
+                                                                     query="red shoes"), ev(3, query=None)]
+    known = {"known_users": lambda ids: np.isin(ids, [1]), "known_items": lambda ids: np.isin(ids, range(10, 14))}
+    table = check(pd.DataFrame(rows), **known)
+
+    def row_by_row(*args, **kwargs):
+        raise AssertionError("a well-formed JSON batch took the row-by-row path")
+
+    monkeypatch.setattr(events, "to_frame", row_by_row)
+    pd.testing.assert_frame_equal(check(rows, **known), table)
+    with pytest.raises(AssertionError, match="row-by-row"):  # one bad value anywhere: the row-by-row path
+        check([*rows, ev(4, user_id=True)], **known)

@@ -97,6 +97,9 @@ def sequences_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_u
     by_user = np.argsort(hist.user_id[keep], kind="stable")  # stable: time order kept inside each user
     user, item = hist.user_id[keep][by_user], item[keep][by_user]
     action, ts = hist.action[keep][by_user], hist.ts_us[keep][by_user]
+    if len(user) == 0:  # no history action at all (e.g. a log of impressions only)
+        return (np.zeros((len(user_id), max_seq_len), np.int64), np.zeros((len(user_id), max_seq_len), np.int64),
+                np.zeros((len(user_id), max_seq_len), np.float32))
     users, group = np.unique(user, return_inverse=True)
     # key = (user group, rank of ts among all times): "before request t" is one binary search per row
     times = np.unique(np.concatenate([ts, request_us]))

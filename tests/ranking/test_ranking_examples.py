@@ -149,3 +149,11 @@ def test_request_id_is_an_optional_contract_column():
     assert str(arrow_schema(with_ints, "events").field("request_id").type) == "string"
     ex = build_ranking_examples(without, _vocab(range(1, 9)), max_seq_len=2)
     assert ex.item.tolist() == [1] and ex.labels.tolist() == [[1, 0, 0, 0, 0]]
+
+
+def test_impressions_only_and_an_empty_log():
+    events = _events([("a", 1, 1, "impression", 0, "homefeed", "R"), ("b", 1, 2, "impression", 0, "homefeed", "R")])
+    ex = build_ranking_examples(events, _vocab(range(1, 9)), max_seq_len=3)
+    assert ex.item.tolist() == [1, 2] and not ex.labels.any() and not ex.hist_actions.any()
+    empty = build_ranking_examples(events.iloc[:0], _vocab(range(1, 9)), max_seq_len=3)
+    assert len(empty) == 0 and empty.hist_items.shape == (0, 3)

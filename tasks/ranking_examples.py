@@ -126,6 +126,8 @@ def build_ranking_examples(events: pd.DataFrame, vocab: Vocab, max_seq_len: int,
     Histories come from all of ``events`` (before each request). Raises ContractError on missing columns, unknown
     actions or surfaces, or a request_id shared by several users.
     """
+    if max_seq_len < 1:
+        raise ValueError(f"build_ranking_examples: max_seq_len must be at least 1, got {max_seq_len}")
     check_columns(events, "events")
     action = action_codes(events["action"])
     surface = value_codes(events["surface"], list(SURFACES)) - 1

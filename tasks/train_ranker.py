@@ -66,6 +66,9 @@ def train_ranker(examples: RankingExamples, item_vectors: np.ndarray, config: Ra
     (n, dense_dim) request features) -> the best epoch's model, in eval mode. Raises TrainError without examples."""
     if len(examples) == 0:
         raise TrainError("train_ranker: no ranking examples")
+    if examples.hist_items.shape[1] != config.model.max_seq_len:
+        raise TrainError(f"train_ranker: examples hold sequences of {examples.hist_items.shape[1]} actions, the "
+                         f"ranker config says max_seq_len {config.model.max_seq_len}; build them with the same S")
     if dense is not None and len(dense) != len(examples):
         raise TrainError(f"train_ranker: {len(dense)} dense rows for {len(examples)} examples")
     if examples.item.max() >= len(item_vectors):

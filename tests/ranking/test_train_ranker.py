@@ -71,5 +71,9 @@ def test_training_is_deterministic_per_seed_and_checks_its_inputs():
         train_ranker(train, _table()[:5], _config(True), log=False)
     with pytest.raises(TrainError, match="no ranking examples"):
         train_ranker(train.take(np.zeros(len(train), bool)), _table(), _config(True), log=False)
+    with pytest.raises(TrainError, match="sequences of 4 actions, the ranker config says max_seq_len 5"):
+        bad = _config(True)
+        train_ranker(train, _table(), bad.model_copy(update={"model": bad.model.model_copy(update={"max_seq_len": 5})}),
+                     log=False)
     with pytest.raises(TrainError, match="dense rows"):
         train_ranker(train, _table(), _config(True), dense=np.zeros((3, 2)), log=False)

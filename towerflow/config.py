@@ -214,10 +214,6 @@ class TrainConfig(_Config):
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(0.1, gt=0, description="Softmax temperature on cosine logits.")
     logq: bool = True
-    negatives: Literal["auto", "in_batch", "full"] = Field(
-        "auto", description="full: softmax over the whole catalog each step; in_batch: the batch's positives with "
-                            "logQ correction (and mixed_negatives); auto: full up to full_softmax_max_items items.")
-    full_softmax_max_items: int = Field(20_000, ge=1, description="auto negatives: largest catalog scored in full.")
     mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")

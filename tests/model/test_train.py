@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig
+from towerflow.models.batch import ItemFeatures
 from towerflow.tasks.build_examples import Examples, build_examples
 from towerflow.tasks.evaluate import PopularityBaseline, metrics_from_ranks, target_ranks
 from towerflow.tasks.scoring import model_metrics
-from towerflow.tasks.train import TrainError, TrainResult, train
+from towerflow.tasks.train import TrainError, TrainResult, fit_model_config, train
 
 START = pd.Timestamp("2026-01-01", tz="UTC")
 N_TOPICS, ITEMS_PER_TOPIC, N_USERS = 6, 20, 300
@@ -167,3 +170,19 @@ def test_by_default_early_stopping_watches_a_validation_split_never_the_holdout(
     assert (TrainConfig().epochs, TrainConfig().patience) == (30, 3)
     result = train(ex, config(epochs=2))
     assert result.early_stopping_split == "valid"
+
+
+def test_a_catalog_without_features_trains_without_id_dropout(examples):
+    # The planted world has categories: id_dropout is kept. The same catalog with every feature blanked leaves a
+    # dropped id nothing to stand on, so the model is built with id_dropout 0 (and says why).
+    kept, why = fit_model_config(examples, TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
+    assert (kept.id_dropout, why) == (0.3, None)
+    feats = examples.item_feats
+    blank = copy.copy(examples)
+    blank.item_feats = ItemFeatures(category=torch.zeros_like(feats.category), genres=torch.zeros_like(feats.genres),
+                                    dense=None)
+    fitted, why = fit_model_config(blank, TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
+    assert fitted.id_dropout == 0.0 and "no item features" in why
+    assert train(blank, config(epochs=1, model=TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
+                 ).model.cfg.id_dropout == 0.0
+

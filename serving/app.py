@@ -275,7 +275,9 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
                 service.close()
 
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="towerflow retrieval", lifespan=lifespan, **docs,
+    # no OpenTelemetry providers are configured here: FastAPI would still look them up on every request
+    telemetry = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(title="towerflow retrieval", lifespan=lifespan, telemetry=telemetry, **docs,
                   description="Two-tower retrieval: history states computed offline, context combined online.")
     app.state.service, app.state.batcher = service, batcher
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes)

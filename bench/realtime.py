@@ -455,7 +455,7 @@ def _report_load(r: dict) -> list[str]:
 
 
 def report(r: dict) -> str:
-    lines = _report_load(r) if "http" in r else []
+    lines = _report_load(r) if "ingest_at_rate" in r.get("http", {}) else []  # (not a JSON of an older run's)
     for key in [k for k in r if k == "value" or k.startswith("value_slate") and "_" not in k[len("value_"):]]:
         v = r[key]
         s = v["short_term_signal"]["all"] if "short_term_signal" in v else None

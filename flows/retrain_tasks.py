@@ -173,9 +173,10 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
 def augment_context(examples, config: AugmentConfig):
     from towerflow.tasks.augment_context import augment_context as augment
 
-    augmented, stats = augment(examples.train, examples.item_feats, config)
+    augmented, stats = augment(examples.train, examples.item_feats, config, examples.item_text)
     get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
-                          f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,})")
+                          f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,}); "
+                          f"pseudo-query on {stats.n_pseudo_query:,}")
     examples.train = augmented
     return examples
 

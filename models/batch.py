@@ -7,6 +7,7 @@ Index conventions (shared by every stage):
 - surface ids: position in ``towerflow.contract.SURFACES``.
 - category / genre / demographic value ids: 0 unknown, then 1..cardinality.
 - histories are left-padded: the latest action is in the last column.
+- texts (search queries, item titles + categories) are token hashes (models/query.py), left-aligned, 0-padded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ItemFeatures:
     category: torch.Tensor  # (n + 1,) long
     genres: torch.Tensor  # (n + 1, G) long, padded with 0
     dense: torch.Tensor | None = None  # (n + 1, D) float
+    text: torch.Tensor | None = None  # (n + 1, T) long token hashes of title + category (models/query.py)
 
 
 @dataclass
@@ -53,9 +55,11 @@ class Batch:
     surface: torch.Tensor  # (b,) long
     user_feats: torch.Tensor  # (b, F) long
     target_items: torch.Tensor  # (b,) long; 0 when scoring without a target
+    query: torch.Tensor | None = None  # (b, T) long token hashes of the search query; None or all 0 = no query
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v if v is None else v.to(device) for k, v in moved.items()})
 
     def __len__(self) -> int:
         return self.hist_items.shape[0]

@@ -1,4 +1,7 @@
-"""The item tower: id + category + genre bag + optional dense features -> MLP -> unit vector.
+"""The item tower: id + category + genre bag + optional dense features + text bag -> MLP -> unit vector.
+
+With ``use_query`` the items' title + category tokens (models/query.py) are embedded by ``text_encoder``, the bag
+the user tower also reads the search query with: a query and an item's text meet in one space.
 
 Id-less items (index 0, or an index past the trained id table, i.e. an item added to the catalog after training)
 get their vector from their features alone; training drops the id embedding now and then (``id_dropout``) so that
@@ -15,6 +18,7 @@ from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import FeatureSizes, ItemFeatures
 from towerflow.models.layers import mlp
+from towerflow.models.query import QueryEncoder
 
 
 class FeatureTableError(TowerflowError, ValueError):
@@ -61,7 +65,16 @@ def check_features(features: ItemFeatures, sizes: FeatureSizes) -> ItemFeatures:
         )
     else:
         dense = None
-    return ItemFeatures(category=cat.long().contiguous(), genres=genres.long().contiguous(), dense=dense)
+    text = features.text
+    if text is not None:
+        if text.dim() != 2 or text.shape[0] != n_rows or text.dtype not in (torch.int64, torch.int32):
+            raise FeatureTableError(
+                f"item features: text must be ({n_rows}, T) integer token hashes, got {tuple(text.shape)} {text.dtype}"
+            )
+        if text.numel() and int(text.min()) < 0:
+            raise FeatureTableError("item features: text token hashes must be >= 0 (0 = padding)")
+        text = text.long().contiguous()
+    return ItemFeatures(category=cat.long().contiguous(), genres=genres.long().contiguous(), dense=dense, text=text)
 
 
 class ItemTower(nn.Module):
@@ -80,11 +93,13 @@ class ItemTower(nn.Module):
         self.category_emb = nn.Embedding(sizes.n_categories + 1, d, padding_idx=0)
         self.genre_bag = nn.EmbeddingBag(sizes.n_genres + 1, d, mode="mean", padding_idx=0)
         self.dense_proj = nn.Linear(sizes.dense_dim, d) if sizes.dense_dim > 0 else None
-        n_parts = 3 + (self.dense_proj is not None)
+        self.text_encoder = QueryEncoder(cfg.query_buckets, d) if cfg.use_query else None
+        n_parts = 3 + (self.dense_proj is not None) + (self.text_encoder is not None)
         self.mlp = mlp(n_parts * d, cfg.hidden, cfg.dim, cfg.dropout)
         self.register_buffer("category", torch.empty(0, dtype=torch.long))
         self.register_buffer("genres", torch.empty(0, 1, dtype=torch.long))
         self.register_buffer("dense", None)
+        self.register_buffer("text", None)
         self.set_features(features)
 
     @property
@@ -103,6 +118,10 @@ class ItemTower(nn.Module):
         self.category = f.category.to(device)
         self.genres = f.genres.to(device)
         self.dense = None if f.dense is None else f.dense.to(device)
+        if self.text_encoder is not None:
+            # a catalog without titles still gets a (empty) text bag per item: the tower's input stays one shape
+            text = f.text if f.text is not None else torch.zeros(f.category.shape[0], 1, dtype=torch.long)
+            self.text = text.to(device)
 
     def embed_features(
         self,
@@ -110,8 +129,9 @@ class ItemTower(nn.Module):
         genres: torch.Tensor,
         dense: torch.Tensor | None = None,
         item_idx: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Vectors from explicit features: category (n,), genres (n, G), dense (n, D) -> (n, dim).
+        """Vectors from explicit features: category (n,), genres (n, G), dense (n, D), text (n, T) -> (n, dim).
 
         ``item_idx`` (n,) selects id embeddings; None, 0 or an index past the trained id table means "no id".
         In training mode each item's id is dropped with probability ``cfg.id_dropout``.
@@ -125,6 +145,10 @@ class ItemTower(nn.Module):
                     f"item features: this tower needs dense features of size {self.sizes.dense_dim}"
                 )
             parts.append(self.dense_proj(dense))
+        if self.text_encoder is not None:
+            if text is None:
+                text = torch.zeros(category.shape[0], 1, dtype=torch.long, device=category.device)
+            parts.append(self.text_encoder(text))  # (n, d), 0 for an item without text
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
     def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
@@ -140,7 +164,8 @@ class ItemTower(nn.Module):
             )
         flat = item_idx.reshape(-1)
         dense = None if self.dense is None else self.dense[flat]
-        out = self.embed_features(self.category[flat], self.genres[flat], dense, flat)
+        text = None if self.text is None else self.text[flat]
+        out = self.embed_features(self.category[flat], self.genres[flat], dense, flat, text)
         return out.reshape(*item_idx.shape, -1)
 
     def _id_part(self, item_idx: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``TwoTower.forward(batch) -> (u, v_target)``; the loss lives in models/loss.py. ``save_model`` / ``load_model``
 write and read a directory holding ``model.json`` (config, feature sizes) and ``weights.pt`` (a plain state
 dict with the item feature table and, when set, the log q table), loadable with ``weights_only=True`` and
-without any training code.
+without any training code. A model with the query encoder records the tokenizer it was trained with
+(``tokenizer``: version and hash buckets, models/query.py); loading refuses one this code would tokenize differently.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
 from towerflow.models.item_tower import ItemTower
+from towerflow.models.query import TOKENIZER_VERSION
 from towerflow.models.user_tower import UserTower
 
 FORMAT = "towerflow.two_tower"
@@ -66,7 +68,7 @@ class TwoTower(nn.Module):
         hist_vecs = vecs["hist"].reshape(b, seq_len, -1)  # (b, L, dim)
         h = self.user_tower.encode_history(batch.hist_items, batch.hist_actions, batch.hist_gaps, hist_vecs)
         u = self.user_tower.combine(
-            h, batch.context_items, batch.surface, batch.user_feats, vecs.get("context")
+            h, batch.context_items, batch.surface, batch.user_feats, vecs.get("context"), batch.query
         )
         return u, vecs.get("target")
 
@@ -81,10 +83,16 @@ class TwoTower(nn.Module):
         return self.user_tower.encode_history(hist_items, hist_actions, hist_gaps)
 
     def combine(
-        self, h: torch.Tensor, context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor
+        self,
+        h: torch.Tensor,
+        context_items: torch.Tensor,
+        surface: torch.Tensor,
+        user_feats: torch.Tensor,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The online half: h (b, history_dim), context_items (b,), surface (b,), user_feats (b, F) -> (b, dim)."""
-        return self.user_tower.combine(h, context_items, surface, user_feats)
+        """The online half: h (b, history_dim), context_items (b,), surface (b,), user_feats (b, F),
+        query (b, T) token hashes or None -> (b, dim)."""
+        return self.user_tower.combine(h, context_items, surface, user_feats, query=query)
 
     @property
     def history_dim(self) -> int:
@@ -128,6 +136,8 @@ def save_model(model: TwoTower, directory: str | Path) -> Path:
         "model_config": model.cfg.model_dump(mode="json"),
         "sizes": asdict(model.sizes),
     }
+    if model.cfg.use_query:
+        meta["tokenizer"] = {"version": TOKENIZER_VERSION, "buckets": model.cfg.query_buckets}
     # The user tower's reference to the shared item tower is dropped here and restored by load_model.
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(_SHARED)}
     # Write then rename so a crash never leaves a half-written file under the final name.
@@ -149,7 +159,15 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
             f"{directory / CONFIG_FILE}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
-    cfg = ModelConfig.model_validate(meta["model_config"])
+    # a model saved before the query encoder existed had none: its config lacks the field, and True is the default
+    cfg = ModelConfig.model_validate({"use_query": False, **meta["model_config"]})
+    if cfg.use_query:
+        expected = {"version": TOKENIZER_VERSION, "buckets": cfg.query_buckets}
+        if meta.get("tokenizer") != expected:
+            raise ModelFileError(
+                f"{directory / CONFIG_FILE}: trained with query tokenizer {meta.get('tokenizer')}, this code "
+                f"tokenizes as {expected}: its query and item-text hashes would mean other tokens"
+            )
     s = meta["sizes"]
     sizes = FeatureSizes(**{**s, "demographic_cardinalities": tuple(s["demographic_cardinalities"])})
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
@@ -158,6 +176,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
             category=state["item_tower.category"],
             genres=state["item_tower.genres"],
             dense=state.get("item_tower.dense"),
+            text=state.get("item_tower.text"),
         )
     except KeyError as exc:
         raise ModelFileError(f"{directory / WEIGHTS_FILE}: missing {exc.args[0]}") from exc

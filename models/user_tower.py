@@ -3,8 +3,9 @@
 - ``encode_history`` (offline, cacheable): the last L actions as tokens = item vector + action-type embedding +
   time-gap bucket embedding + learned position; pre-norm Transformer encoder blocks; pooled as max-pool over
   valid tokens concatenated with the latest ``latest_tokens`` tokens (TransAct). Output ``h`` (b, history_dim).
-- ``combine`` (online, per request): the context layer. The viewed item and the surface, demographic embeddings,
-  and ``h`` -> MLP -> unit vector ``u`` (b, dim).
+- ``combine`` (online, per request): the context layer. The viewed item and the surface, the search query's token
+  bag (``use_query``; embedded by the item tower's text encoder), demographic embeddings, and ``h`` -> MLP -> unit
+  vector ``u`` (b, dim). The query is online only: ``encode_history`` never sees it.
 
 Rows with no history at all (new users) get ``h = 0``, so serving can use zeros for a user it has never seen.
 """
@@ -51,7 +52,11 @@ class UserTower(nn.Module):
             self.no_context = nn.Parameter(torch.zeros(d))
             self.surface_emb = nn.Embedding(N_SURFACES, d)
         self.demo_embs = nn.ModuleList(nn.Embedding(c + 1, d) for c in sizes.demographic_cardinalities)
-        in_dim = self.history_dim + (2 * d if cfg.use_context else 0) + d * len(self.demo_embs)
+        if cfg.use_query:
+            self.query_proj = nn.Linear(d, d)
+            self.no_query = nn.Parameter(torch.zeros(d))
+        in_dim = (self.history_dim + (2 * d if cfg.use_context else 0) + (d if cfg.use_query else 0)
+                  + d * len(self.demo_embs))
         self.mlp = mlp(in_dim, cfg.hidden, cfg.dim, cfg.dropout)
         if cfg.history_residual:
             # The mean of the vectors of items the user engaged with, added (gated) to the output, as in YouTube's
@@ -71,6 +76,11 @@ class UserTower(nn.Module):
                 self.context_out.weight.copy_(torch.eye(cfg.dim))
                 self.context_out.bias.zero_()
             self.context_gate = nn.Linear(in_dim, 1)
+        if cfg.use_query and cfg.query_residual:
+            # A direct path from the query's words to the output, as for the viewed item: on `search` the query
+            # names the topic the next engagement is in, which the history-heavy MLP input learns only slowly.
+            self.query_out = nn.Linear(d, cfg.dim)
+            self.query_gate = nn.Linear(in_dim, 1)
 
     def encode_history(
         self,
@@ -136,13 +146,17 @@ class UserTower(nn.Module):
         surface: torch.Tensor,
         user_feats: torch.Tensor,
         context_vecs: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The context layer: h (b, history_dim), context_items (b,), surface (b,), user_feats (b, F) -> u (b, dim).
+        """The context layer: h (b, history_dim), context_items (b,), surface (b,), user_feats (b, F),
+        query (b, T) token hashes or None -> u (b, dim).
 
         ``context_items == 0`` means no viewed item: a learned no-context vector stands in. In training the
         viewed item is replaced by that vector with probability ``context_dropout`` (the surface, always known
         at request time, is kept). With ``use_context=False`` the context arguments are ignored.
         ``context_vecs`` (b, dim) are the item tower's vectors for ``context_items`` if already computed.
+        A row of ``query`` without tokens (or ``query=None``) means no query: a learned no-query vector stands in;
+        in training the whole query is dropped with probability ``query_dropout``.
         """
         if user_feats.dim() != 2 or user_feats.shape[1] != len(self.demo_embs):
             raise UserTowerInputError(
@@ -162,6 +176,16 @@ class UserTower(nn.Module):
                 use = use & (torch.rand(use.shape, device=use.device) >= self.cfg.context_dropout)
             ctx = torch.where(use.unsqueeze(-1), self.context_item_proj(context_vecs), self.no_context)
             parts += [ctx, self.surface_emb(surface)]
+        if self.cfg.use_query:
+            if query is None:
+                query = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
+            if query.dim() != 2 or query.shape[0] != h.shape[0]:
+                raise UserTowerInputError(f"query must be (b={h.shape[0]}, T), got shape {tuple(query.shape)}")
+            has_query = (query > 0).any(dim=1)  # (b,)
+            if self.training and self.cfg.query_dropout > 0:
+                has_query = has_query & (torch.rand(has_query.shape, device=h.device) >= self.cfg.query_dropout)
+            qbag = self.item_tower.text_encoder(query)  # (b, d), the space of the items' text
+            parts.append(torch.where(has_query.unsqueeze(-1), self.query_proj(qbag), self.no_query))
         parts += [emb(user_feats[:, i]) for i, emb in enumerate(self.demo_embs)]
         x = torch.cat(parts, dim=-1)  # (b, in_dim)
         out = self.mlp(x)  # (b, dim)
@@ -171,6 +195,9 @@ class UserTower(nn.Module):
         if self.cfg.use_context and self.cfg.context_residual:
             gate = torch.sigmoid(self.context_gate(x)) * use.unsqueeze(-1)  # (b, 1), 0 without a viewed item
             out = out + gate * self.context_out(context_vecs)
+        if self.cfg.use_query and self.cfg.query_residual:
+            gate = torch.sigmoid(self.query_gate(x)) * has_query.unsqueeze(-1)  # (b, 1), 0 without a query
+            out = out + gate * self.query_out(qbag)
         return F.normalize(out, dim=-1)
 
     def forward(
@@ -181,10 +208,11 @@ class UserTower(nn.Module):
         context_items: torch.Tensor,
         surface: torch.Tensor,
         user_feats: torch.Tensor,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """encode_history then combine -> u (b, dim)."""
         h = self.encode_history(hist_items, hist_actions, hist_gaps)
-        return self.combine(h, context_items, surface, user_feats)
+        return self.combine(h, context_items, surface, user_feats, query=query)
 
 
 def _check_range(name: str, t: torch.Tensor, end: int) -> None:

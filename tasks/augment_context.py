@@ -14,19 +14,27 @@ item related to its target (the positive conversion / engagement event), found i
 3. content: else the target's nearest content neighbour, an item of the same category, nearest by cosine of the
    dense features when the catalog has them, else drawn at random from the category.
 
+Pseudo-queries are the search counterpart: a row with neither context nor query gets, with probability
+``pseudo_query_prob``, a query made of the words of its target's title and category (``Examples.item_text``), each
+word dropped with probability ``query_word_dropout`` (one is always kept, in order), so the shared text bag learns
+that words a user types lead to the items that carry them. Drawn independently of the pseudo-context.
+
 The pseudo-context is never the target itself. Only positive events of the training split are used (the training
 rows themselves), so no holdout event can leak into training through a pseudo-context, whatever the split.
-Deterministic for a given seed. Rows with real context are never touched, and histories are never changed.
+Deterministic for a given seed. Rows with real context (or a real query) are never touched, and histories are never
+changed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from towerflow.config import AugmentConfig
 from towerflow.models.batch import ItemFeatures
+from towerflow.models.query import encode_texts, pad_columns, words
 from towerflow.tasks.build_examples import SequenceExamples
 
 SESSION_NEIGHBOURS = 4  # positive events looked at on each side of the target in the user's timeline
@@ -45,6 +53,7 @@ class AugmentStats:
     n_cooccur: int
     n_content: int
     n_none: int  # drawn, but no related item was found
+    n_pseudo_query: int = 0  # rows given a pseudo-query
 
     @property
     def n_augmented(self) -> int:
@@ -145,14 +154,41 @@ def _content_neighbours(targets: np.ndarray, item_feats: ItemFeatures, rng: np.r
     return out
 
 
-def augment_context(
-    train: SequenceExamples, item_feats: ItemFeatures, config: AugmentConfig | None = None
-) -> tuple[SequenceExamples, AugmentStats]:
-    """A new ``train`` where drawn context-less rows carry a pseudo-context item, and what was done.
+def pseudo_queries(
+    targets: np.ndarray, item_text: Sequence[str], word_dropout: float, rng: np.random.Generator
+) -> list[str]:
+    """For each target item index, its text (title + category) with each word dropped with probability
+    ``word_dropout``; the words left keep their order, and an item whose words were all dropped keeps one at random.
+    An item without text gives ''."""
+    out = []
+    cache: dict[int, list[str]] = {}
+    for t in targets.tolist():
+        ws = cache.get(t)
+        if ws is None:
+            ws = cache[t] = words(item_text[t])
+        if not ws:
+            out.append("")
+            continue
+        keep = rng.random(len(ws)) >= word_dropout
+        if not keep.any():
+            keep[rng.integers(len(ws))] = True
+        out.append(" ".join(w for w, k in zip(ws, keep, strict=True) if k))
+    return out
 
-    Only ``context_items`` is a new array; the other arrays are shared with ``train`` (neither is modified).
+
+def augment_context(
+    train: SequenceExamples,
+    item_feats: ItemFeatures,
+    config: AugmentConfig | None = None,
+    item_text: Sequence[str] | None = None,
+) -> tuple[SequenceExamples, AugmentStats]:
+    """A new ``train`` where drawn context-less rows carry a pseudo-context item (and, given ``item_text``, a
+    pseudo-query), and what was done.
+
+    Only ``context_items`` (and ``query``) are new arrays; the others are shared with ``train`` (neither is modified).
 
     item_feats: the catalog (category (n_items + 1,), optional dense (n_items + 1, D)) for the content fallback.
+    item_text: row i = item index i's title + category (``Examples.item_text``); None: no pseudo-queries.
     """
     config = config or AugmentConfig()
     rng = np.random.default_rng(config.seed)
@@ -179,6 +215,17 @@ def augment_context(
     chosen = np.where(session > 0, session, np.where(cooccur > 0, cooccur, content))
     context = train.context_items.copy()
     context[rows] = chosen
+    query = train.query
+    n_query = 0
+    if item_text is not None and config.pseudo_query_prob > 0:
+        # drawn after the pseudo-contexts, from the same generator: adding queries leaves those draws unchanged
+        q_eligible = eligible & ~(train.query > 0).any(axis=1)
+        q_rows = np.flatnonzero(q_eligible & (rng.random(len(train)) < config.pseudo_query_prob))
+        hashes = encode_texts(pseudo_queries(train.target_items[q_rows], item_text, config.query_word_dropout, rng))
+        width = max(query.shape[1], hashes.shape[1])
+        query = pad_columns(query, width).copy()
+        query[q_rows] = pad_columns(hashes, width)
+        n_query = int((hashes > 0).any(axis=1).sum())
     stats = AugmentStats(
         n_rows=len(train),
         n_eligible=int(eligible.sum()),
@@ -187,5 +234,6 @@ def augment_context(
         n_cooccur=int((cooccur > 0).sum()),
         n_content=int((need & (content > 0)).sum()),
         n_none=int((chosen == 0).sum()),
+        n_pseudo_query=n_query,
     )
-    return replace(train, context_items=context), stats
+    return replace(train, context_items=context, query=query), stats

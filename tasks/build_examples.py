@@ -3,7 +3,8 @@
 One example = one positive action (click / save / conversion) of a user: the target. Its inputs are what was known
 strictly before it: the user's history at the target's time (tasks/history.py: last L actions, positive and
 negative, at most ``max_history_days`` old, time gaps from the user's latest action), the event's
-``context_item_id`` (the viewed item on ``related``; 0 when none) and its surface.
+``context_item_id`` (the viewed item on ``related``; 0 when none), its surface and, on ``search`` only, its
+``query`` as token hashes (models/query.py; a query on another surface is not one the service can receive).
 
 "Before" means strictly earlier ``ts`` for the time split: actions in the same microsecond as the target never
 enter its history (no leakage even when importers write several actions with one timestamp). For the
@@ -47,6 +48,7 @@ from towerflow.config import ExamplesConfig
 from towerflow.contract import POSITIVE_ACTIONS, SURFACES, ContractError, check_columns
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
+from towerflow.models.query import encode_texts
 from towerflow.tasks.history import (
     ACTION_INDEX,
     HISTORY_ACTIONS,
@@ -65,6 +67,7 @@ from towerflow.tasks.vocabulary import (
     build_vocab,
     feature_sizes,
     item_features,
+    item_text,
     user_features,
     value_codes,
 )
@@ -72,7 +75,7 @@ from towerflow.tasks.vocabulary import (
 # names other modules have imported from here since before the split
 __all__ = ["ACTION_INDEX", "HISTORY_ACTIONS", "SURFACE_INDEX", "Examples", "ExamplesError", "SeenItems",
            "SequenceExamples", "Vocab", "build_examples", "gap_bucket", "user_features"]
-EXAMPLES_FORMAT = 2  # 2: token gaps from the user's latest action, max_history_days
+EXAMPLES_FORMAT = 3  # 2: token gaps from the user's latest action, max_history_days; 3: query, item_text
 
 
 class ExamplesError(TowerflowError):
@@ -94,9 +97,14 @@ class SequenceExamples:
     surface: np.ndarray  # (n,) int64
     target_items: np.ndarray  # (n,) int64
     ts: np.ndarray  # (n,) int64 epoch seconds of the target
+    query: np.ndarray | None = None  # (n, T) int64 token hashes of the search query, 0-padded; None = no queries
 
     def __post_init__(self) -> None:
         n = len(self.user_idx)
+        if self.query is None:
+            self.query = np.zeros((n, 1), dtype=np.int64)
+        if self.query.ndim != 2:
+            raise ExamplesError(f"SequenceExamples.query must be (n, T), got shape {self.query.shape}")
         for f in fields(self):
             a = getattr(self, f.name)
             if len(a) != n:
@@ -131,6 +139,7 @@ class SequenceExamples:
             surface=t["surface"],
             user_feats=torch.from_numpy(np.ascontiguousarray(user_feats[self.user_idx[idx]])),
             target_items=t["target_items"],
+            query=t["query"],
         )
 
     def save(self, path: str | Path) -> None:
@@ -140,7 +149,7 @@ class SequenceExamples:
     @classmethod
     def load(cls, path: str | Path) -> SequenceExamples:
         with np.load(path) as z:
-            return cls(**{f.name: z[f.name] for f in fields(cls)})
+            return cls(**{f.name: z[f.name] for f in fields(cls) if f.name in z})
 
     @classmethod
     def empty(cls, max_seq_len: int) -> SequenceExamples:
@@ -162,6 +171,7 @@ class Examples:
     valid: SequenceExamples | None = None  # early-stopping split (config.validation), never the holdout
     valid_seen: SeenItems | None = None
     meta: dict = field(default_factory=dict)  # split, as_of, gap_buckets, counts
+    item_text: list[str] | None = None  # row i = item index i's title + category (pseudo-queries), "" for row 0
 
     @property
     def sizes(self) -> FeatureSizes:
@@ -184,6 +194,10 @@ class Examples:
             feats = {"category": self.item_feats.category.numpy(), "genres": self.item_feats.genres.numpy()}
             if self.item_feats.dense is not None:
                 feats["dense"] = self.item_feats.dense.numpy()
+            if self.item_feats.text is not None:
+                feats["text"] = self.item_feats.text.numpy()
+            if self.item_text is not None:
+                (tmp / "item_text.json").write_text(json.dumps(self.item_text))
             np.savez(tmp / "item_feats.npz", **feats)
             np.save(tmp / "user_feats.npy", self.user_feats)
             (tmp / "vocab.json").write_text(self.vocab.to_json())
@@ -213,8 +227,10 @@ class Examples:
                 category=torch.from_numpy(z["category"]),
                 genres=torch.from_numpy(z["genres"]),
                 dense=torch.from_numpy(z["dense"]) if "dense" in z else None,
+                text=torch.from_numpy(z["text"]) if "text" in z else None,
             )
         valid_path = directory / "valid.npz"
+        text_path = directory / "item_text.json"
         return cls(
             train=SequenceExamples.load(directory / "train.npz"),
             holdout=SequenceExamples.load(directory / "holdout.npz"),
@@ -225,6 +241,7 @@ class Examples:
             valid=SequenceExamples.load(valid_path) if valid_path.exists() else None,
             valid_seen=valid_seen,
             meta=meta,
+            item_text=json.loads(text_path.read_text()) if text_path.exists() else None,
         )
 
 
@@ -243,6 +260,7 @@ class _Events:
     surface: np.ndarray
     context: np.ndarray
     n_dropped_unknown_items: int
+    query: np.ndarray  # (n, T) token hashes, only on `search`
 
 
 def _prepare_events(events: pd.DataFrame, vocab: Vocab, as_of_us: int) -> _Events:
@@ -257,6 +275,8 @@ def _prepare_events(events: pd.DataFrame, vocab: Vocab, as_of_us: int) -> _Event
     keep = (ts < as_of_us) & (item > 0)
     n_unknown = int(((ts < as_of_us) & (item == 0)).sum())
     order = np.argsort(ts[keep], kind="stable")  # ties keep the table's row order
+    query = events["query"].to_numpy(dtype=object)[keep][order]
+    query = np.where(surface[keep][order] == SURFACES.index("search"), query, None)
     user_ids = events["user_id"].to_numpy(dtype=np.int64)[keep][order]
     return _Events(
         user=pd.factorize(user_ids)[0].astype(np.int64),
@@ -267,6 +287,7 @@ def _prepare_events(events: pd.DataFrame, vocab: Vocab, as_of_us: int) -> _Event
         surface=surface[keep][order],
         context=vocab.item_index(events["context_item_id"].to_numpy()[keep][order]),
         n_dropped_unknown_items=n_unknown,
+        query=encode_texts(query),
     )
 
 
@@ -304,13 +325,19 @@ class _HistoryIndex:
         return SequenceExamples(
             user_idx=ev.user_idx[t], hist_items=items, hist_actions=actions, hist_gaps=gaps,
             context_items=ev.context[t], surface=ev.surface[t], target_items=ev.item[t],
-            ts=ev.ts_us[t] // 1_000_000,
+            ts=ev.ts_us[t] // 1_000_000, query=_trim(ev.query[t]),
         )
 
     def seen(self, t: np.ndarray) -> SeenItems:
         """Per target: the distinct items of every history event before it (not only the last L)."""
         start, end = self.bounds(t)
         return SeenItems.from_ranges(self.ev.item[self.h], start, end)
+
+
+def _trim(query: np.ndarray) -> np.ndarray:
+    """(n, T) -> (n, T') without the columns that are padding in every row (T' >= 1)."""
+    used = np.flatnonzero((query > 0).any(axis=0))
+    return query[:, : max(1, int(used[-1]) + 1 if len(used) else 1)]
 
 
 def _first_per_user(user: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -425,4 +452,13 @@ def build_examples(
         valid=valid,
         valid_seen=index.seen(valid_t) if valid_t is not None else None,
         meta=meta,
+        item_text=_item_text_rows(items, vocab),
     )
+
+
+def _item_text_rows(items: pd.DataFrame, vocab: Vocab) -> list[str]:
+    """Row i = the text of item index i (tasks/vocabulary.py item_text), "" for padding and unknown items."""
+    out = np.full(vocab.n_items + 1, "", dtype=object)
+    idx = vocab.item_index(items["item_id"])
+    out[idx[idx > 0]] = item_text(items.loc[idx > 0]).to_numpy()
+    return [str(t) for t in out]

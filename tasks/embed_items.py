@@ -173,7 +173,8 @@ def embed_new_items(item_tower: torch.nn.Module, vocab, items) -> np.ndarray:
         raise EmbeddingError("embed_new_items: the item tower is in training mode (dropout); call .eval() first")
     with torch.inference_mode():
         vec = item_tower.embed_features(f.category[1:].to(device), f.genres[1:].to(device),
-                                        None if dense is None else dense.float().to(device))  # (m, dim)
+                                        None if dense is None else dense.float().to(device),
+                                        text=f.text[1:].to(device))  # (m, dim)
     out = np.empty((len(ids), vec.shape[1]), dtype=np.float32)
     out[order] = vec.cpu().numpy()
     return out

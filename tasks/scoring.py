@@ -86,6 +86,7 @@ def remap_examples(
         surface=seq.surface.copy(),
         target_items=items(seq.target_items),
         ts=seq.ts.copy(),
+        query=seq.query.copy(),  # token hashes do not depend on a vocabulary
     )
     mapped = items(seen.indices)
     rows = [mapped[seen.indptr[r] : seen.indptr[r + 1]] for r in range(len(seen))]

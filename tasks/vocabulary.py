@@ -17,6 +17,7 @@ import torch
 from towerflow.contract import ContractError, check_columns, demographic_columns
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import FeatureSizes, ItemFeatures
+from towerflow.models.query import encode_texts
 
 
 class VocabError(TowerflowError):
@@ -121,7 +122,8 @@ def item_features(items: pd.DataFrame, vocab: Vocab, max_genres: int = 4) -> Ite
     """Catalog features, row i = item index i (row 0 = padding, all zeros).
 
     category (n+1,) long; genres (n+1, max_genres) long, 0-padded; dense (n+1, D) float32 from the optional
-    ``features`` list column (missing rows are zeros), or None when the catalog has no dense features.
+    ``features`` list column (missing rows are zeros), or None when the catalog has no dense features;
+    text (n+1, T) long token hashes of ``item_text`` (models/query.py), the words a search query meets.
     """
     n = vocab.n_items
     idx = vocab.item_index(items["item_id"])
@@ -150,11 +152,20 @@ def item_features(items: pd.DataFrame, vocab: Vocab, max_genres: int = 4) -> Ite
         dense[idx[present]] = np.stack(rows)
         if not np.isfinite(dense).all():
             raise ContractError("items.features: NaN or infinite values")
+    text = np.zeros(n + 1, dtype=object)
+    text[idx] = item_text(items).to_numpy()
     return ItemFeatures(
         category=torch.from_numpy(category),
         genres=torch.from_numpy(genres),
         dense=None if dense is None else torch.from_numpy(dense),
+        text=torch.from_numpy(encode_texts(text)),
     )
+
+
+def item_text(items: pd.DataFrame) -> pd.Series:
+    """An item's text for the query tokenizer: its title (when present) and its category, e.g. 'Kalo ven no. 3 topic_01'."""
+    title = items["title"].astype(object).where(items["title"].notna(), "") if "title" in items else ""
+    return (title + " " + items["category"].astype(str)).str.strip()
 
 
 def user_features(users: pd.DataFrame, vocab: Vocab) -> np.ndarray:

@@ -161,6 +161,11 @@ class ExamplesConfig(_Config):
 class AugmentConfig(_Config):
     pseudo_context_prob: float = Field(0.5, ge=0, le=1, description="Chance a context-less row gets a pseudo-context.")
     session_gap_s: int = Field(1800, ge=1, description="Co-engagements within this many seconds share a session.")
+    pseudo_query_prob: float = Field(
+        0.3, ge=0, le=1, description="Chance a row without context and without query gets a pseudo-query: words of the "
+                                     "engaged item's title and category (tasks/augment_context.py).")
+    query_word_dropout: float = Field(0.5, ge=0, lt=1, description="Chance each word of a pseudo-query is dropped "
+                                                                   "(one word is always kept).")
     seed: int = 0
 
 
@@ -187,6 +192,14 @@ class ModelConfig(_Config):
     hidden: int = Field(64, ge=4, description="Hidden width of the tower MLPs.")
     id_dropout: float = Field(0.1, ge=0, lt=1, description="Chance an item's id embedding is dropped in training.")
     max_seq_len: int = Field(64, ge=1, description="Longest history the position table covers.")
+    use_query: bool = Field(
+        True, description="The search query (hashed words + 3-grams, models/query.py) joins the context layer, and "
+                          "items' title + category words enter the item tower through the same embedding bag. A saved "
+                          "model from before this field loads with false.")
+    query_buckets: int = Field(16_384, ge=1, description="Rows of the hashed token table shared by queries and items.")
+    query_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout of the whole query in training.")
+    query_residual: bool = Field(
+        True, description="Also add a projection of the query's token bag (gated) to the user vector.")
 
 
 def check_history_fits_model(max_seq_len: int, gap_buckets: int, model: ModelConfig) -> None:

@@ -118,3 +118,30 @@ def test_rate_is_about_p_only_context_less_rows_change_and_seeds_are_determinist
     other, _ = augment_context(train, _feats([0, 1, 1, 1]), AugmentConfig(pseudo_context_prob=0.3, seed=6))
     assert np.array_equal(again.context_items, out.context_items)
     assert not np.array_equal(other.context_items, out.context_items)
+
+
+def test_pseudo_queries_are_words_of_the_targets_text_on_rows_without_context_or_query():
+    from towerflow.models.query import encode_texts
+    from towerflow.tasks.augment_context import pseudo_queries
+
+    text = ["", "Red shoe topic_a", "Blue hat topic_b", "", "", "", "", "", "", ""]
+    train = TRAIN.take(np.arange(5))  # targets 1, 2, 4, 3, 3; row 2 has real context
+    query = np.zeros((5, 4), dtype=np.int64)
+    query[3] = encode_texts(["hat"])[0]  # row 3 already has a real query (a search row): 4 tokens
+    train = type(train)(**{**train.__dict__, "query": query})
+    cfg = AugmentConfig(pseudo_context_prob=0.0, pseudo_query_prob=1.0, query_word_dropout=0.0)
+    out, stats = augment_context(train, _feats(CATEGORY), cfg, text)
+    # rows 0, 1 (targets 1, 2) get their item's whole text; row 4's target (3) has no text: nothing; row 2
+    # (context) and row 3 (query) keep theirs
+    assert stats.n_pseudo_query == 2
+    want = encode_texts(["Red shoe topic_a", "Blue hat topic_b"])
+    assert (out.query[:2, : want.shape[1]] == want).all() and not out.query[:2, want.shape[1]:].any()
+    assert not out.query[2].any() and not out.query[4].any()
+    assert (out.query[3, :4] == query[3]).all()
+    assert not train.query[0].any()  # the input is not modified
+    # word dropout: every word dropped with p -> one kept, in order; p = 0.5 over many draws keeps about half
+    rng = np.random.default_rng(0)
+    assert all(len(q.split()) == 1 for q in pseudo_queries(np.array([1] * 20), text, 0.99, rng))
+    kept = [len(q.split()) for q in pseudo_queries(np.array([1] * 2000), text, 0.5, rng)]
+    assert 1.5 < np.mean(kept) < 1.9  # 3 x 0.5 = 1.5, plus the one kept when all 3 drop (1/8): 1.625
+    assert pseudo_queries(np.array([2]), text, 0.0, rng) == ["blue hat topic_b"]

@@ -359,3 +359,25 @@ def test_sequence_examples_reject_misaligned_arrays_and_seen_items_take_rows():
     assert seen.indptr.tolist() == [0, 2, 2, 3] and seen.take(np.array([2, 0])).indices.tolist() == [2, 1, 3]
     masked = seen.take(np.array([True, True, False]))
     assert masked.indptr.tolist() == [0, 2, 2] and masked.indices.tolist() == [1, 3]
+
+
+def test_search_queries_become_example_tokens_and_survive_save_load(tmp_path):
+    from towerflow.models.query import encode_texts
+
+    ev = _events([(1, 1, "click", 10, "search"), (1, 2, "click", 20, "homefeed"), (2, 3, "click", 30, "search"),
+                  (1, 3, "click", DAY + 5, "search")])
+    ev["query"] = ["Red shoes", "stray", None, "hats"]  # the homefeed row's query is not one the service gets
+    items = _items([1, 2, 3], category=["shoes", "shoes", "hats"])
+    items["title"] = ["Red shoe", None, "Blue hat"]
+    ex = build_examples(ev, _users([1, 2]), items, T0 + pd.Timedelta(days=2), ExamplesConfig(**TIME))
+    want = encode_texts(["Red shoes", None, None])
+    assert ex.train.query.shape == want.shape == (3, 10)  # "red shoes": 2 words + 3 + 5 trigrams
+    assert np.array_equal(ex.train.query, want)
+    assert np.array_equal(ex.holdout.query, encode_texts(["hats"]))
+    assert ex.item_text == ["", "Red shoe shoes", "shoes", "Blue hat hats"]
+    assert np.array_equal(ex.item_feats.text.numpy(), encode_texts(ex.item_text))
+    assert np.array_equal(ex.train.to_batch(np.array([0]), ex.user_feats).query.numpy(), want[:1])
+    ex.save(tmp_path / "examples")
+    back = Examples.load(tmp_path / "examples")
+    assert np.array_equal(back.train.query, ex.train.query) and back.item_text == ex.item_text
+    assert torch.equal(back.item_feats.text, ex.item_feats.text)

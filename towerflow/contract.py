@@ -29,6 +29,7 @@ ACTIONS: tuple[str, ...] = ("impression", "click", "save", "conversion", "skip",
 POSITIVE_ACTIONS: tuple[str, ...] = ("click", "save", "conversion")
 NEGATIVE_ACTIONS: tuple[str, ...] = ("skip", "hide")
 SURFACES: tuple[str, ...] = ("homefeed", "related", "search")
+MAX_QUERY_CHARS = 256  # the longest events.query (search surface only) the data gate and /retrieve accept
 FEEDBACK_KINDS: tuple[str, ...] = ("explicit", "ratings", "implicit")
 DEFAULT_FEEDBACK = "explicit"
 

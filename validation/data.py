@@ -3,7 +3,8 @@
 Checks (one ``Check`` each, named ``<table>.<what>``): required columns present, column types, not-null keys,
 ``action`` in ACTIONS and ``surface`` in SURFACES, ids not negative (int64 by type; FAISS answers -1 for "no
 result", so a negative item id would vanish from answers), timestamps inside ``[window_start, window_end)`` and
-not after ``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set), and
+not after ``now``, unique ids, referential integrity (events -> users, items; ``context_item_id`` -> items when set),
+``query`` (a string) at most ``MAX_QUERY_CHARS`` characters and only on ``search`` (what /retrieve accepts), and
 events-per-day and positive-rate bounds relative to the previous snapshot (an empty window always fails). The
 positive-rate bounds apply only where negatives can exist: not to a source recorded as ``implicit`` feedback.
 
@@ -36,6 +37,7 @@ from towerflow.contract import (
 )
 from towerflow.data.source import day_range
 from towerflow.errors import TowerflowError
+from towerflow.models.query import MAX_QUERY_CHARS
 from towerflow.validation.result import MAX_EXAMPLES, Check, GateResult, jsonable
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ NOT_NULL: dict[str, tuple[str, ...]] = {
 UNIQUE = {"events": "event_id", "users": "user_id", "items": "item_id"}
 ID_COLUMNS = {"events": ("user_id", "item_id", "context_item_id"), "users": ("user_id",), "items": ("item_id",)}
 POSITIVE_COL = "_is_positive"  # derived 0/1 column whose mean is the positive rate
+OFF_SEARCH_COL = "_query_off_search"  # derived: the surface of an event that carries a query off `search`, else null
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,14 @@ def _specs(frames: dict[str, pd.DataFrame], start: pd.Timestamp, end: pd.Timesta
             derived[unknown] = values.where(values.notna() & ~values.isin(frames[table][ref]))
             specs.append(_Spec("events", f"events.{col} in {table}", gxe.ExpectColumnValuesToBeNull(column=unknown),
                                f"unknown to {table}.{ref}"))
+    if "query" in ok and "surface" in ok:
+        # GX skips nulls in both expectations: only the queries present are judged
+        specs.append(_Spec("events", f"events.query at most {MAX_QUERY_CHARS} characters",
+                           gxe.ExpectColumnValueLengthsToBeBetween(column="query", max_value=MAX_QUERY_CHARS),
+                           f"longer than {MAX_QUERY_CHARS} characters", rows_too=True))
+        derived[OFF_SEARCH_COL] = ev["surface"].where(ev["query"].notna() & (ev["surface"] != "search"))
+        specs.append(_Spec("events", "events.query only on search", gxe.ExpectColumnValuesToBeNull(column=OFF_SEARCH_COL),
+                           "a query on this surface", rows_too=True))
     lo, hi, _ = _volume_bounds(previous, days, config)
     specs.append(_Spec("events", "events.row count", gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi)))
     if "action" in ok and len(ev):

@@ -313,3 +313,17 @@ def test_days_an_import_recorded_as_empty_are_gaps_not_failures(tmp_path):
     lost = gate("snaps-2")
     assert _failed(lost) == {"events.every day has events"}
     assert lost.check("events.every day has events").examples == ["2026-01-02"]
+
+
+def test_queries_are_gated_on_length_and_surface():
+    ev = _events()  # rows 2, 6, 10, 14, 18 are on search and carry "shoes"
+    ev.loc[6, "query"] = "x" * 257  # one character over the limit /retrieve accepts
+    ev.loc[10, "query"] = "y" * 256  # exactly the limit: fine
+    ev.loc[[0, 1], "query"] = "shoes"  # homefeed and related: a query the service could never receive there
+    result = _gate(ev)
+    assert _failed(result) == {"events.query at most 256 characters", "events.query only on search"}
+    too_long = result.check("events.query at most 256 characters")
+    assert (too_long.observed, too_long.detail) == (1, "1 of 20 rows longer than 256 characters (rows [6])")
+    off = result.check("events.query only on search")
+    assert (off.observed, off.examples) == (2, ["homefeed", "related"])
+    assert off.detail == "2 of 20 rows a query on this surface (rows [0, 1])"

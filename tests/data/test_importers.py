@@ -506,3 +506,18 @@ def test_recbole_file_can_be_named_when_a_directory_holds_several(tmp_path):
     with pytest.raises(ContractError, match="several RecBole .inter files"):
         import_movielens(str(d), str(tmp_path / "src"))
     assert import_movielens(str(d / "other.inter"), str(tmp_path / "src")).n_events == 5
+
+
+def test_interactions_query_column_puts_rows_on_search(tmp_path):
+    f = tmp_path / "log.csv"
+    f.write_text("user,item,timestamp,query\n"
+                 "1,5,2024-03-01T10:00:00Z, red shoes \n"
+                 "2,6,2024-03-01T09:00:00Z,\n"
+                 "1,5,2024-03-01T10:00:00Z, red shoes \n")  # an exact repeat: collapsed with its query
+    s = import_interactions(str(f), str(tmp_path / "src"))
+    ev = ParquetSource(str(tmp_path / "src")).read_events(datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 2, tzinfo=UTC))
+    assert ev[["user_id", "surface", "query"]].values.tolist() == [[2, "homefeed", None], [1, "search", "red shoes"]]
+    assert "query column: 1 rows on the search surface" in str(s)
+    f.write_text("user,item,query\n1,5,ok\n2,6," + "q" * 257 + "\n")
+    with pytest.raises(ContractError, match=r"log.csv: line 3: query of 257 characters; at most 256"):
+        import_interactions(str(f), str(tmp_path / "src2"))

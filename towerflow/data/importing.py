@@ -245,16 +245,22 @@ def event_ids(user_id: pd.Series, item_id: pd.Series, ts: pd.Series) -> pd.Serie
     return base
 
 
-def events_frame(user_id: pd.Series, item_id: pd.Series, action: pd.Series, ts: pd.Series) -> pd.DataFrame:
-    """Contract events on the ``homefeed`` surface without context (imported data has no request context)."""
+def events_frame(user_id: pd.Series, item_id: pd.Series, action: pd.Series, ts: pd.Series,
+                 query: pd.Series | None = None) -> pd.DataFrame:
+    """Contract events without context item (imported data has no viewed item): on the ``homefeed`` surface, or on
+    ``search`` where ``query`` (aligned with the other columns; None = no query) holds one."""
     # reset_index rather than to_numpy: a tz-aware column would become an object array of Timestamps
     cols = {"user_id": user_id, "item_id": item_id, "action": action, "ts": ts.astype("datetime64[us, UTC]")}
+    if query is not None:
+        cols["query"] = query.astype(object)
     df = pd.DataFrame({k: v.reset_index(drop=True) for k, v in cols.items()})
     df = df.sort_values(["ts", "user_id", "item_id"], kind="stable").reset_index(drop=True)
     df.insert(0, "event_id", event_ids(df.user_id, df.item_id, df.ts))
-    df["surface"] = "homefeed"
+    queries = df.pop("query") if query is not None else pd.Series(None, index=df.index, dtype=object)
+    df["surface"] = np.where(queries.notna(), "search", "homefeed")
+    df["surface"] = df["surface"].astype("str")
     df["context_item_id"] = pd.Series(pd.NA, index=df.index, dtype="Int64")
-    df["query"] = None
+    df["query"] = queries.where(queries.notna(), None)
     return df
 
 

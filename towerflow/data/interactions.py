@@ -17,9 +17,11 @@ Input: a CSV (``.csv``; ``.tsv`` is tab-separated) or Parquet (``.parquet``/``.p
   no negative can exist, so the data gate does not apply its positive-rate checks. An ``action`` column is
   ``explicit`` feedback, a ``rating`` column ``ratings``; both keep the positive-rate checks.
 - ``category``: optional; an item's category is the first value seen for it, else ``"unknown"``.
+- ``query``: optional; the search query of the row (at most ``MAX_QUERY_CHARS`` characters, surrounding spaces
+  dropped). A row with a query is on the ``search`` surface, a row with an empty cell on ``homefeed``.
 
 Rows identical in every column to an earlier row are collapsed (double ingestion, not a second event); the
-summary counts them and names the first. Every event is on the ``homefeed`` surface with no context. Users and items tables are synthesized from the
+summary counts them and names the first. No event has a context item. Users and items tables are synthesized from the
 events: ``signup_ts`` / ``created_ts`` = first event time; items have no genres or title.
 """
 
@@ -33,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from towerflow.contract import ContractError
+from towerflow.contract import MAX_QUERY_CHARS, ContractError
 from towerflow.data.importing import (
     ImportSummary,
     check_actions,
@@ -58,6 +60,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "rating": ("rating",),
     "action": ("action",),
     "category": ("category",),
+    "query": ("query",),
 }
 
 
@@ -98,6 +101,18 @@ def _ids(values: pd.Series, file: str, name: str, first_line: int) -> tuple[pd.S
     mapping = pd.DataFrame({"external_id": pd.Series(uniques, dtype="str"),
                             f"{name}_id": np.arange(1, len(uniques) + 1, dtype="int64")})
     return pd.Series(codes + 1, index=values.index, dtype="int64"), mapping
+
+
+def _queries(values: pd.Series, file: str, first_line: int) -> pd.Series:
+    """Query cells -> stripped strings, None for an empty cell; ContractError naming the first line over the limit."""
+    if not (pd.api.types.is_string_dtype(values) or values.dtype == object):
+        raise ContractError(f"{file}: column 'query' must hold text, got {values.dtype}")
+    text = values.astype(object).where(values.notna(), "").map(lambda v: str(v).strip())
+    long = np.flatnonzero(text.str.len().to_numpy() > MAX_QUERY_CHARS)
+    if len(long):
+        raise ContractError(f"{file}: line {first_line + int(long[0])}: query of {len(text.iloc[long[0]])} characters; "
+                            f"at most {MAX_QUERY_CHARS} are allowed ({len(long)} row(s) over)")
+    return text.where(text != "", None)
 
 
 def _timestamps(values: pd.Series, file: str, column: str, first_line: int) -> tuple[pd.Series, str | None]:
@@ -164,11 +179,15 @@ def import_interactions(file: str, out_uri: str, overwrite: bool = False) -> Imp
     else:
         action, feedback = pd.Series(["click"] * len(df), dtype="str"), "implicit"
         notes.append("no rating or action column: every row is a click")
+    query = _queries(df[cols["query"]], file, first_line) if cols["query"] else None
     keep, note = exact_duplicates(df[[c for c in cols.values() if c]], file, first_line)
     if note:
         notes.append(note)
         user_id, item_id, action, ts, df = user_id[keep], item_id[keep], action[keep], ts[keep], df[keep]
-    events = events_frame(user_id, item_id, action, ts)
+    if query is not None:
+        query = query[keep] if note else query
+        notes.append(f"query column: {int(query.notna().sum()):,} rows on the search surface")
+    events = events_frame(user_id, item_id, action, ts, query)
 
     seen = pd.DataFrame({"user_id": user_id.to_numpy(), "item_id": item_id.to_numpy(), "ts": ts.to_numpy()})
     users = seen.groupby("user_id", as_index=False).ts.min().rename(columns={"ts": "signup_ts"})

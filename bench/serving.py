@@ -1,6 +1,7 @@
 """Benchmark: hybrid vs full online retrieval latency over HTTP, and a load test across a promotion.
 
     python -m bench.serving [--concurrency 8] [--requests 2000] [--quick] [--data-root DIR]
+    python -m bench.serving --floor [--items 5000 100000] [--levels 1 8 32 128]   (bench/serving_floor.py)
 
 Setup (skipped when ``--data-root`` already holds it): a synthetic world; two releases from the real retrain flow
 (version 1 registered only, version 2 the champion); user states refreshed for both (a candidate's states are

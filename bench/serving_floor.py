@@ -112,7 +112,8 @@ def measure_world(root: Path, levels: list[int], seconds: float, serve_args: tup
 
 
 def in_process(root: Path, requests: list[dict]) -> dict[str, Any]:
-    """``RetrievalService.retrieve`` one request at a time in this process (torch on 1 thread, as served)."""
+    """``RetrievalService.retrieve`` one request at a time in this process (torch and FAISS on 1 thread, as served)."""
+    import faiss
     import torch
 
     from towerflow.config import Settings
@@ -120,6 +121,7 @@ def in_process(root: Path, requests: list[dict]) -> dict[str, Any]:
     from towerflow.serving.service import RetrievalService
 
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     svc = RetrievalService(Settings(data_root=root), ServingConfig()).start(watch=False)
     lat = []
     try:

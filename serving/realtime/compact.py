@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from towerflow.data.source import ParquetSink
 from towerflow.errors import TowerflowError
-from towerflow.serving.realtime.store import ActionStore, CompactionMark, to_frame
+from towerflow.serving.realtime.store import ActionStore, CompactionMark, to_frame, without_empty_optional
 
 log = logging.getLogger("towerflow.serving.realtime")
 LOCK = "compaction"
@@ -57,6 +57,7 @@ def compact_step(store: ActionStore, sink: ParquetSink, max_rows: int = 100_000)
         part = part[~part["event_id"].isin(ids_in_day(sink, day, besides=name))]
         if len(part) == 0:
             continue
+        part = without_empty_optional(part)  # (a day's part may lack what another day's has)
         written += sink.write_events_day(day, part.sort_values(["ts", "event_id"]).reset_index(drop=True), name=name)
         files.append(f"events/dt={day.isoformat()}/{name}")
     store.set_compaction_mark(CompactionMark(last, None))

@@ -1,13 +1,14 @@
 """A batch of live events checked row by row against the data gate's rules, before the store acknowledges it.
 
 The rules are the data gate's (``validation/data.py``) and the contract's (``towerflow/contract.py``), applied per
-row so that a refusal names the row: the contract's columns and no others (``context_item_id`` and ``query`` may be
-left out: null), the gate's not-null columns (``NOT_NULL``), ids that are integers in int64 and not negative
+row so that a refusal names the row: the contract's columns and no others (``context_item_id``, ``query`` and the
+optional ``request_id`` may be left out: null; ``query`` and ``request_id`` are strings or null), the gate's not-null columns (``NOT_NULL``), ids that are integers in int64 and not negative
 (``ID_COLUMNS``), ``action`` in ACTIONS, ``surface`` in SURFACES, timestamps that are datetimes or ISO-8601 strings
 (naive means UTC; numbers are refused, as ``conform`` refuses them) and not in the future (``max_skew_s`` of clock
 skew allowed), ``event_id`` unique in the batch (the same event twice is one event; two different events under one
 id are refused), and the gate's referential integrity: ``user_id`` in the users table, ``item_id`` and a set
-``context_item_id`` in the items table (when the caller knows the tables). The accepted batch is ``conform``-ed.
+``context_item_id`` in the items table (when the caller knows the tables). The accepted batch is ``conform``-ed
+(with ``request_id`` only when a row sets it).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from towerflow.contract import ACTIONS, REQUIRED_COLUMNS, SURFACES, ContractError, conform
+from towerflow.contract import ACTIONS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SURFACES, ContractError, conform
+from towerflow.serving.realtime.store import without_empty_optional
 from towerflow.validation.data import ID_COLUMNS, NOT_NULL
 
-COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS["events"]
+COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS["events"] + tuple(OPTIONAL_COLUMNS["events"])  # (+ request_id)
 _COLUMN_SET = frozenset(COLUMNS)
-OPTIONAL: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NOT_NULL["events"])  # context_item_id, query
+OPTIONAL: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NOT_NULL["events"])  # context_item_id, query, ...
 INT64_MAX = 2**63 - 1
 
 
@@ -101,7 +103,8 @@ def to_frame(rows: Sequence[Mapping] | pd.DataFrame, where: str = "events") -> p
 # JSON batches whose values all have these Python types (bool is not int here: type() is exact) can be checked
 # column by column with numpy (_clean_json); any other batch takes check_events' row-by-row path
 _CLEAN_KINDS = {"event_id": {str}, "user_id": {int}, "item_id": {int}, "action": {str}, "ts": {str},
-                "surface": {str}, "context_item_id": {int, type(None)}, "query": {str, type(None)}}
+                "surface": {str}, "context_item_id": {int, type(None)}, "query": {str, type(None)},
+                "request_id": {str, type(None)}}
 _ACTION_SET, _SURFACE_SET = frozenset(ACTIONS), frozenset(SURFACES)
 _EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
@@ -140,7 +143,8 @@ def _clean_json(rows: Sequence[Mapping], limit: pd.Timestamp,
     return conform(pd.DataFrame({
         "event_id": pd.array(cols["event_id"], dtype="str"), "user_id": user, "item_id": item,
         "action": pd.array(cols["action"], dtype="str"), "ts": ts, "surface": pd.array(cols["surface"], dtype="str"),
-        "context_item_id": pd.arrays.IntegerArray(ctx, no_ctx), "query": np.array(cols["query"], dtype=object)}),
+        "context_item_id": pd.arrays.IntegerArray(ctx, no_ctx), "query": np.array(cols["query"], dtype=object),
+        "request_id": np.array(cols["request_id"], dtype=object)}),
         "events", where)
 
 
@@ -155,7 +159,7 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
     if not isinstance(rows, pd.DataFrame) and len(rows) > 0:
         clean = _clean_json(rows, limit, known_users, known_items, where)
         if clean is not None:
-            return clean
+            return without_empty_optional(clean)
     df = to_frame(rows, where)
     if len(df) == 0:
         raise EventBatchError(f"{where}: empty batch (nothing to ingest)")
@@ -195,9 +199,9 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
         bad(~nulls & (ints < 0), col, "is negative (ids are not negative: FAISS answers -1 for 'no result')")
     bad(~df["action"].isin(ACTIONS).to_numpy(), "action", f"is not one of {list(ACTIONS)}")
     bad(~df["surface"].isin(SURFACES).to_numpy(), "surface", f"is not one of {list(SURFACES)}")
-    if kinds["query"] is None or not kinds["query"] <= {str, type(None)}:
-        bad(~df["query"].map(lambda v: _null(v) or isinstance(v, str)).to_numpy(), "query",
-            "is not a string or null")
+    for col in ("query", "request_id"):
+        if kinds[col] is None or not kinds[col] <= {str, type(None)}:
+            bad(~df[col].map(lambda v: _null(v) or isinstance(v, str)).to_numpy(), col, "is not a string or null")
 
     ts = df["ts"]
     if not pd.api.types.is_datetime64_any_dtype(ts.dtype):
@@ -236,4 +240,4 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
                                   f"(rows {rows_[:2]})", rows_[1])
         df = df.drop_duplicates().reset_index(drop=True)
 
-    return df
+    return without_empty_optional(df)

@@ -37,11 +37,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from towerflow.contract import conform
+from towerflow.contract import OPTIONAL_COLUMNS, conform
 from towerflow.errors import TowerflowError
 from towerflow.serving.sqlite_file import WalFile
 
-FIELDS = ("event_id", "user_id", "item_id", "action", "ts_us", "surface", "context_item_id", "query")
+FIELDS = ("event_id", "user_id", "item_id", "action", "ts_us", "surface", "context_item_id", "query", "request_id")
 Record = tuple  # one event as FIELDS, ts as UTC epoch microseconds
 
 
@@ -75,29 +75,45 @@ def to_records(events: pd.DataFrame) -> list[Record]:
     ts = pd.DatetimeIndex(events["ts"]).as_unit("us").asi8
     ctx = events["context_item_id"]
     ctx = np.where(ctx.isna().to_numpy(), None, ctx.to_numpy(dtype=np.int64, na_value=0)).tolist()
-    query = [None if q is None or (isinstance(q, float) and np.isnan(q)) else str(q) for q in events["query"].tolist()]
+
+    def strings(col: str) -> list[str | None]:  # a nullable string column; an optional one may be absent
+        values = events[col].tolist() if col in events.columns else [None] * len(events)
+        return [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+
     # whole columns to Python lists first: iterating pandas (Arrow strings, masked ints) value by value cost more
     # than the SQLite insert
     return list(zip(events["event_id"].astype(str).tolist(), events["user_id"].to_numpy(dtype=np.int64).tolist(),
                     events["item_id"].to_numpy(dtype=np.int64).tolist(), events["action"].astype(str).tolist(),
-                    ts.tolist(), events["surface"].astype(str).tolist(), ctx, query, strict=True))
+                    ts.tolist(), events["surface"].astype(str).tolist(), ctx, strings("query"), strings("request_id"),
+                    strict=True))
 
 
 def to_frame(records: Sequence[Record]) -> pd.DataFrame:
     """Records -> a conformed events frame (contract columns and dtypes)."""
     df = pd.DataFrame.from_records(list(records), columns=list(FIELDS))
     df["ts"] = pd.to_datetime(df.pop("ts_us").astype("int64"), unit="us", utc=True)
-    return conform(df, "events")
+    return without_empty_optional(conform(df, "events"))
+
+
+def without_empty_optional(events: pd.DataFrame) -> pd.DataFrame:
+    """``events`` without an optional column (``request_id``) that no row sets: frames, and the files compaction
+    writes, have it only where events carry it, as a source does."""
+    empty = [c for c in OPTIONAL_COLUMNS["events"] if c in events.columns and events[c].isna().all()]
+    return events.drop(columns=empty) if empty else events
 
 
 def encode(record: Record) -> str:
-    """One record as canonical JSON (what Redis stores and compares)."""
-    return json.dumps(dict(zip(FIELDS, record, strict=True)), separators=(",", ":"), sort_keys=True)
+    """One record as canonical JSON (what Redis stores and compares); a null ``request_id`` is left out, so an event
+    stored before the contract had it encodes as it did then."""
+    d = dict(zip(FIELDS, record, strict=True))
+    if d["request_id"] is None:
+        del d["request_id"]
+    return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
 
 def decode(text: str | bytes) -> Record:
     d = json.loads(text)
-    return tuple(d[f] for f in FIELDS)
+    return tuple(d.get(f) for f in FIELDS)
 
 
 @runtime_checkable
@@ -141,7 +157,8 @@ _SCHEMA = (
         surface TEXT NOT NULL,
         context_item_id INTEGER,
         query TEXT,
-        ingested_us INTEGER NOT NULL
+        ingested_us INTEGER NOT NULL,
+        request_id TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts_us)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -165,6 +182,9 @@ class SQLiteActionStore:
         self._db = WalFile(self.path, _SCHEMA, what="realtime action store", error=ActionStoreError,
                            synchronous="FULL", autocommit=True, timeout_s=timeout_s)
         self._con = self._db.connection
+        con = self._con()
+        if "request_id" not in {row[1] for row in con.execute("PRAGMA table_info(events)")}:
+            con.execute("ALTER TABLE events ADD COLUMN request_id TEXT")  # a store made before the contract had it
 
     def append(self, events: pd.DataFrame) -> AppendResult:
         records = to_records(events)
@@ -190,7 +210,7 @@ class SQLiteActionStore:
                 elif old != rec:
                     raise ConflictError(conflict_message(rec[0], row, old, rec), row)
             now = time.time_ns() // 1000
-            con.executemany(f"INSERT INTO events ({_COLS}, ingested_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            con.executemany(f"INSERT INTO events ({_COLS}, ingested_us) VALUES ({', '.join('?' * (len(FIELDS) + 1))})",
                             [(*r, now) for r in new])
             last = self._last_seq(con)
             con.execute("COMMIT")

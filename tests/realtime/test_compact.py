@@ -89,6 +89,22 @@ def test_the_content_is_what_was_acknowledged(store, tmp_path: Path):
     assert back.to_dict("records") == acked.to_dict("records")
 
 
+def test_request_id_the_contracts_optional_column_goes_through_where_events_carry_it(store, tmp_path: Path):
+    uri = str(tmp_path / "source")
+    rows = [{"event_id": f"r{i}", "user_id": 5, "item_id": 9 + i, "action": "impression", "surface": "homefeed",
+             "ts": f"2026-01-0{5 + i}T12:00:00Z", **({"request_id": "q-1"} if i == 0 else {})} for i in range(2)]
+    acked = check_events(rows, now=NOW)
+    assert acked["request_id"].iloc[0] == "q-1" and acked["request_id"].isna().tolist() == [False, True]
+    assert "request_id" not in check_events(rows[1:], now=NOW).columns  # no row sets it: no column
+    store.append(acked)
+    assert [r[-1] for r in store.recent(5)] == ["q-1", None]
+    compact(store, uri)
+    day5, day6 = (ParquetSource(uri).read_day(date(2026, 1, d)) for d in (5, 6))
+    assert day5["request_id"].tolist() == ["q-1"] and "request_id" not in day6.columns
+    with pytest.raises(ValueError, match=r"events\[0\].request_id: 7 is not a string or null"):
+        check_events([{**rows[0], "request_id": 7}], now=NOW)
+
+
 def test_an_event_already_in_its_days_partition_is_not_written_again(store, tmp_path: Path):
     uri = str(tmp_path / "source")
     ParquetSink(uri).write_events_day(date(2026, 1, 5), batch(2, 2))  # e0002, e0003 came with the batch data

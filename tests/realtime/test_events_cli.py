@@ -88,7 +88,7 @@ def test_csv_parquet_and_stdin(root: Path, tmp_path: Path, monkeypatch, capsys):
     store = SQLiteActionStore(root / "realtime.sqlite")
     records = store.read(1, 6)
     assert [r[0] for r in records] == [f"e{i}" for i in range(6)]
-    assert records[1][6:] == (12, "shoes") and records[0][6:] == (None, None)
+    assert records[1][6:] == (12, "shoes", None) and records[0][6:] == (None, None, None)
 
 
 @pytest.fixture

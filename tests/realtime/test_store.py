@@ -46,7 +46,7 @@ def test_recent_is_the_users_last_actions_oldest_first(store):
     assert [r[0] for r in store.recent(1, since_us=since)] == ["b", "c", "d"]
     assert store.recent(3) == []
     rec = store.recent(2)[0]
-    assert rec == ("o", 2, 50, "click", since, "homefeed", None, None)
+    assert rec == ("o", 2, 50, "click", since, "homefeed", None, None, None)
     frame = to_frame(store.recent(1))
     assert frame.event_id.tolist() == ["a", "b", "c", "d"] and str(frame.ts.dtype) == "datetime64[us, UTC]"
 

@@ -154,10 +154,10 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
             flush()  # the events before the item was created go first
             post_due(events["ts"].iloc[i])
         if speed:
-            due = t_wall + (events["ts"].iloc[i] - t_data).total_seconds() / speed
-            if due > time.monotonic():
+            wake = t_wall + (events["ts"].iloc[i] - t_data).total_seconds() / speed  # (not `due`: the items')
+            if wake > time.monotonic():
                 flush()
-                time.sleep(due - time.monotonic())
+                time.sleep(wake - time.monotonic())
         if row["action"] in POSITIVE_ACTIONS:
             flush()
             ctx = {"surface": row["surface"]}

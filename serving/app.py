@@ -5,8 +5,9 @@
 
 Every error is JSON ``{"detail": "<what is wrong>"}``: 400 malformed JSON; 413 a body over
 ``ServingConfig.max_body_bytes`` (64 KiB), refused while it is read; 415 a body that is not ``application/json``;
-422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know; 503
-before any release is loaded.
+422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know, a
+``context.query`` over 256 characters or on a surface other than ``search``; 503 before any release is loaded.
+``{"context": {"surface": "search", "query": "kalo venmi"}}`` joins the query to the context (online only).
 
     POST /events {"events": [{"event_id": "e1", "user_id": 42, "item_id": 77, "action": "click",
                               "ts": "2026-01-05T10:00:00Z", "surface": "homefeed"}, ...]}
@@ -41,7 +42,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from towerflow.config import Settings
 from towerflow.serving.batcher import MicroBatcher
@@ -59,6 +60,8 @@ class Context(BaseModel):
 
     item_id: StrictInt | None = Field(None, ge=-INT64 - 1, le=INT64, description="The item being viewed, if any.")
     surface: Literal["homefeed", "related", "search"] = "homefeed"
+    query: StrictStr | None = Field(None, description="What the user typed: on the 'search' surface only, at most "
+                                                      "256 characters (422 otherwise).")
 
 
 class RetrieveRequest(BaseModel):
@@ -324,7 +327,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         req = parse_body(RetrieveRequest, await request.body())
         # gathered with the requests that arrive meanwhile and answered on a worker thread (serving/batcher.py)
         body = await batcher.submit(Query(req.user_id, req.context.item_id, req.context.surface, req.k,
-                                          req.exclude_seen))
+                                          req.exclude_seen, req.context.query))
         # already the response's shape: skip FastAPI's re-validation of the response model
         return Response(body, media_type="application/json")
 

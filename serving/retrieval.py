@@ -22,15 +22,17 @@ if TYPE_CHECKING:
     from towerflow.serving.realtime.live_items import LiveIndex
 
 
-def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor) -> Batch:
-    """A Batch for requests whose history states ``h`` are already known: (b,) (b,) (b, F) -> Batch.
+def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor,
+                  query: torch.Tensor | None = None) -> Batch:
+    """A Batch for requests whose history states ``h`` are already known: (b,) (b,) (b, F), query (b, T) token
+    hashes or None -> Batch. The query is online only: it joins the context, never the stored ``h``.
 
     Its history fields are a single padding slot (an empty history); ``answer(..., h=h)`` does not read them.
     """
     b = len(context_items)
     empty = torch.zeros((b, 1), dtype=torch.long)
     return Batch(hist_items=empty, hist_actions=empty, hist_gaps=empty, context_items=context_items,
-                 surface=surface, user_feats=user_feats, target_items=torch.zeros(b, dtype=torch.long))
+                 surface=surface, user_feats=user_feats, target_items=torch.zeros(b, dtype=torch.long), query=query)
 
 
 @torch.inference_mode()
@@ -56,7 +58,8 @@ def user_vectors(release: LoadedRelease, batch: Batch, h: torch.Tensor | None = 
     if h is None:
         h = encode_histories(release, batch, item_table)
     context_vecs = None if item_table is None else item_table[batch.context_items]  # (b, d)
-    u = release.model.user_tower.combine(h, batch.context_items, batch.surface, batch.user_feats, context_vecs)
+    u = release.model.user_tower.combine(h, batch.context_items, batch.surface, batch.user_feats, context_vecs,
+                                         batch.query)
     return u.cpu().numpy().astype(np.float32, copy=False)
 
 

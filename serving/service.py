@@ -31,6 +31,7 @@ from towerflow.config import ExamplesConfig, Settings
 from towerflow.data.source import EventSource, ParquetSource, SourceError
 from towerflow.errors import TowerflowError
 from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve_alias
+from towerflow.models.query import MAX_QUERY_CHARS, encode_texts
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
 from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
@@ -54,6 +55,18 @@ class Query(NamedTuple):
     surface: str = "homefeed"
     k: int = 10
     exclude_seen: bool = True
+    query: str | None = None  # the search query (surface "search" only, at most MAX_QUERY_CHARS characters)
+
+
+def query_problem(query: object, surface: str) -> str | None:
+    """Why a request's ``context.query`` cannot be served (the data gate's rules, validation/data.py), or None."""
+    if not isinstance(query, str):
+        return f"context.query must be a string, got {type(query).__name__}"
+    if len(query) > MAX_QUERY_CHARS:
+        return f"context.query has {len(query)} characters; at most {MAX_QUERY_CHARS} are allowed"
+    if surface != "search":
+        return f"context.query is only allowed on the 'search' surface, got surface {surface!r}"
+    return None
 
 
 class RequestError(TowerflowError):
@@ -221,9 +234,9 @@ class RetrievalService:
     # ------------------------------------------------------------------------------------------ requests
 
     def retrieve(self, user_id: int, item_id: int | None = None, surface: str = "homefeed", k: int = 10,
-                 exclude_seen: bool = True) -> dict[str, Any]:
+                 exclude_seen: bool = True, query: str | None = None) -> dict[str, Any]:
         """-> {release, version, path, items: [{item_id, score}]}; raises RequestError / ServiceNotReady."""
-        (out,) = self.retrieve_batch([Query(user_id, item_id, surface, k, exclude_seen)])
+        (out,) = self.retrieve_batch([Query(user_id, item_id, surface, k, exclude_seen, query)])
         if isinstance(out, Exception):
             raise out
         return out
@@ -243,6 +256,8 @@ class RetrievalService:
                 out[i] = RequestError(f"k must be between 1 and {self.config.max_k}, got {q.k}")
             elif q.surface not in SURFACE_INDEX:
                 out[i] = RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {q.surface!r}")
+            elif q.query is not None and (problem := query_problem(q.query, q.surface)):
+                out[i] = RequestError(problem)
             elif q.item_id is not None and context[i] == 0:
                 out[i] = RequestError(f"context.item_id {q.item_id} is not in the catalog of release {b.release_id} "
                                       f"({b.vocab.n_items} items)")
@@ -273,7 +288,8 @@ class RetrievalService:
             batch = context_batch(torch.from_numpy(np.where([queries[i].item_id is None for i in rows], 0,
                                                             context[rows]).astype(np.int64)),
                                   torch.tensor([SURFACE_INDEX[queries[i].surface] for i in rows]),
-                                  torch.from_numpy(b.profiles.of(users)))
+                                  torch.from_numpy(b.profiles.of(users)),
+                                  torch.from_numpy(encode_texts([queries[i].query for i in rows])))
             h = torch.from_numpy(np.stack([np.asarray(h, dtype=np.float32) for _, h in model]))  # (m, history_dim)
             vectors.append(user_vectors(b.release, batch, h, b.item_table))
         if near:

@@ -62,6 +62,31 @@ def test_hybrid_path_equals_the_full_online_path(hybrid, online, users, items):
                                        rtol=0, atol=1e-5)
 
 
+def test_a_search_query_joins_the_context_online_and_batched_answers_equal_alone(hybrid, online, users):
+    from towerflow.serving.service import Query
+
+    words = hybrid.bundle.release.model.cfg.use_query and "kalo venmi"
+    assert words, "the retrain's default model takes the query"
+    u = users[2]
+    plain, typed = hybrid.retrieve(u, None, "search", k=10), hybrid.retrieve(u, None, "search", k=10, query=words)
+    assert typed["path"] == "state" and typed["items"] != plain["items"]  # the query moved the user vector
+    assert hybrid.retrieve(u, None, "search", k=10, query="") == plain  # an empty query is no query
+    _same(online.retrieve(u, None, "search", k=10, query=words), typed)  # the query is online only
+    # one batch mixing queries, no query and a bad query: each answer is the one it gets alone
+    batch = [Query(u, None, "search", 10, True, words), Query(u, None, "search", 10, True, None),
+             Query(u, None, "related", 10, True, words), Query(users[3], None, "search", 10, True, "other words")]
+    out = hybrid.retrieve_batch(batch)
+    _same(out[0], typed)
+    _same(out[1], plain)
+    assert "only allowed on the 'search' surface" in str(out[2])
+    _same(out[3], hybrid.retrieve(users[3], None, "search", k=10, query="other words"))
+
+
+def _same(a: dict, b: dict) -> None:
+    assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+    np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], rtol=0, atol=1e-5)
+
+
 def test_exclude_seen_drops_exactly_the_seen_items(client, served, users):
     store = SQLiteUserStateStore(served.settings.user_states_path)
     seen = set(store.get([users[1]], served.champion.release_id)[users[1]].seen_items.tolist())
@@ -110,6 +135,11 @@ def test_unknown_user_without_context_gets_the_most_popular_items(client, hybrid
     ({"user_id": 1, "context": "related"}, 422, "context: Input should be a valid dictionary"),
     ({"user_id": 1, "exclude_seen": "yes"}, 422, "exclude_seen: Input should be a valid boolean"),
     ({"user_id": 1, "kk": 3}, 422, "kk: Extra inputs are not permitted"),
+    ({"user_id": 1, "context": {"surface": "search", "query": "q" * 257}}, 422,
+     "context.query has 257 characters; at most 256 are allowed"),
+    ({"user_id": 1, "context": {"surface": "homefeed", "query": "shoes"}}, 422,
+     "context.query is only allowed on the 'search' surface, got surface 'homefeed'"),
+    ({"user_id": 1, "context": {"surface": "search", "query": 7}}, 422, "context.query: Input should be a valid string"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_problem(client, body, status, message):
     r = (client.post("/retrieve", content=body, headers={"content-type": "application/json"})

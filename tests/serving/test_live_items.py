@@ -53,13 +53,17 @@ def template(source: ParquetSource, item_id: int, new_id: int, **kw) -> dict:
 
 def tower_vector(bundle, payload: dict) -> np.ndarray:
     """The item tower's vector for the payload's features, worked out here: codes from the release's vocabulary,
-    no id embedding."""
+    no id embedding, the title + category tokens (models/query.py)."""
+    from towerflow.models.query import encode_texts
+
     vocab, tower = bundle.vocab, bundle.release.model.item_tower
     genres = [vocab.genres.index(g) + 1 for g in payload["genres"].split("|")]
     genres += [0] * (tower.genres.shape[1] - len(genres))
+    text = torch.from_numpy(encode_texts([f"{payload['title']} {payload['category']}"]))
     with torch.inference_mode():
         v = tower.embed_features(torch.tensor([vocab.categories.index(payload["category"]) + 1]),
-                                 torch.tensor([genres]), torch.tensor([payload["features"]], dtype=torch.float32))
+                                 torch.tensor([genres]), torch.tensor([payload["features"]], dtype=torch.float32),
+                                 text=text)
     return v[0].numpy()
 
 

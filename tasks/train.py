@@ -268,9 +268,12 @@ def resume(
 
 
 def has_item_features(features: ItemFeatures) -> bool:
-    """Whether any catalog row has a category, a genre or a non-zero dense value (row 0 is padding)."""
-    dense = features.dense is not None and bool(features.dense[1:].abs().sum() > 0)
-    return bool((features.category[1:] > 0).any() or (features.genres[1:] > 0).any() or dense)
+    """Whether the catalog's features tell any two items apart (row 0 is padding): more than one category, genre
+    list or dense vector among the items. One shared value (an importer's ``unknown`` category) tells nothing."""
+    rows = [features.category[1:, None], features.genres[1:]]
+    if features.dense is not None:
+        rows.append(features.dense[1:])
+    return any(len(r) > 1 and bool((r != r[:1]).any()) for r in rows)
 
 
 def fit_model_config(examples: Examples, model: ModelConfig) -> tuple[ModelConfig, str | None]:

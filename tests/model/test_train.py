@@ -179,10 +179,16 @@ def test_a_catalog_without_features_trains_without_id_dropout(examples):
     assert (kept.id_dropout, why) == (0.3, None)
     feats = examples.item_feats
     blank = copy.copy(examples)
-    blank.item_feats = ItemFeatures(category=torch.zeros_like(feats.category), genres=torch.zeros_like(feats.genres),
+    # one category for every item (the importer's "unknown"), no genres: nothing tells two items apart
+    blank.item_feats = ItemFeatures(category=torch.ones_like(feats.category), genres=torch.zeros_like(feats.genres),
                                     dense=None)
     fitted, why = fit_model_config(blank, TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
     assert fitted.id_dropout == 0.0 and "no item features" in why
+    one_genre = copy.copy(blank)
+    genres = torch.zeros_like(feats.genres)
+    genres[1:, 0] = torch.arange(len(genres) - 1) % 2 + 1  # two genres alternate
+    one_genre.item_feats = ItemFeatures(category=blank.item_feats.category, genres=genres, dense=None)
+    assert fit_model_config(one_genre, TINY_MODEL)[1] is None  # genres differ: features to learn from
     assert train(blank, config(epochs=1, model=TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
                  ).model.cfg.id_dropout == 0.0
 

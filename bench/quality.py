@@ -1,11 +1,13 @@
 """Benchmark: retrieval quality on the synthetic world (issue 3 targets), on a holdout large enough to read.
 
     python -m bench.quality [--seeds 0 1 2] [--users 10000] [--events-per-day 30000] [--days 7] [--stale-days 2]
+                            [--threads N] [--result-name quality]
 
 For each seed a fresh world is generated, then (all with the default configs of towerflow/config.py):
 
 - ``contextual``: the model trained on the whole window (last day held out, the day before it for early stopping);
 - ``no-context``: the same model and data with ``use_context=False``;
+- ``no-query``: the same model and data with ``use_query=False`` (no query in the context layer, no item text);
 - ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split;
 - ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, with the catalog of
   that time, scored on the same newest-day holdout (remapped to its vocabulary, as the flow scores the champion:
@@ -14,7 +16,10 @@ For each seed a fresh world is generated, then (all with the default configs of 
 Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface; the holdout is each user's first
 positive action on the last day. Seeds are pooled by concatenating their holdout rows (``pooled``); each seed is
 reported too. Targets (issue 3): on ``related``, contextual Recall@10 >= 2 x no-context and >= 3 x popularity; the
-fresh model beats the stale one on the newest day. Prints tables and writes ``bench/results/quality.json``.
+fresh model beats the stale one on the newest day. Issue 18: on ``search``, contextual Recall@10 >= 3 x no-query and
+>= 1.5 x the best of popularity and co-occurrence; ``related`` and ``homefeed`` no lower than no-query's by more than
+one standard error (binomial, of the contextual model's recall). Prints tables and writes
+``bench/results/quality.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from bench.common import command_line, print_table, write_result
 
 SLICES = ("all", "surface=homefeed", "surface=related", "surface=search")
-MODELS = ("contextual", "no-context", "popularity", "co-occurrence", "stale")
+MODELS = ("contextual", "no-context", "no-query", "popularity", "co-occurrence", "stale")
 
 
 def _examples(src, users, items, start: datetime, end: datetime):
@@ -39,7 +44,7 @@ def _examples(src, users, items, start: datetime, end: datetime):
 
     ex = build_examples(src.read_events(start, end), users, items, end,
                         ExamplesConfig(validation=True, max_holdout_users=None))
-    ex.train, stats = augment_context(ex.train, ex.item_feats, AugmentConfig())
+    ex.train, stats = augment_context(ex.train, ex.item_feats, AugmentConfig(), ex.item_text)
     return ex, stats
 
 
@@ -65,6 +70,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
     config = TrainConfig(num_threads=args.threads)
     no_context = config.model_copy(update={"model": config.model.model_copy(update={"use_context": False})})
+    no_query = config.model_copy(update={"model": config.model.model_copy(update={"use_query": False})})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="towerflow-quality-") as tmp:
         summary = generate_world(tmp, world)
@@ -82,6 +88,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     ranks["contextual"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
     model, cost["no-context"] = _train(fresh, no_context, "no-context")
     ranks["no-context"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
+    model, cost["no-query"] = _train(fresh, no_query, "no-query")
+    ranks["no-query"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
     base = baseline_ranks(fresh)
     ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
     model, cost["stale"] = _train(stale_ex, config, f"stale (window ending {args.stale_days} days earlier)")
@@ -92,7 +100,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         "seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
         "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),
         "n_train_stale": len(stale_ex.train), "holdout_targets_unknown_to_stale": new_items,
-        "pseudo_context_rate": round(aug.rate, 3), "train": cost, "seconds": round(time.perf_counter() - t0, 1),
+        "pseudo_context_rate": round(aug.rate, 3), "pseudo_query_rows": aug.n_pseudo_query, "train": cost, "seconds": round(time.perf_counter() - t0, 1),
         "ranks": {k: v.tolist() for k, v in ranks.items()}, "surface": fresh.holdout.surface.tolist(),
     }
 
@@ -108,6 +116,30 @@ def _metrics(ranks: np.ndarray, surface: np.ndarray) -> dict[str, dict[str, floa
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None  # None: the denominator scored nothing
+
+
+def _stderr(recall: float, n: float) -> float:
+    """Binomial standard error of a recall measured on n rows."""
+    return float(np.sqrt(recall * (1 - recall) / n)) if n > 0 else 0.0
+
+
+def search_targets(pooled: dict) -> tuple[dict, dict]:
+    """Issue 18: the search slice's ratios and the related / homefeed no-regression check -> (ratios, targets)."""
+    sr = {m: pooled[m]["surface=search"]["recall@10"] for m in MODELS if "surface=search" in pooled[m]}
+    best_base = max(sr.get("popularity", 0.0), sr.get("co-occurrence", 0.0))
+    ratios = {"search_contextual_over_no_query": _ratio(sr.get("contextual", 0.0), sr.get("no-query", 0.0)),
+              "search_contextual_over_best_baseline": _ratio(sr.get("contextual", 0.0), best_base)}
+    targets = {
+        "search_recall10_ge_3x_no_query": (ratios["search_contextual_over_no_query"] or 0) >= 3,
+        "search_recall10_ge_1.5x_best_baseline": (ratios["search_contextual_over_best_baseline"] or 0) >= 1.5,
+    }
+    for s in ("related", "homefeed"):
+        c, q = pooled["contextual"][f"surface={s}"], pooled["no-query"][f"surface={s}"]
+        se = _stderr(c["recall@10"], c["n"])
+        ratios[f"{s}_contextual_minus_no_query"] = c["recall@10"] - q["recall@10"]
+        ratios[f"{s}_stderr"] = se
+        targets[f"{s}_recall10_within_1se_of_no_query"] = c["recall@10"] >= q["recall@10"] - se
+    return ratios, targets
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -134,12 +166,17 @@ def summarize(runs: list[dict]) -> dict:
             "ctx_over_pop": _ratio(t["contextual"]["surface=related"]["recall@10"],
                                    t["popularity"]["surface=related"]["recall@10"]),
             "fresh_minus_stale": t["contextual"]["all"]["recall@10"] - t["stale"]["all"]["recall@10"],
+            "search_over_no_query": _ratio(t["contextual"]["surface=search"]["recall@10"],
+                                           t["no-query"]["surface=search"]["recall@10"]),
         })
     targets = {
         "related_recall10_contextual_ge_2x_no_context": rel["contextual"] >= 2 * rel["no-context"],
         "related_recall10_contextual_ge_3x_popularity": rel["contextual"] >= 3 * rel["popularity"],
         "fresh_beats_stale_on_newest_day": ratios["all_fresh_minus_stale"] > 0,
     }
+    search_ratios, search_checks = search_targets(pooled)
+    ratios |= search_ratios
+    targets |= search_checks
     return {"pooled": pooled, "ratios": ratios, "per_seed_related": per_seed, "per_seed_ratios": seed_ratios,
             "targets": targets}
 
@@ -154,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--days", type=int, default=7)
     p.add_argument("--stale-days", type=int, default=2, help="the stale model's window ends this many days earlier")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
+    p.add_argument("--result-name", default="quality", help="writes bench/results/<name>.json (a partial run, e.g. "
+                                                            "one seed, need not replace the full one)")
     args = p.parse_args(argv)
     if args.days - args.stale_days < 3:
         p.error("--days minus --stale-days must leave at least 3 days (train, validation, holdout)")
@@ -171,13 +210,18 @@ def main(argv: list[str] | None = None) -> dict:
                       f"stale = window ending {args.stale_days} days earlier")
     print_table(summary["per_seed_ratios"], [("seed", "seed", ""), ("related ctx/no-ctx", "ctx_over_noctx", ".2f"),
                                              ("related ctx/pop", "ctx_over_pop", ".2f"),
-                                             ("fresh - stale R@10", "fresh_minus_stale", "+.4f")], title="per seed")
+                                             ("fresh - stale R@10", "fresh_minus_stale", "+.4f"),
+                                             ("search ctx/no-query", "search_over_no_query", ".2f")], title="per seed")
     r = summary["ratios"]
     wall = time.perf_counter() - t0
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"\nrelated R@10: contextual / no-context = {fmt(r['related_contextual_over_no_context'])} (target >= 2), "
           f"contextual / popularity = {fmt(r['related_contextual_over_popularity'])} (target >= 3); "
           f"fresh - stale R@10 on the newest day = {r['all_fresh_minus_stale']:+.4f} (target > 0)")
+    print(f"search R@10: contextual / no-query = {fmt(r['search_contextual_over_no_query'])} (target >= 3), "
+          f"contextual / best of popularity and co-occurrence = {fmt(r['search_contextual_over_best_baseline'])} "
+          f"(target >= 1.5); related {r['related_contextual_minus_no_query']:+.4f} (1 s.e. {r['related_stderr']:.4f}),"
+          f" homefeed {r['homefeed_contextual_minus_no_query']:+.4f} (1 s.e. {r['homefeed_stderr']:.4f}) vs no-query")
     print(f"world per seed: {args.users:,} users, {runs[0]['items']:,} items, {runs[0]['events']:,} events over "
           f"{args.days} days; train {runs[0]['n_train']:,} examples; wall time {wall:.0f}s")
     for k, ok in summary["targets"].items():
@@ -190,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         **summary,
         "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface")} for run in runs],
     }
-    write_result("quality", result, command_line("bench.quality", argv))
+    write_result(args.result_name, result, command_line("bench.quality", argv))
     return result
 
 

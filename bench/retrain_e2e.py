@@ -74,7 +74,7 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     examples = stage("build_examples", lambda: build_examples(snapshot.events(), snapshot.users(), snapshot.items(),
                                                               stop, config.examples))
     examples.train = stage("augment_context", lambda: augment_context(examples.train, examples.item_feats,
-                                                                      config.augment)[0])
+                                                                      config.augment, examples.item_text)[0])
     trained = stage("train", lambda: train(examples, config.train))
     ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval))
     stage("gate_model", lambda: gate_model(ev.candidate, None, ev.baselines,

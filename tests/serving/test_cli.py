@@ -40,6 +40,10 @@ def test_serve_query_prints_the_champions_answer(served, capsys, monkeypatch, to
     assert [int(line.split()[2]) for line in lines[1:]] == [i["item_id"] for i in body["items"]]
     assert main(["serve", "query", str(user), "--context-item", "987654321"]) == 1
     assert "context.item_id 987654321 is not in the catalog" in capsys.readouterr().err
+    assert main(["serve", "query", str(user), "--surface", "search", "--query", "kalo", "-k", "4"]) == 0
+    assert f"user {user}, search searching 'kalo', via state" in capsys.readouterr().out
+    assert main(["serve", "query", str(user), "--query", "kalo"]) == 1  # a query off the search surface
+    assert "only allowed on the 'search' surface" in capsys.readouterr().err
 
 
 def test_towerflow_serve_runs_the_http_service(served, monkeypatch):

@@ -2,7 +2,7 @@
 
     towerflow serve [--host 127.0.0.1] [--port 8000] [--docs] [--max-body-bytes 65536]
                                                               the HTTP service (serving/app.py) under uvicorn
-    towerflow serve query USER_ID [--context-item ID] [--surface related] [-k 10]
+    towerflow serve query USER_ID [--context-item ID] [--surface related] [--query TEXT] [-k 10]
                                                               one retrieval from the champion, no server
     towerflow serve refresh [--release champion] [--as-of T]   the refresh-user-states flow, here
 """
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("user_id", type=int)
     q.add_argument("--context-item", type=int, help="the item being viewed, if any")
     q.add_argument("--surface", choices=("homefeed", "related", "search"), default="homefeed")
+    q.add_argument("--query", help="what the user searched (with --surface search)")
     q.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     q.add_argument("--include-seen", action="store_true", help="keep items the user already acted on")
     q.add_argument("--json", action="store_true", help="print the response as JSON")
@@ -118,11 +119,12 @@ def _query(args: argparse.Namespace) -> int:
 
     _threads(args.torch_threads)
     service = RetrievalService(Settings(), _config(args)).start(watch=False)
-    out = service.retrieve(args.user_id, args.context_item, args.surface, args.k, not args.include_seen)
+    out = service.retrieve(args.user_id, args.context_item, args.surface, args.k, not args.include_seen, args.query)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     ctx = f"viewing item {args.context_item} on {args.surface}" if args.context_item is not None else args.surface
+    ctx += f" searching {args.query!r}" if args.query else ""
     print(f"release {out['release']} (version {out['version']}) - user {args.user_id}, {ctx}, via {out['path']}")
     for rank, item in enumerate(out["items"], 1):
         print(f"{rank:>4}. item {item['item_id']:<10} {item['score']:.4f}")

@@ -27,6 +27,18 @@ def seconds(text: str) -> float:
     return value
 
 
+def add_post_options(p: argparse.ArgumentParser, what: str, endpoint: str, batch_size: int) -> None:
+    """``--url``, ``--batch-size`` and ``--max-body-bytes``: sending ``what`` (e.g. "events") to a running service's
+    ``endpoint`` in POSTs cut by count and by the service's body limit, instead of writing locally."""
+    p.add_argument("--url", help=f"a running service (http://HOST:PORT): POST the {what} to its {endpoint} instead "
+                                 "of writing here")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"at most this many {what} per POST with --url (default {batch_size})")
+    p.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
+                   help="and at most this many bytes per POST body: the service's limit (default 65536, as "
+                        "towerflow serve's)")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number, 1 or more."""
     try:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
-from towerflow.commands.common import positive_int
+from towerflow.commands.common import add_post_options
 
 FORMATS = ("ndjson", "csv", "parquet")
 
@@ -42,13 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("file", help="events file, or - to read NDJSON from stdin")
     i.add_argument("--format", choices=FORMATS, help="default: from the file's extension (.ndjson/.jsonl, .csv, "
                                                      ".parquet); stdin is NDJSON")
-    i.add_argument("--url", help="a running service (http://HOST:PORT): POST the events to its /events instead of "
-                                 "writing the store here")
-    i.add_argument("--batch-size", type=positive_int, default=300, help="at most this many events per POST with --url "
-                                                                      "(default 300)")
-    i.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
-                   help="and at most this many bytes per POST body: the service's limit (default 65536, as "
-                        "towerflow serve's)")
+    add_post_options(i, "events", "/events", 300)
     i.set_defaults(handler=_ingest)
 
     r = esub.add_parser("replay", help="replay a day of a source into a running service, asking /retrieve before "

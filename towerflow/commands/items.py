@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from towerflow.commands.common import positive_int
+from towerflow.commands.common import add_post_options
 
 FORMATS = ("ndjson", "parquet")
 
@@ -27,11 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = isub.add_parser("add", help="check and add a file of items (NDJSON, Parquet, or - for NDJSON on stdin)")
     a.add_argument("file", help="items file, or - to read NDJSON from stdin")
     a.add_argument("--format", choices=FORMATS, help="default: from the file's extension; stdin is NDJSON")
-    a.add_argument("--url", help="a running service (http://HOST:PORT): POST the items to its /items")
-    a.add_argument("--batch-size", type=positive_int, default=100, help="at most this many items per POST with "
-                                                                      "--url (default 100)")
-    a.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024,
-                   help="and at most this many bytes per POST body (default 65536, as towerflow serve's)")
+    add_post_options(a, "items", "/items", 100)
     a.set_defaults(handler=_add)
 
 

@@ -282,7 +282,8 @@ def fit_model_config(examples: Examples, model: ModelConfig) -> tuple[ModelConfi
     ``id_dropout`` teaches the item tower to place an item from its features alone (items added after training).
     A catalog without features (a plain ``user,item,timestamp`` file) has nothing to learn that from: a dropped id
     leaves the same constant vector for every item, noise in histories and targets alike, so it is turned off
-    (MovieLens-100K implicit, bench/public_path.py's split: validation HR@10 0.166 with it, 0.194 without).
+    (MovieLens-100K implicit, bench/public_path.py's split, one run each: validation HR@10 0.166 with it, 0.194 without;
+    runs vary by about 0.02).
     """
     if model.id_dropout > 0 and not has_item_features(examples.item_feats):
         return (model.model_copy(update={"id_dropout": 0.0}),

@@ -15,6 +15,8 @@ A release is one directory named by its id (``r-YYYYmmddTHHMMSS-<6 hex>``)::
                                 index.faiss, content hash of the embeddings it indexes, build time
         q_table.npy, q_table.json   optional: the logQ table and its sidecar
         vocab/, vocab.json          optional: id <-> index vocabularies and their sidecar
+        ranker/, ranker.json        optional: the TransAct + DCN v2 ranker (models/ranker.py ``save_ranker``) and
+                                its sidecar: release_id, model_version, the item table it is bound to, metrics
         config.json             release_id, model_version and the config that built it
 
 The user tower and the index must never be served mismatched, so ``verify_release`` refuses a directory unless
@@ -23,11 +25,19 @@ every file is listed with the right sha256, nothing unlisted is present, and eve
 infra/promote.py) holds a release as one model version whose artifacts are exactly this directory, and the
 ``release_sha256`` tag on that version pins release.json, so a consistently rewritten manifest is refused too.
 ``load_release`` resolves an alias to one version, downloads it into a local cache (only a verified copy is ever
-renamed into place), verifies it, and loads index, ids, vectors, q table and model.
+renamed into place), verifies it, and loads index, ids, vectors, q table, model and ranker.
+
+The ranker's item table is THIS release's item embeddings: ``ranker_item_table(item_embeddings.npy)``, row 0 zeros
+(padding / unknown), row i = ``item_embeddings.npy[i - 1]``, i.e. the item ``item_ids.npy[i - 1]``. Those rows are the
+release vocabulary's item indices (``Vocab.item_index``: the vocabulary's sorted ids, 1-based), which is how the
+ranking examples number items; ``LoadedRelease.ranker_rows(item_ids)`` maps FAISS item ids to them (0 for an item the
+release does not hold). ``load_ranker`` checks the table's fingerprint, so a ranker copied in from another release
+(trained over other vectors) is refused even when its ids and checksums were rewritten to match.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -50,6 +60,7 @@ if TYPE_CHECKING:
     import faiss
     from mlflow import MlflowClient
 
+    from towerflow.models.ranker import Ranker
     from towerflow.tasks.build_index import IndexArtifact
     from towerflow.tasks.embed_items import ItemEmbeddings
 
@@ -60,10 +71,11 @@ Q_TABLE = "q_table.npy"
 Q_TABLE_META = "q_table.json"
 VOCAB_DIR = "vocab"
 VOCAB_META = "vocab.json"
+RANKER_DIR, RANKER_META = "ranker", "ranker.json"
 CONFIG = "config.json"
 INDEX_FILE, INDEX_META = "index.faiss", "index.json"
 EMB_VECTORS, EMB_IDS, EMB_META = "item_embeddings.npy", "item_ids.npy", "item_embeddings.json"
-SIDECARS = (USER_TOWER_META, EMB_META, INDEX_META, Q_TABLE_META, VOCAB_META, CONFIG)
+SIDECARS = (USER_TOWER_META, EMB_META, INDEX_META, Q_TABLE_META, VOCAB_META, RANKER_META, CONFIG)
 REQUIRED = (USER_TOWER_META, EMB_VECTORS, EMB_IDS, EMB_META, INDEX_FILE, INDEX_META, CONFIG)
 FORMAT_VERSION = 1
 
@@ -130,6 +142,42 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def ranker_item_table(item_vectors: np.ndarray) -> np.ndarray:
+    """A release's (n, d) item embeddings -> the (n + 1, d) float32 item table its ranker is bound to: row 0 zeros
+    (padding / unknown), row i = ``item_vectors[i - 1]`` (module docstring)."""
+    v = np.asarray(item_vectors, dtype=np.float32)
+    return np.vstack([np.zeros((1, v.shape[1]), np.float32), v])
+
+
+def ranker_rows(release_item_ids: np.ndarray, item_ids: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """(m,) item ids -> (m,) int64 rows of the ranker's item table (``release_item_ids`` position + 1; 0 where the
+    release does not hold the item). ``order``: ``argsort(release_item_ids)``, if already computed."""
+    ids = np.asarray(release_item_ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable") if order is None else order
+    want = np.asarray(item_ids, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ids, want, sorter=order), max(len(ids) - 1, 0))
+    found = (ids[order[pos]] == want) if len(ids) else np.zeros(want.shape, bool)
+    return np.where(found, order[pos] + 1, 0).astype(np.int64)
+
+
+def _ranker_sidecar(ranker: Ranker, embeddings: ItemEmbeddings, tag: dict[str, str],
+                    metrics: Mapping[str, float] | None) -> dict[str, Any]:
+    """The ranker's sidecar; refuses a ranker trained over another item table than ``embeddings``."""
+    from towerflow.models.ranker import table_fingerprint
+
+    table = ranker_item_table(embeddings.vectors)
+    sha = table_fingerprint(table)
+    if table_fingerprint(ranker.item_vectors.cpu()) != sha:
+        raise ReleaseIntegrityError(f"the ranker was trained over an item table {tuple(ranker.item_vectors.shape)} "
+                                    f"that is not release {tag['release_id']}'s item embeddings {table.shape}")
+    return {**tag, "item_table": {"vectors": EMB_VECTORS, "ids": EMB_IDS, "shape": list(table.shape),
+                                  "rows": f"0 = padding / unknown (zeros), i = {EMB_VECTORS}[i - 1] = item "
+                                          f"{EMB_IDS}[i - 1]",
+                                  "embeddings_sha256": embeddings.content_sha256(), "sha256": sha},
+            "dense_dim": ranker.dense_dim,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items() if np.isfinite(v)}}
+
+
 def write_release(
     releases_dir: str | Path,
     *,
@@ -144,11 +192,15 @@ def write_release(
     vocab: str | Path | None = None,
     model_version: str | None = None,
     created_at: datetime | None = None,
+    ranker: Ranker | None = None,
+    ranker_metrics: Mapping[str, float] | None = None,
 ) -> ReleaseManifest:
     """Assemble ``<releases_dir>/<release_id>/`` from its artifacts and write the manifest; returns it verified.
 
     ``config``: a mapping or pydantic model (dumped to JSON). ``q_table``: (n_items + 1,) logQ table or None.
     ``vocab``: a file or directory copied under ``vocab/``. ``model_version`` defaults to the embeddings'.
+    ``ranker``: a trained ranker over ``ranker_item_table(embeddings.vectors)`` (else refused), saved under
+    ``ranker/`` with its held-out ``ranker_metrics`` in the sidecar.
     The directory is built under a temporary name and renamed into place, so a crash never leaves a directory
     that is named like a release but is incomplete.
     """
@@ -189,6 +241,12 @@ def write_release(
                 (tmp / VOCAB_DIR).mkdir()
                 shutil.copy2(vocab, tmp / VOCAB_DIR / vocab.name)
             _write_json(tmp / VOCAB_META, tag)
+        if ranker is not None:
+            from towerflow.models.ranker import save_ranker
+
+            sidecar = _ranker_sidecar(ranker, embeddings, tag, ranker_metrics)
+            save_ranker(ranker, tmp / RANKER_DIR, release_id)
+            _write_json(tmp / RANKER_META, sidecar)
         config_obj = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
         _write_json(tmp / CONFIG, {**tag, "config": config_obj})
         manifest = {
@@ -219,9 +277,11 @@ def embed_release_items(model: Any, vocab: Any, model_version: str) -> ItemEmbed
 
 
 def assemble(releases_dir: str | Path, *, model: Any, vocab: Any, embeddings: ItemEmbeddings, index: IndexArtifact,
-             config: Any, snapshot_id: str, candidate_metrics: Mapping[str, float]) -> ReleaseManifest:
+             config: Any, snapshot_id: str, candidate_metrics: Mapping[str, float], ranker: Ranker | None = None,
+             ranker_metrics: Mapping[str, float] | None = None) -> ReleaseManifest:
     """Write the release of a trained ``model``: its user tower, ``vocab``, item ``embeddings`` and ``index`` under
-    ``embeddings.release_id`` (``write_release``), with the candidate's metrics (less its sample count ``n``)."""
+    ``embeddings.release_id`` (``write_release``), with the candidate's metrics (less its sample count ``n``), and the
+    optional ``ranker`` trained over these embeddings (``ranker_item_table``)."""
     from towerflow.models.two_tower import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +291,8 @@ def assemble(releases_dir: str | Path, *, model: Any, vocab: Any, embeddings: It
         return write_release(releases_dir, release_id=embeddings.release_id, user_tower_dir=tower,
                              embeddings=embeddings, index=index, config=config, snapshot_id=snapshot_id,
                              metrics={k: v for k, v in candidate_metrics.items() if k != "n"},
-                             q_table=model.log_q.numpy(), vocab=vocab_file)
+                             q_table=model.log_q.numpy(), vocab=vocab_file, ranker=ranker,
+                             ranker_metrics=ranker_metrics)
 
 
 def verify_release(
@@ -244,7 +305,8 @@ def verify_release(
 
     Checks: release.json present (and, if given, its sha256 and release id as the registry recorded them);
     every listed file present with its sha256; no unlisted file; every required artifact present; every sidecar
-    names this release id and model version; the index's sidecar names these embeddings and this index file.
+    names this release id and model version; the index's sidecar names these embeddings and this index file; a
+    ranker comes whole (``ranker/`` and its sidecar), saved for this release over these embeddings.
     """
     directory = Path(directory)
     mpath = directory / MANIFEST
@@ -290,8 +352,32 @@ def verify_release(
     if (idx.get("n_items"), idx.get("dim")) != (emb.get("n_items"), emb.get("dim")):
         raise ReleaseIntegrityError(f"{directory / INDEX_META} says {idx.get('n_items')}x{idx.get('dim')}, "
                                     f"{EMB_META} says {emb.get('n_items')}x{emb.get('dim')}")
+    _verify_ranker(directory, rid, listed, sidecars)
     return ReleaseManifest(rid, m.get("created_at", ""), m.get("snapshot_id", ""), model_version,
                            m.get("metrics", {}), m.get("index", {}), listed, directory, msha)
+
+
+def _verify_ranker(directory: Path, rid: str, listed: Mapping[str, str], sidecars: Mapping[str, dict]) -> None:
+    """Without loading torch: the ranker is whole, saved for release ``rid``, over this release's embeddings."""
+    from towerflow.models.ranker import CONFIG_FILE, WEIGHTS_FILE
+
+    in_dir = [rel for rel in listed if rel.startswith(RANKER_DIR + "/")]
+    if not in_dir and RANKER_META not in listed:
+        return
+    for rel in (RANKER_META, f"{RANKER_DIR}/{CONFIG_FILE}", f"{RANKER_DIR}/{WEIGHTS_FILE}"):
+        if rel not in listed:
+            raise ReleaseIntegrityError(f"release {rid} has a ranker without {rel} (in {directory})")
+    saved = _read_json(directory / RANKER_DIR / CONFIG_FILE)
+    if saved.get("release_id") != rid:
+        raise ReleaseIntegrityError(f"{directory / RANKER_DIR / CONFIG_FILE}: a ranker of release "
+                                    f"{saved.get('release_id')}, not of release {rid}")
+    table = sidecars[RANKER_META].get("item_table", {})
+    if table.get("embeddings_sha256") != sidecars[EMB_META].get("content_sha256"):
+        raise ReleaseIntegrityError(f"{directory / RANKER_META}: the ranker is bound to other item embeddings than "
+                                    f"{EMB_VECTORS}")
+    if table.get("sha256") != saved.get("item_table", {}).get("sha256"):
+        raise ReleaseIntegrityError(f"{directory / RANKER_META} and {RANKER_DIR}/{CONFIG_FILE} name different item "
+                                    "tables")
 
 
 @dataclass
@@ -310,10 +396,19 @@ class LoadedRelease:
     version: int | None = None  # registered model version, when loaded from the registry
     alias: str | None = None
     index_meta: dict[str, Any] = field(default_factory=dict)
+    ranker: Ranker | None = None  # over ranker_item_table(item_vectors); None when the release has none
 
     @property
     def path(self) -> Path:
         return self.manifest.path
+
+    @functools.cached_property
+    def _item_order(self) -> np.ndarray:
+        return np.argsort(self.item_ids, kind="stable")
+
+    def ranker_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """(m,) item ids (e.g. from ``search``) -> (m,) int64 rows of the ranker's item table, 0 for unknown ids."""
+        return ranker_rows(self.item_ids, item_ids, self._item_order)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (b, d) float32 -> (scores (b, k), item ids (b, k) int64; -1 where fewer than k items)."""
@@ -336,7 +431,9 @@ def load_release_dir(
 ) -> LoadedRelease:
     """Verify (unless an already verified ``manifest`` of this directory is given) and load a release directory.
 
-    ``load_model(path_to_user_tower_dir)`` loads the user tower (default: ``models.two_tower.load_model``).
+    ``load_model(path_to_user_tower_dir)`` loads the user tower (default: ``models.two_tower.load_model``). A ranker,
+    when the release has one, is loaded over the release's own item table for the release's id: one of another
+    release is refused (ReleaseIntegrityError naming why).
     """
     from towerflow.tasks.build_index import IndexArtifact
 
@@ -358,8 +455,19 @@ def load_release_dir(
     except Exception as exc:
         raise ReleaseIntegrityError(f"the user tower of release {manifest.release_id} "
                                     f"({directory / USER_TOWER_DIR}) failed to load: {exc}") from exc
+    ranker = _load_ranker(directory, manifest, vectors) if RANKER_META in manifest.files else None
     return LoadedRelease(manifest.release_id, manifest, art.index, item_ids, vectors, q_table, config, vocab_dir,
-                         model, index_meta=art.metadata())
+                         model, index_meta=art.metadata(), ranker=ranker)
+
+
+def _load_ranker(directory: Path, manifest: ReleaseManifest, vectors: np.ndarray) -> Ranker:
+    from towerflow.models.ranker import RankerFileError, load_ranker
+
+    try:
+        return load_ranker(directory / RANKER_DIR, ranker_item_table(vectors), release_id=manifest.release_id)
+    except (RankerFileError, OSError, ValueError, RuntimeError) as exc:
+        raise ReleaseIntegrityError(f"the ranker of release {manifest.release_id} ({directory / RANKER_DIR}) is "
+                                    f"refused: {exc}") from exc
 
 
 def cache_dir(settings: Settings) -> Path:
@@ -439,7 +547,7 @@ def load_release(
 ) -> LoadedRelease:
     """Load the release an alias points at, the way serving does: resolve the alias ONCE to a version (so a
     concurrent promotion yields the old release or the new one, never parts of both), fetch and verify every
-    artifact, and load index, ids, vectors, q table, config and user tower."""
+    artifact, and load index, ids, vectors, q table, config, user tower and ranker."""
     from towerflow.infra.tracking import tracking_client
 
     client = tracking_client(settings)

@@ -5,7 +5,8 @@
 
 Every error is JSON ``{"detail": "<what is wrong>"}``: 400 malformed JSON; 413 a body over
 ``ServingConfig.max_body_bytes`` (64 KiB), refused while it is read; 415 a body that is not ``application/json``;
-422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know, a
+422 wrong types, missing or unknown fields, k out of range, a context item the served release does not know (in
+neither its catalog nor its live items), a
 ``context.query`` over 256 characters or on a surface other than ``search``; 503 before any release is loaded.
 ``{"context": {"surface": "search", "query": "kalo venmi"}}`` joins the query to the context (online only).
 

@@ -49,15 +49,18 @@ def encode_histories(release: LoadedRelease, batch: Batch, item_table: torch.Ten
 
 @torch.inference_mode()
 def user_vectors(release: LoadedRelease, batch: Batch, h: torch.Tensor | None = None,
-                 item_table: torch.Tensor | None = None) -> np.ndarray:
+                 item_table: torch.Tensor | None = None, context_vecs: torch.Tensor | None = None) -> np.ndarray:
     """The online half: combine h (b, history_dim) with the batch's context -> u (b, d) float32.
 
     ``h`` None: encode the batch's histories first (the full online path). ``item_table``: as in encode_histories.
+    ``context_vecs`` (b, d): the viewed items' vectors when some are not in ``item_table`` (live items, whose
+    ``batch.context_items`` only says "viewed", > 0); default: looked up in ``item_table``.
     """
     _eval(release)
     if h is None:
         h = encode_histories(release, batch, item_table)
-    context_vecs = None if item_table is None else item_table[batch.context_items]  # (b, d)
+    if context_vecs is None and item_table is not None:
+        context_vecs = item_table[batch.context_items]  # (b, d)
     u = release.model.user_tower.combine(h, batch.context_items, batch.surface, batch.user_feats, context_vecs,
                                          batch.query)
     return u.cpu().numpy().astype(np.float32, copy=False)

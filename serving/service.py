@@ -250,6 +250,11 @@ class RetrievalService:
             raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
         out: list[dict[str, Any] | RequestError] = [{}] * len(queries)
         context = b.item_index([0 if q.item_id is None else q.item_id for q in queries])
+        live_ix = None if self.items is None else self.items.index(b.release_id)
+        # a viewed item the release lacks may be a live one: its vector is its row of the live side index
+        unknown = [i for i, q in enumerate(queries) if q.item_id is not None and context[i] == 0]
+        live_ctx = {} if live_ix is None or not unknown else {i: r for i, r in zip(
+            unknown, live_ix.rows([queries[i].item_id for i in unknown]).tolist(), strict=True) if r >= 0}
         ok = []
         for i, q in enumerate(queries):
             if not 1 <= q.k <= self.config.max_k:
@@ -258,15 +263,16 @@ class RetrievalService:
                 out[i] = RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {q.surface!r}")
             elif q.query is not None and (problem := query_problem(q.query, q.surface)):
                 out[i] = RequestError(problem)
-            elif q.item_id is not None and context[i] == 0:
+            elif q.item_id is not None and context[i] == 0 and i not in live_ctx:
                 out[i] = RequestError(f"context.item_id {q.item_id} is not in the catalog of release {b.release_id} "
-                                      f"({b.vocab.n_items} items)")
+                                      f"({b.vocab.n_items} items) nor one of its "
+                                      f"{0 if live_ix is None else len(live_ix)} live items")
             else:
                 ok.append(i)
         states = None
         if self.config.mode == "hybrid" and self.store is not None and ok:
             states = self.store.get(list({int(queries[i].user_id) for i in ok}), b.release_id)
-        model, near, paths, exclude = [], [], {}, {}  # model: (i, h); near: (i, item row)
+        model, near, paths, exclude = [], [], {}, {}  # model: (i, h); near: (i, the viewed item's vector)
         for i in ok:
             q = queries[i]
             h, seen, paths[i] = self._history(b, int(q.user_id), states)
@@ -275,9 +281,12 @@ class RetrievalService:
                 exclude[i] = np.append(exclude[i], np.int64(q.item_id))
             if h is not None:
                 model.append((i, h))
+            elif i in live_ctx:
+                paths[i] = "context"  # an unknown user viewing a live item: its neighbours
+                near.append((i, live_ix.vectors[live_ctx[i]]))
             elif q.item_id is not None and (row := b.item_row(int(q.item_id))) is not None:
                 paths[i] = "context"  # an unknown user viewing an item: the item's neighbours in this release's index
-                near.append((i, row))
+                near.append((i, b.release.item_vectors[row]))
             else:
                 paths[i] = "popularity"
                 out[i] = self._popular(b, q.k, exclude[i])
@@ -285,20 +294,23 @@ class RetrievalService:
         if model:
             rows = [i for i, _ in model]
             users = np.array([queries[i].user_id for i in rows], dtype=np.int64)
-            batch = context_batch(torch.from_numpy(np.where([queries[i].item_id is None for i in rows], 0,
-                                                            context[rows]).astype(np.int64)),
+            ctx = np.where([queries[i].item_id is None for i in rows], 0, context[rows]).astype(np.int64)
+            ctx_vecs = b.item_table[torch.from_numpy(ctx)]  # (m, d); row 0: no viewed item
+            for j, i in enumerate(rows):
+                if i in live_ctx:  # index past the table (never looked up: its vector is given), > 0 for "viewed"
+                    ctx[j], ctx_vecs[j] = len(b.item_table), torch.from_numpy(live_ix.vectors[live_ctx[i]])
+            batch = context_batch(torch.from_numpy(ctx),
                                   torch.tensor([SURFACE_INDEX[queries[i].surface] for i in rows]),
                                   torch.from_numpy(b.profiles.of(users)),
                                   torch.from_numpy(encode_texts([queries[i].query for i in rows])))
             h = torch.from_numpy(np.stack([np.asarray(h, dtype=np.float32) for _, h in model]))  # (m, history_dim)
-            vectors.append(user_vectors(b.release, batch, h, b.item_table))
+            vectors.append(user_vectors(b.release, batch, h, b.item_table, ctx_vecs))
         if near:
-            vectors.append(np.asarray(b.release.item_vectors[[r for _, r in near]], dtype=np.float32))
+            vectors.append(np.stack([np.asarray(v, dtype=np.float32) for _, v in near]))
         searched = [i for i, _ in model] + [i for i, _ in near]
         if searched:
             found = search(b.release, np.concatenate(vectors), [queries[i].k for i in searched],
-                           [exclude[i] for i in searched], live=None if self.items is None else
-                           self.items.index(b.release_id))
+                           [exclude[i] for i in searched], live=live_ix)
             for i, res in zip(searched, found, strict=True):
                 out[i] = res
         for i in ok:

@@ -35,6 +35,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,19 @@ class LiveIndex:
     @classmethod
     def empty(cls, release_id: str, dim: int) -> LiveIndex:
         return cls(release_id, np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32))
+
+    @cached_property
+    def _order(self) -> np.ndarray:  # sorts item_ids; computed once per (immutable) index, on first lookup
+        return np.argsort(self.item_ids, kind="stable")
+
+    def rows(self, item_ids) -> np.ndarray:
+        """(n,) item ids -> (n,) int64 rows of ``vectors`` holding them, -1 for ids that are not live here."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if len(self) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.item_ids, ids, sorter=self._order), len(self) - 1)
+        rows = self._order[at]
+        return np.where(self.item_ids[rows] == ids, rows, -1).astype(np.int64)
 
     def with_items(self, item_ids: np.ndarray, vectors: np.ndarray) -> LiveIndex:
         """A new index with these items added (an id already here keeps its old vector); self is unchanged."""

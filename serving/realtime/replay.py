@@ -4,7 +4,7 @@ was among its top k.
 
 The day's events are sent in ``POST /events`` batches; before each engagement (a positive action: click, save,
 conversion) the events before it are flushed and ``/retrieve`` is asked for that user with the engagement's context
-(its ``context_item_id``, if the served release knows it, and surface); then the engagement itself is sent. With
+(its ``context_item_id``, if the service knows it: in the release's catalog or a live item; and surface); then the engagement itself is sent. With
 ``speed`` the replay keeps the day's pace, ``speed`` times faster (1: real time); without it, as fast as the
 service answers.
 

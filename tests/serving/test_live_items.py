@@ -105,6 +105,45 @@ def test_a_posted_item_is_embedded_retrievable_counted_and_written_once(live, se
         payload["features"])
 
 
+def test_a_live_item_is_a_viewed_item_with_its_tower_vector(live, served):
+    """A user viewing a brand-new item gets related answers: the context vector is the item's live vector (the
+    vector its features embed to), for a known user (stored h + that context) and an unknown one (its neighbours)."""
+    from towerflow.tasks.history import SURFACE_INDEX
+
+    svc, client, source = live
+    b = svc.bundle
+    payload = template(source, 9, NEW + 20)
+    client.post("/items", json={"items": [payload]}).raise_for_status()
+    index, vec = svc.items.index(b.release_id), tower_vector(b, payload)  # vec (d,)
+    user = int(source.read_users()["user_id"].iloc[3])
+    ask = {"user_id": user, "k": 10, "exclude_seen": False, "context": {"surface": "related", "item_id": NEW + 20}}
+    r = client.post("/retrieve", json=ask)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["path"] == "state"
+    # by hand: the user's stored h combined with the item's tower vector, searched beside the live items,
+    # the viewed item itself left out
+    h = torch.tensor(svc.store.get([user], b.release_id)[user].h[None])  # (1, history_dim)
+    with torch.inference_mode():
+        u = b.release.model.user_tower.combine(h, torch.tensor([1]), torch.tensor([SURFACE_INDEX["related"]]),
+                                               torch.from_numpy(b.profiles.of(np.array([user]))),
+                                               torch.from_numpy(vec[None])).numpy()
+    (want,) = search(b.release, u, 10, [np.array([NEW + 20])], live=index)
+    assert [x["item_id"] for x in got["items"]] == [x["item_id"] for x in want["items"]]
+    assert [x["score"] for x in got["items"]] == pytest.approx([x["score"] for x in want["items"]], abs=1e-5)
+    # the viewed item moves the answer (it is not the no-context one)
+    plain = client.post("/retrieve", json={**ask, "context": {"surface": "related"}}).json()
+    assert [x["item_id"] for x in plain["items"]] != [x["item_id"] for x in got["items"]]
+
+    # an unknown user: the live item's neighbours (its own vector searched, itself left out)
+    cold = client.post("/retrieve", json={**ask, "user_id": 10**9}).json()
+    (near,) = search(b.release, vec[None], 10, [np.array([NEW + 20])], live=index)
+    assert cold["path"] == "context" and cold["items"] == near["items"]
+    # an item neither in the catalog nor live is still refused
+    r = client.post("/retrieve", json={**ask, "context": {"surface": "related", "item_id": NEW + 21}})
+    assert r.status_code == 422 and "nor one of its" in r.json()["detail"]
+
+
 def test_bad_items_are_refused_whole_with_the_row_named(live):
     svc, client, source = live
     n_table, n_live = len(source.read_items()), svc.items.count(svc.bundle.release_id)

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from towerflow.config import ExamplesConfig, Settings
+from towerflow.contract import query_problem
 from towerflow.data.source import EventSource, ParquetSource, SourceError
 from towerflow.errors import TowerflowError
 from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve_alias
-from towerflow.models.query import MAX_QUERY_CHARS, encode_texts
+from towerflow.models.query import encode_texts
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
 from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
@@ -56,17 +57,6 @@ class Query(NamedTuple):
     k: int = 10
     exclude_seen: bool = True
     query: str | None = None  # the search query (surface "search" only, at most MAX_QUERY_CHARS characters)
-
-
-def query_problem(query: object, surface: str) -> str | None:
-    """Why a request's ``context.query`` cannot be served (the data gate's rules, validation/data.py), or None."""
-    if not isinstance(query, str):
-        return f"context.query must be a string, got {type(query).__name__}"
-    if len(query) > MAX_QUERY_CHARS:
-        return f"context.query has {len(query)} characters; at most {MAX_QUERY_CHARS} are allowed"
-    if surface != "search":
-        return f"context.query is only allowed on the 'search' surface, got surface {surface!r}"
-    return None
 
 
 class RequestError(TowerflowError):
@@ -261,7 +251,7 @@ class RetrievalService:
                 out[i] = RequestError(f"k must be between 1 and {self.config.max_k}, got {q.k}")
             elif q.surface not in SURFACE_INDEX:
                 out[i] = RequestError(f"context.surface must be one of {sorted(SURFACE_INDEX)}, got {q.surface!r}")
-            elif q.query is not None and (problem := query_problem(q.query, q.surface)):
+            elif q.query is not None and (problem := query_problem(q.query, q.surface, "context.query")):
                 out[i] = RequestError(problem)
             elif q.item_id is not None and context[i] == 0 and i not in live_ctx:
                 out[i] = RequestError(f"context.item_id {q.item_id} is not in the catalog of release {b.release_id} "

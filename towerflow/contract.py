@@ -34,6 +34,20 @@ FEEDBACK_KINDS: tuple[str, ...] = ("explicit", "ratings", "implicit")
 DEFAULT_FEEDBACK = "explicit"
 
 
+def query_problem(query: object, surface: object, name: str = "query") -> str | None:
+    """Why a search ``query`` cannot sit on an event or request of ``surface`` (None: it can): it is a string of
+    at most MAX_QUERY_CHARS characters, on the ``search`` surface only. THE rule: ``/retrieve`` and ``POST /events``
+    call it, and the data gate (validation/data.py) checks the same two limits over a snapshot's column.
+    ``name``: how the message names the field (``context.query``, ``events[3].query``)."""
+    if not isinstance(query, str):
+        return f"{name} must be a string, got {type(query).__name__}"
+    if len(query) > MAX_QUERY_CHARS:
+        return f"{name} has {len(query)} characters; at most {MAX_QUERY_CHARS} are allowed"
+    if surface != "search":
+        return f"{name} is only allowed on the 'search' surface, got surface {surface!r}"
+    return None
+
+
 def check_feedback(feedback: object, where: str = "") -> str:
     """``feedback`` if it is one of FEEDBACK_KINDS, else a ContractError (naming ``where``, if given)."""
     if feedback not in FEEDBACK_KINDS:

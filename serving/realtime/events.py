@@ -2,7 +2,9 @@
 
 The rules are the data gate's (``validation/data.py``) and the contract's (``towerflow/contract.py``), applied per
 row so that a refusal names the row: the contract's columns and no others (``context_item_id``, ``query`` and the
-optional ``request_id`` may be left out: null; ``query`` and ``request_id`` are strings or null), the gate's not-null columns (``NOT_NULL``), ids that are integers in int64 and not negative
+optional ``request_id`` may be left out: null; ``query`` and ``request_id`` are strings or null; a ``query`` is at most
+``MAX_QUERY_CHARS`` characters and only on the ``search`` surface: the contract's ``query_problem``, the rule
+``/retrieve`` and the gate apply), the gate's not-null columns (``NOT_NULL``), ids that are integers in int64 and not negative
 (``ID_COLUMNS``), ``action`` in ACTIONS, ``surface`` in SURFACES, timestamps that are datetimes or ISO-8601 strings
 (naive means UTC; numbers are refused, as ``conform`` refuses them) and not in the future (``max_skew_s`` of clock
 skew allowed), ``event_id`` unique in the batch (the same event twice is one event; two different events under one
@@ -20,7 +22,16 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from towerflow.contract import ACTIONS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, SURFACES, ContractError, conform
+from towerflow.contract import (
+    ACTIONS,
+    MAX_QUERY_CHARS,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    SURFACES,
+    ContractError,
+    conform,
+    query_problem,
+)
 from towerflow.serving.realtime.store import without_empty_optional
 from towerflow.validation.data import ID_COLUMNS, NOT_NULL
 
@@ -131,6 +142,9 @@ def _clean_json(rows: Sequence[Mapping], limit: pd.Timestamp,
         return None
     if not (set(cols["action"]) <= _ACTION_SET and set(cols["surface"]) <= _SURFACE_SET):
         return None
+    if any(q is not None and (s != "search" or len(q) > MAX_QUERY_CHARS)  # query_problem's rule, for the fast path
+           for q, s in zip(cols["query"], cols["surface"], strict=True)):
+        return None
     ts = pd.to_datetime(cols["ts"], utc=True, format="ISO8601", errors="coerce").as_unit("us")
     if ts.isna().any() or (ts > limit).any() or (ts < _EPOCH).any():
         return None
@@ -202,6 +216,9 @@ def check_events(rows: Sequence[Mapping] | pd.DataFrame, *, now: datetime | None
     for col in ("query", "request_id"):
         if kinds[col] is None or not kinds[col] <= {str, type(None)}:
             bad(~df[col].map(lambda v: _null(v) or isinstance(v, str)).to_numpy(), col, "is not a string or null")
+    for r in np.flatnonzero(~df["query"].map(_null).to_numpy()).tolist():  # the rows with a query (few)
+        if problem := query_problem(df["query"].iloc[r], df["surface"].iloc[r], f"{where}[{r}].query"):
+            raise EventBatchError(problem, r)
 
     ts = df["ts"]
     if not pd.api.types.is_datetime64_any_dtype(ts.dtype):

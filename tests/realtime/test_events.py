@@ -47,6 +47,10 @@ def test_a_good_batch_comes_back_in_contract_dtypes():
                                      "2026-01-06T00:00:05+00:00)"),
     ({"event_id": ""}, "events[1].event_id: '' is not a non-empty string"),
     ({"query": 7}, "events[1].query: 7 is not a string or null"),
+    ({"surface": "search", "query": "q" * 257}, "events[1].query has 257 characters; at most 256 are allowed"),
+    ({"query": "red shoes"}, "events[1].query is only allowed on the 'search' surface, got surface 'homefeed'"),
+    ({"surface": "related", "query": ""}, "events[1].query is only allowed on the 'search' surface, got surface "
+                                          "'related'"),
     ({"colour": "red"}, "events[1]: unknown field(s) ['colour']"),
 ])
 def test_a_bad_row_refuses_the_batch_naming_row_column_and_rule(change, message):
@@ -54,6 +58,17 @@ def test_a_bad_row_refuses_the_batch_naming_row_column_and_rule(change, message)
         check([ev(0), ev(1, **change), ev(2)])
     assert str(err.value).startswith(message), str(err.value)
     assert err.value.row == 1
+
+
+def test_a_query_of_256_characters_on_search_is_taken_and_a_file_batch_is_checked_alike():
+    df = check([ev(0, surface="search", query="q" * 256), ev(1)])
+    assert df["query"].str.len().tolist()[0] == 256
+    frame = pd.DataFrame([ev(0), ev(1, query="red shoes"), ev(2)])  # a file's column: NaN where no query
+    with pytest.raises(EventBatchError, match=r"^events\[1\]\.query is only allowed on the 'search' surface") as err:
+        check(frame)
+    assert err.value.row == 1
+    assert check(frame.assign(surface=["homefeed", "search", "homefeed"]))["query"].tolist() == [
+        None, "red shoes", None]
 
 
 def test_five_seconds_of_clock_skew_are_allowed():

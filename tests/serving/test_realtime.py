@@ -106,6 +106,11 @@ def test_ingest_is_idempotent_and_refuses_bad_batches_whole(live, user):
          "events[1].action: 'like' is not one of"),
         ([event(12, user, items[2]), event(14, 10**9, items[2])], 422,
          "events[1].user_id: 1000000000 is unknown to the source's users table"),
+        # a search query: /retrieve's and the gate's rule (at most 256 characters, search surface only)
+        ([event(12, user, items[2]), event(15, user, items[2], surface="search", query="q" * 257)], 422,
+         "events[1].query has 257 characters; at most 256 are allowed"),
+        ([event(12, user, items[2]), event(16, user, items[2], query="red shoes")], 422,
+         "events[1].query is only allowed on the 'search' surface, got surface 'homefeed'"),
         ([event(12, user, items[2]), {**first[0], "item_id": items[2]}], 409,
          f"events[1].event_id: 'live-{user}-10' is already stored as a different event"),
     ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,13 @@ def run_movielens(path: str, args: argparse.Namespace) -> dict:
 
 def latency(candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
     """Ranking ``candidates`` items for one user (a full sequence of S actions), one torch thread, in process:
-    wall and thread-CPU percentiles per ``LATENCY_CASES``."""
+    wall and thread-CPU percentiles per ``LATENCY_CASES`` and path, the two paths alternating call by call so they
+    share the machine's load: ``shared`` is ``score_candidates`` (the sequence's work done once,
+    ``TransAct.forward_shared``), ``batch`` the same model over the sequence repeated per candidate (what
+    ``score_candidates`` ran before, and what training and evaluation run)."""
     import torch
 
-    from towerflow.models.ranker import Ranker, score_candidates
+    from towerflow.models.ranker import Ranker, RankerBatch, score_candidates
     from towerflow.tasks.train import torch_threads
 
     rows = []
@@ -182,18 +186,31 @@ def latency(candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
             cand = rng.integers(1, n_items + 1, candidates)
             hist_items, hist_actions = rng.integers(1, n_items + 1, s), rng.integers(1, 7, s)
             age, dense = np.sort(rng.random(s) * 1e5)[::-1].astype(np.float32), rng.normal(size=28).astype(np.float32)
-            wall, cpu = [], []
+            c = len(cand)
+            repeated = RankerBatch(torch.as_tensor(cand), torch.zeros(c, dtype=torch.int64),
+                                   torch.as_tensor(hist_items)[None].expand(c, -1),
+                                   torch.as_tensor(hist_actions)[None].expand(c, -1),
+                                   torch.as_tensor(age)[None].expand(c, -1), torch.as_tensor(dense)[None].expand(c, -1))
+
+            paths = {"shared": partial(score_candidates, model, cand, 0, hist_items, hist_actions, age, dense),
+                     "batch": partial(torch.no_grad()(model), repeated)}
+            wall: dict[str, list[float]] = {p: [] for p in paths}
+            cpu: dict[str, list[float]] = {p: [] for p in paths}
             for i in range(reps + 20):
-                t0, c0 = time.perf_counter(), time.thread_time()
-                score_candidates(model, cand, 0, hist_items, hist_actions, age, dense)
-                if i >= 20:  # warm-up: first calls allocate
-                    wall.append(time.perf_counter() - t0)
-                    cpu.append(time.thread_time() - c0)
-            rows.append({"widths": label, "d_model": cfg.action_dim + 2 * cfg.item_dim, "seq_len": s,
-                         "candidates": candidates, "p50_ms": 1e3 * float(np.percentile(wall, 50)),
-                         "p99_ms": 1e3 * float(np.percentile(wall, 99)),
-                         "cpu_p50_ms": 1e3 * float(np.percentile(cpu, 50)),
-                         "cpu_p99_ms": 1e3 * float(np.percentile(cpu, 99))})
+                for p, call in paths.items():
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    call()
+                    if i >= 20:  # warm-up: first calls allocate
+                        wall[p].append(time.perf_counter() - t0)
+                        cpu[p].append(time.thread_time() - c0)
+            for p in paths:
+                rows.append({"widths": label, "d_model": cfg.action_dim + 2 * cfg.item_dim, "seq_len": s,
+                             "candidates": candidates, "path": p,
+                             "p50_ms": 1e3 * float(np.percentile(wall[p], 50)),
+                             "p99_ms": 1e3 * float(np.percentile(wall[p], 99)),
+                             "cpu_p50_ms": 1e3 * float(np.percentile(cpu[p], 50)),
+                             "cpu_p99_ms": 1e3 * float(np.percentile(cpu[p], 99))})
+            rows[-2]["cpu_p50_speedup_vs_batch"] = rows[-1]["cpu_p50_ms"] / rows[-2]["cpu_p50_ms"]
     return rows
 
 
@@ -264,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                     title=f"MovieLens {movielens['scored_rows']:,} held-out ratings (time split), S = {args.seq_len}")
         print(f"  AUC gain {movielens['auc_gain']:+.4f} = {movielens['gain_in_se']:.1f} standard errors")
     lat = latency(200, args.latency_reps)
-    print_table(lat, [("widths", "widths", ""), ("d_model", "d_model", ""), ("S", "seq_len", ""), ("candidates", "candidates", ""), ("p50 ms", "p50_ms", ".2f"),
+    print_table(lat, [("widths", "widths", ""), ("d_model", "d_model", ""), ("S", "seq_len", ""),
+                      ("candidates", "candidates", ""), ("path", "path", ""), ("p50 ms", "p50_ms", ".2f"),
                       ("p99 ms", "p99_ms", ".2f"), ("cpu p50 ms", "cpu_p50_ms", ".2f"),
                       ("cpu p99 ms", "cpu_p99_ms", ".2f")], title="ranking latency, 1 thread, in process")
     write_result(args.name, {"args": vars(args), "summary": rows, "targets": targets, "seeds": seeds,

@@ -99,8 +99,12 @@ class Ranker(nn.Module):
                 got = None if batch.dense is None else tuple(batch.dense.shape)
                 raise ValueError(f"ranker: expects dense features of width {self.dense_dim}, got {got}")
             parts.append(batch.dense)
-        if self.sequence is not None:
-            # hist_* may have batch size 1 for one user's candidates (score_candidates): project once, broadcast.
+        if self.sequence is not None and not self.training and batch.hist_items.shape[0] == 1:
+            # one user's candidates (score_candidates): the sequence's share of the work is done once
+            seq = self.item_repr(batch.hist_items[0])  # (S, di)
+            parts.append(self.sequence.forward_shared(batch.hist_actions[0], seq, cand))
+        elif self.sequence is not None:
+            # hist_* may have batch size 1 for one user's candidates: project once, broadcast.
             b = cand.shape[0]
             seq = self.item_repr(batch.hist_items).expand(b, -1, -1)  # (B, S, di)
             parts.append(self.sequence(batch.hist_actions.expand(b, -1), seq, cand, batch.hist_age_s.expand(b, -1)))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from towerflow.contract import MAX_QUERY_CHARS  # noqa: F401  (the limit that goes with this tokenizer)
@@ -53,6 +54,16 @@ def tokens(text: str) -> list[str]:
         marked = f"#{w}#"
         out += [f"g:{marked[i : i + NGRAM]}" for i in range(len(marked) - NGRAM + 1)]
     return out[:MAX_TOKENS]
+
+
+def texts_differ(texts: Sequence[str | None]) -> bool:
+    """Whether ``texts`` (an item text per catalog row; row 0 is padding and ignored) tell any two items apart.
+
+    A plain ``user,item,timestamp`` import gives every item the same text (its category ``unknown``): a query or a
+    pseudo-query could match nothing in it, so the model skips the query path (tasks/train.py ``fit_model_config``)
+    and augmentation makes no pseudo-queries (tasks/augment_context.py).
+    """
+    return len({" ".join(words(t or "")) for t in texts[1:]}) > 1
 
 
 def token_hashes(text: str) -> list[int]:
@@ -109,4 +120,12 @@ class QueryEncoder(nn.Module):
     def forward(self, hashes: torch.Tensor) -> torch.Tensor:
         if hashes.dim() != 2:
             raise ValueError(f"query token hashes must be (b, T), got shape {tuple(hashes.shape)}")
-        return self.bag(bucket_ids(hashes, self.buckets))
+        # The same mean as self.bag over (b, T) with padding_idx 0, but over the real tokens only, as a flat list
+        # with offsets: a padding_idx keeps CPU embedding bags off their fast kernel (an item text is 33 tokens on
+        # average, and a training step embeds a few thousand items).
+        present = hashes > 0  # (b, T)
+        rows = (hashes[present] - 1) % self.buckets + 1  # (tokens,), bucket_ids of the real tokens, row-major
+        counts = present.sum(dim=1)  # (b,)
+        if hashes.shape[0] == 0:
+            return self.bag.weight.new_zeros(0, self.bag.embedding_dim)
+        return F.embedding_bag(rows, self.bag.weight, counts.cumsum(0) - counts, mode="mean")  # empty bag -> 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from towerflow.config import AugmentConfig
 from towerflow.models.batch import ItemFeatures
-from towerflow.models.query import encode_texts, pad_columns, words
+from towerflow.models.query import encode_texts, pad_columns, texts_differ, words
 from towerflow.tasks.build_examples import SequenceExamples
 
 SESSION_NEIGHBOURS = 4  # positive events looked at on each side of the target in the user's timeline
@@ -188,7 +188,8 @@ def augment_context(
     Only ``context_items`` (and ``query``) are new arrays; the others are shared with ``train`` (neither is modified).
 
     item_feats: the catalog (category (n_items + 1,), optional dense (n_items + 1, D)) for the content fallback.
-    item_text: row i = item index i's title + category (``Examples.item_text``); None: no pseudo-queries.
+    item_text: row i = item index i's title + category (``Examples.item_text``); None, or texts that tell no two
+    items apart (``texts_differ``): no pseudo-queries.
     """
     config = config or AugmentConfig()
     rng = np.random.default_rng(config.seed)
@@ -217,7 +218,7 @@ def augment_context(
     context[rows] = chosen
     query = train.query
     n_query = 0
-    if item_text is not None and config.pseudo_query_prob > 0:
+    if item_text is not None and config.pseudo_query_prob > 0 and texts_differ(item_text):
         # drawn after the pseudo-contexts, from the same generator: adding queries leaves those draws unchanged
         q_eligible = eligible & ~(train.query > 0).any(axis=1)
         q_rows = np.flatnonzero(q_eligible & (rng.random(len(train)) < config.pseudo_query_prob))

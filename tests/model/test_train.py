@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from towerflow.config import ExamplesConfig, ModelConfig, TrainConfig
+from towerflow.config import AugmentConfig, ExamplesConfig, ModelConfig, TrainConfig
 from towerflow.models.batch import ItemFeatures
+from towerflow.models.query import texts_differ
+from towerflow.tasks.augment_context import augment_context
 from towerflow.tasks.build_examples import Examples, build_examples
 from towerflow.tasks.evaluate import PopularityBaseline, metrics_from_ranks, target_ranks
 from towerflow.tasks.scoring import model_metrics
@@ -192,3 +194,23 @@ def test_a_catalog_without_features_trains_without_id_dropout(examples):
     assert train(blank, config(epochs=1, model=TINY_MODEL.model_copy(update={"id_dropout": 0.3}))
                  ).model.cfg.id_dropout == 0.0
 
+
+
+def test_item_texts_that_tell_no_two_items_apart_train_without_the_query_path(examples):
+    # A plain user,item,timestamp import titles nothing and gives every item the category "unknown": one text for
+    # all. A query could match nothing, so the model is built without the query path and no pseudo-query is made.
+    assert texts_differ(["", "Red shoes", "red  SHOES!"]) is False  # one text once normalised
+    assert texts_differ(["", "red shoes", "blue shoes"]) is True
+    query_model = TINY_MODEL.model_copy(update={"use_query": True})
+    with_text = copy.copy(examples)
+    with_text.item_text = [""] + [f"item {i}" for i in range(1, len(examples.item_feats.category))]
+    assert fit_model_config(with_text, query_model)[1] is None
+    blank = copy.copy(examples)
+    blank.item_text = [""] + ["unknown"] * (len(examples.item_feats.category) - 1)
+    fitted, why = fit_model_config(blank, query_model)
+    assert fitted.use_query is False and "use_query -> False" in why
+    _, stats = augment_context(blank.train, blank.item_feats, AugmentConfig(pseudo_query_prob=1.0), blank.item_text)
+    assert stats.n_pseudo_query == 0
+    _, stats = augment_context(with_text.train, with_text.item_feats, AugmentConfig(pseudo_query_prob=1.0),
+                               with_text.item_text)
+    assert stats.n_pseudo_query > 0

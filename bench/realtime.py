@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import bench_data_root, write_result
-from bench.serving import Server, _Connection, _pct, prepare
+from bench.serving import Server, _Connection, _pct, _retrain_config, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results" / "realtime.json"
 BATCH = 300  # events per POST: about 45 KB, under the service's 64 KiB body limit
@@ -316,12 +316,25 @@ class InProcess:
             return 422, {"detail": str(exc)}
 
 
-def measure_value(root: Path, quick: bool, slate: int = 1) -> dict[str, Any]:
+def value_retrain_config(quick: bool, trained: bool):
+    """The value replay's champion: ``bench.serving``'s (one epoch), or with ``trained`` the default retrain config
+    (up to 30 epochs, early stopping on the validation split's recall@10, 1 torch thread), its ranking stages off
+    (``/retrieve`` does not use a ranker) and its gates open (the bench measures serving, not promotion)."""
+    if not trained:
+        return _retrain_config(quick, 0, promote=True)
+    from towerflow.config import GateConfig, RankerStageConfig, RetrainConfig
+
+    return RetrainConfig(gates=GateConfig(min_lift_over_popularity=-1.0, max_regression=1.0),
+                         ranker=RankerStageConfig(enabled=False), promote=True)
+
+
+def measure_value(root: Path, quick: bool, slate: int = 1, trained: bool = False) -> dict[str, Any]:
     """Section 3 on the world of ``bench.serving`` (with ``slate`` > 1: slates of that many items per request and
-    as many events in all, sessions with a topic of their own), plus ``short_term_signal`` of its last day."""
+    as many events in all, sessions with a topic of their own), plus ``short_term_signal`` of its last day.
+    ``trained``: the champion is trained to convergence (``value_retrain_config``), not for one epoch."""
     import torch
 
-    from bench.serving import _retrain_config, _world
+    from bench.serving import _world
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource
     from towerflow.serving.config import ServingConfig
@@ -346,10 +359,12 @@ def measure_value(root: Path, quick: bool, slate: int = 1) -> dict[str, Any]:
             from towerflow.flows.retrain import retrain
 
             generate_world(str(root / "source"), world)
+            t0 = time.perf_counter()
             champion = retrain(as_of=last, lookback_days=min(7, world.days - 1),
-                               config=_retrain_config(quick, 0, promote=True))
+                               config=value_retrain_config(quick, trained))
             refresh_user_states(release=champion.release_id, as_of=day_start, lookback_days=365, incremental=False)
-            ready.write_text(json.dumps({"release": champion.release_id}))
+            ready.write_text(json.dumps({"release": champion.release_id, "retrain_s": round(time.perf_counter() - t0),
+                                         "holdout": champion.metrics}))
         settings = Settings(data_root=root)
         source = ParquetSource(settings.source)
         events, items = source.read_day(last), source.read_items()
@@ -362,13 +377,18 @@ def measure_value(root: Path, quick: bool, slate: int = 1) -> dict[str, Any]:
                                        live_items=live_items)
                 svc = RetrievalService(settings, config, realtime=SQLiteActionStore(Path(tmp) / "rt.sqlite")
                                        if realtime else None).start(watch=False)
+                load0 = os.getloadavg()[0]
                 out[name] = replay(events, InProcess(svc), k=10, ingest=realtime, items=created,
                                    post_items=live_items).to_dict()
+                out[name]["load_average"] = round((load0 + os.getloadavg()[0]) / 2, 1)  # the machine is shared
                 out[name]["live_items_at_end"] = svc.status().get("live_items")
                 svc.close()
     finally:
         os.environ["TOWERFLOW_DATA_ROOT"] = old_root
+    champion_info = json.loads(ready.read_text())
     return {"day": last.isoformat(), "events": int(len(events)), **out,
+            "model": {"trained": trained, "retrain_s": champion_info.get("retrain_s"),
+                      "holdout": champion_info.get("holdout")},
             "recall_ratio_realtime_over_frozen": round(out["realtime"]["recall_at_k"]
                                                        / max(out["frozen"]["recall_at_k"], 1e-9), 3),
             # engagements on items the user had not acted on earlier that day: exclude_seen cannot drop them
@@ -456,7 +476,7 @@ def _report_load(r: dict) -> list[str]:
 
 def report(r: dict) -> str:
     lines = _report_load(r) if "ingest_at_rate" in r.get("http", {}) else []  # (not a JSON of an older run's)
-    for key in [k for k in r if k == "value" or k.startswith("value_slate") and "_" not in k[len("value_"):]]:
+    for key in [k for k in r if k.startswith("value") and not k.endswith(("_command", "_when"))]:
         v = r[key]
         s = v["short_term_signal"]["all"] if "short_term_signal" in v else None
         lines.append(f"{key} ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
@@ -493,6 +513,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--slate", type=int, default=1,
                    help="the value world's slate size (default 1; N > 1: its own world under <data root>/value-slateN, "
                         "written as value_slateN)")
+    p.add_argument("--trained", action="store_true",
+                   help="the value replay's champion trained to convergence (the default retrain config: up to 30 "
+                        "epochs, early stopping) instead of bench.serving's one epoch; written as <key>_trained")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     with bench_data_root(args.data_root, "towerflow-bench-realtime-") as root:
@@ -505,12 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.only_value:
             result |= {"world": prepare(root, args.quick)["world"], "recompute": measure_recompute(root),
                        "http": measure_http(root, args.rps, args.seconds, args.ingest_rate)}
-        key = "value" if args.slate == 1 else f"value_slate{args.slate}"
+        key = ("value" if args.slate == 1 else f"value_slate{args.slate}") + ("_trained" if args.trained else "")
         if args.value or args.only_value:
-            result[key] = measure_value(root / key.replace("_", "-"), args.quick, args.slate)
+            result[key] = measure_value(root / key.replace("_", "-"), args.quick, args.slate, args.trained)
     kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.only_value:  # keep the load sections and the other value sections of the last runs beside it
-        result = {**kept, key: result[key], f"{key}_command": result["command"], f"{key}_when": result["when"]}
+        result = {**result, **kept, key: result[key], f"{key}_command": result["command"],
+                  f"{key}_when": result["when"]}
     else:  # keep the value sections (and their commands) this run did not make
         made = {key, f"{key}_command", f"{key}_when"} if args.value else set()
         result |= {k: v for k, v in kept.items() if k.startswith("value") and k not in result and k not in made}

@@ -10,6 +10,15 @@ neither its catalog nor its live items), a
 ``context.query`` over 256 characters or on a surface other than ``search``; 503 before any release is loaded.
 ``{"context": {"surface": "search", "query": "kalo venmi"}}`` joins the query to the context (online only).
 
+    POST /recommend {"user_id": 42, "context": {"surface": "homefeed"}, "k": 10, "candidates": 200}
+      -> 200 {"release": "r-...", "version": 3, "path": "state", "items": [{"item_id": 77, "score": 1.32,
+              "heads": {"click": 0.41, "save": 0.12, ...}, "sources": {"two_tower": 0.81}}, ...]}
+
+The two stages (serving/recommend.py): the ``candidates`` items /retrieve would give (seen items excluded), ranked
+by the SAME release's TransAct + DCN v2 ranker against the user's action sequence (recent + live actions); the top
+k by blended score, with each head's probability and the generators that found the item. The same request checks
+as /retrieve (422), plus candidates in 1..max_k and k in 1..candidates; 409 when the served release has no ranker.
+
     POST /events {"events": [{"event_id": "e1", "user_id": 42, "item_id": 77, "action": "click",
                               "ts": "2026-01-05T10:00:00Z", "surface": "homefeed"}, ...]}
       -> 200 {"accepted": 1, "duplicates": 0, "last_seq": 1}
@@ -41,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -50,7 +60,7 @@ from towerflow.serving.batcher import MicroBatcher
 from towerflow.serving.config import ServingConfig
 from towerflow.serving.realtime.events import EventBatchError
 from towerflow.serving.realtime.store import ConflictError
-from towerflow.serving.service import Query, RequestError, RetrievalService, ServiceNotReady
+from towerflow.serving.service import NoRankerError, Query, RequestError, RetrievalService, ServiceNotReady
 
 log = logging.getLogger("towerflow.serving")
 INT64 = 2**63 - 1
@@ -88,6 +98,30 @@ class RetrieveResponse(BaseModel):
                     "recent events; "
                     "context: unknown user, the context item's neighbours; popularity: unknown user, no context.")
     items: list[Item]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: StrictInt = Field(ge=-INT64 - 1, le=INT64)
+    context: Context = Field(default_factory=Context)
+    k: StrictInt = Field(10, ge=1, description="How many ranked items; at most candidates.")
+    candidates: StrictInt = Field(200, ge=1, description="How many retrieved items the ranker scores (seen items "
+                                                         "excluded); at most ServingConfig.max_k.")
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    score: float = Field(description="The ranker's blended score: sum of head weight x head probability.")
+    heads: dict[str, float] = Field(description="Each head's probability (click, save, conversion, skip, hide).")
+    sources: dict[str, float] = Field(description="The generators that found the item and their retrieval scores.")
+
+
+class RecommendResponse(BaseModel):
+    release: str = Field(description="The release whose index retrieved AND whose ranker ranked these items.")
+    version: int | None
+    path: str = Field(description="How the retrieval user vector was obtained (as in /retrieve).")
+    items: list[RankedItem]
 
 
 class EventsRequest(BaseModel):
@@ -311,6 +345,10 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "row": exc.row}, status_code=409)
 
+    @app.exception_handler(NoRankerError)
+    async def _no_ranker(request: Request, exc: NoRankerError) -> JSONResponse:
+        return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=409)
+
     @app.exception_handler(ServiceNotReady)
     async def _not_ready(request: Request, exc: ServiceNotReady) -> JSONResponse:
         return JSONResponse({"detail": redact_paths(str(exc), data_root)}, status_code=503)
@@ -331,6 +369,16 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
                                           req.exclude_seen, req.context.query))
         # already the response's shape: skip FastAPI's re-validation of the response model
         return Response(body, media_type="application/json")
+
+    @app.post("/recommend", response_model=RecommendResponse,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": _inline_refs(RecommendRequest.model_json_schema())}}}})
+    async def recommend(request: Request) -> Response:
+        req = parse_body(RecommendRequest, await request.body())
+        # retrieval and ranking on a worker thread (torch releases the GIL), off the event loop
+        out = await run_in_threadpool(service.recommend, req.user_id, req.context.item_id, req.context.surface,
+                                      req.k, req.candidates, req.context.query)
+        return Response(json.dumps(out), media_type="application/json")
 
     @app.post("/events", response_model=EventsResponse)
     def events(req: EventsRequest) -> dict:

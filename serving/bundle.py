@@ -104,6 +104,11 @@ def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingB
                                     f"{history.gap_buckets} gap buckets do not fit its tower (position table "
                                     f"{model.cfg.max_seq_len}, {model.cfg.gap_buckets} gap buckets)")
     item_table = _item_table(release, vocab)
+    if release.ranker is not None and not np.array_equal(release.ranker_rows(vocab.item_ids),
+                                                         np.arange(1, vocab.n_items + 1)):
+        # /recommend numbers history items by the vocabulary (the ranking examples' numbering) and candidates too
+        raise ReleaseIntegrityError(f"release {release.release_id}: its ranker's item rows are not its vocabulary's "
+                                    "item indices")
     log_q = release.q_table if release.q_table is not None else np.zeros(vocab.n_items + 1)
     order = np.argsort(-np.asarray(log_q[1:], dtype=np.float64), kind="stable")
     bundle = ServingBundle(

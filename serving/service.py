@@ -35,10 +35,11 @@ from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve
 from towerflow.models.query import encode_texts
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
-from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
+from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store, shared_store
 from towerflow.serving.realtime.live_items import LiveItems
 from towerflow.serving.realtime.store import ActionStore
 from towerflow.serving.recent_events import RecentEvents
+from towerflow.serving.recommend import merge_candidates, rank, ranker_sequence
 from towerflow.serving.retrieval import context_batch, encode_histories, search, user_vectors
 from towerflow.serving.state_store import SQLiteUserStateStore, UserState, UserStateStore
 from towerflow.serving.states import history_batch
@@ -67,6 +68,10 @@ class ServiceNotReady(TowerflowError):
     """No release is loaded yet (HTTP 503)."""
 
 
+class NoRankerError(TowerflowError):
+    """The served release has no ranker /recommend can use (HTTP 409): /retrieve still serves it."""
+
+
 class RetrievalService:
     """Serves the release that ``config.alias`` points at; thread-safe for concurrent ``retrieve`` calls."""
 
@@ -89,8 +94,8 @@ class RetrievalService:
                                                              max_actions=self.config.realtime_max_actions)
         # items the served release lacks, embedded by its tower and searched beside its index (live_items.py)
         self.items = LiveItems(source, settings.data_root / "items-table.lock", as_of=self.config.as_of,
-                               max_items=self.config.live_items_max, max_skew_s=self.config.max_clock_skew_s
-                               ) if self.config.live_items else None
+                               max_items=self.config.live_items_max, max_skew_s=self.config.max_clock_skew_s,
+                               shared=shared_store(realtime)) if self.config.live_items else None
         self._compacted_at = time.monotonic()
         self._bundle: ServingBundle | None = None
         self._recent: RecentEvents | None = None
@@ -231,11 +236,13 @@ class RetrievalService:
             raise out
         return out
 
-    def retrieve_batch(self, queries: Sequence[Query]) -> list[dict[str, Any] | RequestError]:
+    def retrieve_batch(self, queries: Sequence[Query],
+                       bundle: ServingBundle | None = None) -> list[dict[str, Any] | RequestError]:
         """Answer requests together with ONE release: one state-store read, one ``combine``, one index search
         (per depth, ``retrieval.search``) for the batch. -> per query its response, or the RequestError it alone
-        raised; raises ServiceNotReady before any release is loaded. A query's answer is the one it gets alone."""
-        b = self._bundle  # read ONCE: every query of the batch uses this release only
+        raised; raises ServiceNotReady before any release is loaded. A query's answer is the one it gets alone.
+        ``bundle``: the release to use (``recommend`` passes the one its ranker comes from); default the current."""
+        b = self._bundle if bundle is None else bundle  # read ONCE: every query of the batch uses this release only
         if b is None:
             raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
         out: list[dict[str, Any] | RequestError] = [{}] * len(queries)
@@ -341,13 +348,10 @@ class RetrievalService:
     def _encode_online(self, b: ServingBundle, user_id: int,
                        live: EventArrays) -> tuple[np.ndarray | None, np.ndarray, str | None]:
         """h from the user's recent source actions plus their live ones (path "live" when there are any)."""
-        none, recent = np.zeros(0, dtype=np.int64), self._recent
-        if recent is None and len(live) == 0:
+        none = np.zeros(0, dtype=np.int64)
+        if self._recent is None and len(live) == 0:
             return None, none, None
-        events = recent.get([user_id]) if recent is not None else EventArrays.empty()
-        as_of_us = recent.as_of_us if recent is not None else 0
-        if len(live):
-            events, as_of_us = merge(events, live), max(as_of_us, int(live.ts_us.max()) + 1)
+        events, as_of_us = self._user_actions(user_id, live)
         hist = build_histories(events, b.vocab, as_of_us, b.history, self.config.max_seen)
         if len(hist) == 0:
             return None, np.unique(live.item_id), None
@@ -357,6 +361,50 @@ class RetrievalService:
             # live items (the release lacks them): no history token, but seen all the same
             seen = np.concatenate([np.unique(unknown), seen])
         return h, seen, "live" if len(live) else "online"
+
+    def _user_actions(self, user_id: int, live: EventArrays) -> tuple[EventArrays, int]:
+        """(the user's history actions, the request time): the source's recent actions plus the live ones (``live``,
+        read from the action store), and the time the online path builds histories at (after all of them)."""
+        recent = self._recent
+        events = recent.get([user_id]) if recent is not None else EventArrays.empty()
+        as_of_us = recent.as_of_us if recent is not None else 0
+        if len(live):
+            events, as_of_us = merge(events, live), max(as_of_us, int(live.ts_us.max()) + 1)
+        return events, as_of_us
+
+    def recommend(self, user_id: int, item_id: int | None = None, surface: str = "homefeed", k: int = 10,
+                  candidates: int = 200, query: str | None = None) -> dict[str, Any]:
+        """POST /recommend: the ``candidates`` best items ``retrieve`` gives (seen items excluded), ranked by the
+        SAME release's ranker against the user's ranker sequence (recent + live actions, serving/recommend.py)
+        -> {release, version, path, items: [{item_id, score, heads, sources}]}, the top ``k``.
+
+        Raises RequestError (422: what ``retrieve`` refuses, candidates or k out of range), NoRankerError (409: the
+        release has no ranker serving can run), ServiceNotReady (503)."""
+        b = self._bundle  # read ONCE: its index retrieves and its ranker ranks, whatever swaps meanwhile
+        if b is None:
+            raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
+        ranker = b.release.ranker
+        if ranker is None:
+            raise NoRankerError(f"release {b.release_id} (version {b.release.version}) has no ranker: POST /recommend "
+                                "needs a release trained with the ranking stage; POST /retrieve serves this one")
+        if ranker.dense_dim:
+            raise NoRankerError(f"the ranker of release {b.release_id} takes {ranker.dense_dim} dense request "
+                                "features that serving does not compute: POST /retrieve serves this release")
+        if not 1 <= candidates <= self.config.max_k:
+            raise RequestError(f"candidates must be between 1 and {self.config.max_k}, got {candidates}")
+        if not 1 <= k <= candidates:
+            raise RequestError(f"k must be between 1 and candidates ({candidates}), got {k}")
+        (found,) = self.retrieve_batch([Query(user_id, item_id, surface, candidates, True, query)], bundle=b)
+        if isinstance(found, Exception):
+            raise found
+        cands = merge_candidates({"two_tower": found["items"]})
+        live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
+        actions, as_of_us = self._user_actions(user_id, live)
+        seq = ranker_sequence(actions, b.vocab, user_id, as_of_us, ranker.cfg.max_seq_len,
+                              b.history.max_history_days)
+        # the ranker's item rows are the vocabulary's indices (checked when the bundle was built)
+        items = rank(ranker, cands, b.item_index(cands.item_ids), SURFACE_INDEX[surface], seq, k)
+        return {"release": b.release_id, "version": b.release.version, "path": found["path"], "items": items}
 
     def _sync_items(self, bundle: ServingBundle) -> None:
         """Bring ``bundle``'s live items up to date with the source's items table; a failure only logs (the

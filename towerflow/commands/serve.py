@@ -3,7 +3,8 @@
     towerflow serve [--host 127.0.0.1] [--port 8000] [--docs] [--max-body-bytes 65536]
                                                               the HTTP service (serving/app.py) under uvicorn
     towerflow serve query USER_ID [--context-item ID] [--surface related] [--query TEXT] [-k 10]
-                                                              one retrieval from the champion, no server
+                      [--rank [--candidates 200]]             one retrieval (--rank: retrieval + the release's
+                                                              ranker, as POST /recommend) from the champion, no server
     towerflow serve refresh [--release champion] [--as-of T]   the refresh-user-states flow, here
 """
 
@@ -36,7 +37,8 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the retrieval service, query it in-process, refresh user states",
-                       description="Serve POST /retrieve, GET /healthz, GET /release for the champion release; "
+                       description="Serve POST /retrieve, POST /recommend, GET /healthz, GET /release for the champion "
+                                   "release; "
                                    "a new champion is loaded and swapped in without a restart.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -63,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--query", help="what the user searched (with --surface search)")
     q.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     q.add_argument("--include-seen", action="store_true", help="keep items the user already acted on")
+    q.add_argument("--rank", action="store_true", help="rank the retrieved candidates with the release's ranker "
+                                                       "(as POST /recommend; seen items are always excluded)")
+    q.add_argument("--candidates", type=positive_int, default=200,
+                   help="with --rank: how many retrieved items the ranker scores (default 200)")
     q.add_argument("--json", action="store_true", help="print the response as JSON")
     _serving_options(q)
     q.set_defaults(handler=_query)
@@ -107,7 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
                                          max_body_bytes=args.max_body_bytes, batch_max_size=args.batch_max_size,
                                          batch_wait_ms=args.batch_wait_ms, batch_threads=args.batch_threads))
     docs = ", GET /docs" if args.docs else ""
-    print(f"serving on http://{args.host}:{args.port} (POST /retrieve, GET /healthz, GET /release{docs})",
+    print(f"serving on http://{args.host}:{args.port} (POST /retrieve, POST /recommend, GET /healthz, "
+          f"GET /release{docs})",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
@@ -119,15 +126,24 @@ def _query(args: argparse.Namespace) -> int:
 
     _threads(args.torch_threads)
     service = RetrievalService(Settings(), _config(args)).start(watch=False)
-    out = service.retrieve(args.user_id, args.context_item, args.surface, args.k, not args.include_seen, args.query)
+    if args.rank:
+        if args.include_seen:
+            raise SystemExit("towerflow serve query: --rank always excludes seen items; drop --include-seen")
+        out = service.recommend(args.user_id, args.context_item, args.surface, args.k, args.candidates, args.query)
+    else:
+        out = service.retrieve(args.user_id, args.context_item, args.surface, args.k, not args.include_seen,
+                               args.query)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     ctx = f"viewing item {args.context_item} on {args.surface}" if args.context_item is not None else args.surface
     ctx += f" searching {args.query!r}" if args.query else ""
     print(f"release {out['release']} (version {out['version']}) - user {args.user_id}, {ctx}, via {out['path']}")
+    if args.rank:
+        print(f"ranked {args.candidates} retrieved candidates by the release's ranker")
     for rank, item in enumerate(out["items"], 1):
-        print(f"{rank:>4}. item {item['item_id']:<10} {item['score']:.4f}")
+        heads = "  " + " ".join(f"{h} {p:.3f}" for h, p in item["heads"].items()) if "heads" in item else ""
+        print(f"{rank:>4}. item {item['item_id']:<10} {item['score']:.4f}{heads}")
     return 0
 
 

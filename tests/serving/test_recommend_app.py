@@ -1,0 +1,215 @@
+"""POST /recommend through the real app (uvicorn, HTTP) and ``towerflow serve query --rank``, against real releases:
+the world's champion re-assembled WITH a tiny trained ranker (alias ``ranked``) and without one (``unranked``).
+
+Expected answers are rebuilt outside the service: the candidates from /retrieve, the sequence from the source's
+events (and the live ones) through the training-side definition, the ranker loaded from the registry on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.servers import running_app
+from towerflow.cli import main
+from towerflow.config import RANKER_HEADS
+
+RANKER_S = 8
+
+
+@dataclass
+class Ranked:
+    ranked_version: int
+    unranked_version: int
+    ranked_id: str
+
+
+def _set_alias(settings, alias: str, version: int) -> None:
+    from towerflow.infra.tracking import tracking_client
+
+    tracking_client(settings).set_registered_model_alias(settings.registered_model, alias, str(version))
+
+
+@pytest.fixture(scope="module")
+def ranked(served, world_events, tmp_path_factory) -> Ranked:
+    """Two registered releases of the champion's model (re-embedded, re-indexed): one with a ranker trained for one
+    epoch on the world's requests (no impressions in this world: the acted-on items are the rows), one without."""
+    import torch
+
+    from towerflow.config import IndexConfig, RankerConfig, RankerTrainConfig
+    from towerflow.infra.promote import register_release
+    from towerflow.infra.releases import assemble, embed_release_items, load_release, ranker_item_table
+    from towerflow.tasks.build_index import build_index
+    from towerflow.tasks.ranking_examples import build_ranking_examples
+    from towerflow.tasks.train_ranker import train_ranker
+    from towerflow.tasks.vocabulary import Vocab
+
+    champ = load_release(served.settings)
+    vocab = Vocab.from_json((champ.vocab_dir / "vocab.json").read_text())
+    root = tmp_path_factory.mktemp("ranked-releases")
+    versions = []
+    for with_ranker in (True, False):
+        emb = embed_release_items(champ.model, vocab, "ranked-test")
+        ranker = None
+        if with_ranker:
+            examples = build_ranking_examples(world_events, vocab, RANKER_S)
+            cfg = RankerTrainConfig(model=RankerConfig(max_seq_len=RANKER_S, latest_k=2, item_dim=8, mlp_hidden=(16,)),
+                                    epochs=1, batch_size=256)
+            with torch.random.fork_rng(devices=[]):
+                ranker = train_ranker(examples, ranker_item_table(emb.vectors), cfg, log=False).model
+        m = assemble(root, model=champ.model, vocab=vocab, embeddings=emb, index=build_index(emb, IndexConfig()),
+                     config=champ.config, snapshot_id="ranked-test", candidate_metrics={}, ranker=ranker)
+        versions.append((register_release(m.path, None, served.settings), m.release_id))
+    (rv, rid), (uv, _) = versions
+    _set_alias(served.settings, "ranked", rv)
+    _set_alias(served.settings, "unranked", uv)
+    return Ranked(rv, uv, rid)
+
+
+@pytest.fixture(scope="module")
+def app_url(served, ranked, tmp_path_factory):
+    """The real app over a service of alias ``ranked`` with its own live action store, under uvicorn."""
+    from towerflow.serving.app import create_app
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.realtime.store import SQLiteActionStore
+    from towerflow.serving.service import RetrievalService
+
+    store = SQLiteActionStore(tmp_path_factory.mktemp("recommend-rt") / "rt.sqlite")
+    svc = RetrievalService(served.settings, ServingConfig(alias="ranked", compact_interval_s=None),
+                           realtime=store).start(watch=False)
+    with running_app(create_app(service=svc)) as url:
+        yield url, svc
+    svc.close()
+
+
+def _expected(svc, user: int, events: pd.DataFrame, request_us: int, k: int, candidates: int) -> list[dict]:
+    """The answer rebuilt outside the service: /retrieve's candidates, the training-side sequence of ``events``."""
+    from towerflow.infra.releases import load_release
+    from towerflow.serving.recommend import merge_candidates, rank, ranker_sequence
+    from towerflow.tasks.history import EventArrays
+
+    release = load_release(svc.settings, "ranked")
+    found = svc.retrieve(user, k=candidates)["items"]
+    b = svc.bundle
+    seq = ranker_sequence(EventArrays.from_events(events), b.vocab, user, request_us, RANKER_S,
+                          b.history.max_history_days)
+    cands = merge_candidates({"two_tower": found})
+    return rank(release.ranker, cands, release.ranker_rows(cands.item_ids), 0, seq, k)
+
+
+def _user(world_events: pd.DataFrame) -> int:
+    """A user with more history actions than the ranker's S."""
+    acted = world_events[world_events["action"] != "impression"]
+    counts = acted.groupby("user_id").size()
+    return int(counts[counts > 2 * RANKER_S].index[0])
+
+
+def test_recommend_ranks_the_retrieved_candidates_with_the_same_release(app_url, ranked, world_events):
+    from towerflow.tasks.history import to_us
+
+    url, svc = app_url
+    user = _user(world_events)
+    r = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 5, "candidates": 40}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["release"] == ranked.ranked_id and body["version"] == ranked.ranked_version
+    items = body["items"]
+    assert len(items) == 5 and [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+    weights = svc.bundle.release.ranker.cfg.score_weights
+    for it in items:
+        assert set(it["heads"]) == set(RANKER_HEADS)
+        assert it["score"] == pytest.approx(sum(weights.get(h, 0.0) * p for h, p in it["heads"].items()), abs=1e-5)
+    # the candidates are /retrieve's top 40 (the same release), each with its retrieval score
+    retrieved = httpx.post(f"{url}/retrieve", json={"user_id": user, "k": 40}, timeout=60).json()
+    assert retrieved["release"] == ranked.ranked_id
+    scores = {i["item_id"]: i["score"] for i in retrieved["items"]}
+    for it in items:
+        assert it["sources"] == {"two_tower": pytest.approx(scores[it["item_id"]], abs=1e-6)}
+    horizon = to_us(svc._recent.as_of)
+    expected = _expected(svc, user, world_events, horizon, 5, 40)
+    assert [i["item_id"] for i in items] == [e["item_id"] for e in expected]
+    np.testing.assert_allclose([i["score"] for i in items], [e["score"] for e in expected], rtol=1e-5)
+    # the ranking is not the retrieval order (the ranker decides): the top 5 differ from /retrieve's top 5, or
+    # their order does
+    assert [i["item_id"] for i in items] != [i["item_id"] for i in retrieved["items"][:5]]
+
+
+def test_recommend_sees_live_actions(app_url, ranked, world_events):
+    from towerflow.contract import conform
+    from towerflow.tasks.history import to_us
+
+    url, svc = app_url
+    user = _user(world_events)
+    before = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 10, "candidates": 40}, timeout=60).json()
+    clicked = [i["item_id"] for i in before["items"][:3]]
+    t = pd.Timestamp(svc._recent.as_of) + pd.Timedelta(minutes=5)
+    live = [{"event_id": f"rec-live-{n}", "user_id": user, "item_id": item, "action": "click",
+             "ts": (t + pd.Timedelta(seconds=n)).isoformat(), "surface": "homefeed"} for n, item in enumerate(clicked)]
+    r = httpx.post(f"{url}/events", json={"events": live}, timeout=60)
+    assert r.status_code == 200, r.text
+    after = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 10, "candidates": 40}, timeout=60).json()
+    assert after["path"] == "live" and not set(clicked) & {i["item_id"] for i in after["items"]}  # seen now
+    df = pd.DataFrame(live).assign(ts=lambda d: pd.to_datetime(d["ts"]), context_item_id=None, query=None)
+    events = pd.concat([world_events, conform(df, "events")], ignore_index=True)
+    expected = _expected(svc, user, events, to_us(t) + 3_000_000, 10, 40)
+    assert [i["item_id"] for i in after["items"]] == [e["item_id"] for e in expected]
+    np.testing.assert_allclose([i["score"] for i in after["items"]], [e["score"] for e in expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("body", "status", "detail"), [
+    ({"user_id": 1, "k": 11, "candidates": 10}, 422, "k must be between 1 and candidates (10), got 11"),
+    ({"user_id": 1, "candidates": 201}, 422, "candidates must be between 1 and 200, got 201"),
+    ({"user_id": 1, "candidates": 0}, 422, "candidates: Input should be greater than or equal to 1"),
+    ({"user_id": 1, "context": {"surface": "homefeed", "query": "x"}}, 422,
+     "context.query is only allowed on the 'search' surface"),
+    ({"user_id": 1, "context": {"item_id": 10**12}}, 422, "context.item_id 1000000000000 is not in the catalog"),
+    ({"user_id": 1, "exclude_seen": False}, 422, "exclude_seen: Extra inputs are not permitted"),
+    ({"user_id": "1"}, 422, "user_id: Input should be a valid integer"),
+])
+def test_recommend_refuses_what_retrieve_refuses_and_its_own_ranges(app_url, body, status, detail):
+    url, _ = app_url
+    r = httpx.post(f"{url}/recommend", json=body, timeout=60)
+    assert r.status_code == status and detail in r.json()["detail"], r.text
+
+
+def test_a_release_without_a_ranker_answers_409_and_the_swap_brings_index_and_ranker_together(
+        app_url, served, ranked, world_events):
+    url, svc = app_url
+    user = _user(world_events)
+    try:
+        _set_alias(served.settings, "ranked", ranked.unranked_version)
+        svc.poll()
+        r = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=60)
+        assert r.status_code == 409 and "has no ranker" in r.json()["detail"], r.text
+        assert httpx.post(f"{url}/retrieve", json={"user_id": user}, timeout=60).status_code == 200
+    finally:
+        _set_alias(served.settings, "ranked", ranked.ranked_version)
+        svc.poll()
+    r = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=60)
+    assert r.status_code == 200 and r.json()["release"] == ranked.ranked_id
+
+
+def test_serve_query_rank(served, ranked, world_events, capsys, monkeypatch):
+    import torch
+
+    served.env(monkeypatch)
+    user = _user(world_events)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["serve", "query", str(user), "--alias", "ranked", "--rank", "--candidates", "40", "-k", "3",
+                     "--json"]) == 0
+        body = json.loads(capsys.readouterr().out)
+        assert body["release"] == ranked.ranked_id and len(body["items"]) == 3 and "heads" in body["items"][0]
+        assert main(["serve", "query", str(user), "--alias", "ranked", "--rank", "--candidates", "40", "-k", "3"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1] == "ranked 40 retrieved candidates by the release's ranker"
+        assert [int(line.split()[2]) for line in lines[2:]] == [i["item_id"] for i in body["items"]]
+        assert main(["serve", "query", str(user), "--alias", "unranked", "--rank"]) == 1
+        assert "has no ranker" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

@@ -1,9 +1,14 @@
 """The retrain flow: one window of events in, one gated, promoted release out (docs/architecture.md, "Pipeline").
 
     extract -> validate_data -> build_examples -> augment_context -> train -> evaluate -> gate_model
-            -> embed_items -> build_index -> gate_release -> promote [-> refresh-user-states]
+            -> embed_items -> build_index
+            -> build_ranking_examples -> train_ranker -> evaluate_ranker -> gate_ranker
+            -> assemble_release -> gate_release -> promote [-> refresh-user-states]
 
 The flow body only chains stages; every stage is a thin task in flows/retrain_tasks.py over a pure function.
+The ranking stages train the TransAct + DCN v2 ranker on the same snapshot over the candidate's item embeddings, so
+it is bound to the release it ships in (infra/releases.py); with ``config.ranker.enabled`` false, or a snapshot that
+logs no impressions, they pass None along and the release has no ranker.
 After a promotion (and with ``config.refresh_user_states``), the refresh-user-states flow runs as a subflow for the
 new champion, so serving has its offline user states at once; a refresh failure leaves the promotion standing and is
 reported in ``RetrainResult.user_states_error`` (see ``retrain_tasks.refresh_states`` for why it does not fail).
@@ -51,7 +56,12 @@ def retrain(
         t.gate_model(evaluation, config.gates, run)
         embeddings = t.embed_items(trained, examples, config.gates, run)
         index = t.build_index(embeddings, trained, examples, config.index, config.gates, run)
-        release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run)
+        ranking = t.build_ranking_examples(settings, snapshot, examples, config, run)
+        ranker = t.train_ranker(settings, ranking, embeddings, config.ranker, run)
+        ranker_eval = t.evaluate_ranker(settings, snapshot, ranking, ranker, examples, embeddings, config, run)
+        t.gate_ranker(ranker_eval, config.ranker, run)
+        release = t.assemble_release(settings, snapshot, examples, trained, embeddings, index, evaluation, config, run,
+                                     ranker=ranker, ranker_eval=ranker_eval)
         t.gate_release(settings, release, examples, config.gates, run)
         result = t.promote(settings, release, evaluation, run, config.promote, config.promotion)
     except BaseException:

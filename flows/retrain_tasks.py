@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from pydantic import BaseModel, Field
 
@@ -20,6 +21,7 @@ from towerflow.config import (
     GateConfig,
     IndexConfig,
     PromotionConfig,
+    RankerStageConfig,
     RetrainConfig,
     Settings,
     TrainConfig,
@@ -307,14 +309,118 @@ def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, 
     return index
 
 
+@stage("build_ranking_examples")
+def build_ranking_examples(settings: Settings, snapshot, examples, config: RetrainConfig, tracking: Tracking):
+    """The ranker's training and held-out requests (tasks/ranking_stage.py), or None when the ranking stages are
+    off or the snapshot logs no impressions (then every later ranking stage passes None along: no ranker)."""
+    from towerflow.tasks.ranking_stage import has_impressions, ranking_data
+
+    log = get_run_logger()
+    if not config.ranker.enabled:
+        log.info("ranking stages off (ranker.enabled = false): the release has no ranker")
+        tracking.set_tags({"towerflow.ranker": "disabled"})
+        return None
+    events = snapshot.events()
+    if not has_impressions(events):
+        log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no impression rows (what was shown "
+                    "and not engaged with), so it holds no slates to train a ranker on; the release has no ranker")
+        tracking.set_tags({"towerflow.ranker": "skipped: no impressions"})
+        return None
+    end = snapshot.window[1]
+    end_us = int((end if end.tzinfo else end.replace(tzinfo=UTC)).timestamp() * 1_000_000)
+    data = ranking_data(events, examples.vocab, config.ranker, end_us, config.examples.max_history_days)
+    log.info(f"ranking examples: {len(data.train):,} rows of {data.train.n_requests:,} requests train, "
+             f"{len(data.holdout):,} rows of {data.holdout.n_requests:,} requests held out "
+             f"(last {config.ranker.holdout_days} day(s)); sequences of {config.ranker.train.model.max_seq_len}")
+    tracking.log_metrics({"ranker.train_rows": len(data.train), "ranker.holdout_rows": len(data.holdout),
+                          "ranker.holdout_requests": data.holdout.n_requests})
+    return data
+
+
+@stage("train_ranker")
+def train_ranker(settings: Settings, data, emb, config: RankerStageConfig, tracking: Tracking):
+    """The ranker over the candidate release's item table (so it is bound to that release); None without data."""
+    if data is None:
+        return None
+    from dataclasses import asdict
+
+    from towerflow.infra.releases import ranker_item_table
+    from towerflow.models.ranker import load_ranker, save_ranker
+    from towerflow.tasks.train import EpochStats
+    from towerflow.tasks.train_ranker import train_ranker as fit
+
+    table = ranker_item_table(emb.vectors)
+    ex = data.train
+    key = stage_key("train_ranker", emb.content_sha256(), len(ex), int(ex.item.sum()), float(ex.labels.sum()),
+                    int(ex.hist_items.sum()), config.train.model_dump(mode="json"))
+
+    def compute(tmp: Path) -> None:
+        result = fit(ex, table, config.train)
+        save_ranker(result.model, tmp / "ranker", emb.release_id)  # re-saved under the release's id by assemble
+        (tmp / "history.json").write_text(json.dumps({"best_epoch": result.best_epoch, "seconds": result.seconds,
+                                                      "history": [asdict(h) for h in result.history]}))
+
+    def load(directory: Path):
+        meta = json.loads((directory / "history.json").read_text())
+        return load_ranker(directory / "ranker", table), meta
+
+    model, meta = cached(settings.work_dir / "train_ranker" / key, compute, load, "train_ranker")
+    for h in (EpochStats(**h) for h in meta["history"]):
+        tracking.log_metrics({"loss": h.loss, **{f"valid.{k}": v for k, v in h.metrics.items()}}, prefix="ranker.",
+                             step=h.epoch)
+    tracking.log_metrics({"ranker.train_seconds": meta["seconds"]})
+    tracking.set_tags({"towerflow.ranker.train_key": key, "towerflow.ranker.best_epoch": meta["best_epoch"]})
+    return model
+
+
+@stage("evaluate_ranker")
+def evaluate_ranker(settings: Settings, snapshot, data, model, examples, emb, config: RetrainConfig,
+                    tracking: Tracking):
+    """Per-head AUC, GAUC and HIT@3 of the candidate ranker, the baselines and the champion's ranker on the held-out
+    requests, into MLflow (``ranker.<model>.<metric>``) and a Prefect markdown artifact."""
+    if model is None:
+        return None
+    from towerflow.infra.releases import ranker_item_table
+    from towerflow.tasks.ranking_stage import evaluate_ranking_stage
+    from towerflow.validation.ranker import metric_table
+
+    champion = _champion(settings)
+    ev = evaluate_ranking_stage(model, data, snapshot.events(), examples.vocab, ranker_item_table(emb.vectors),
+                                config.examples.max_history_days, champion)
+    groups = {"candidate": ev.candidate, **ev.baselines,
+              **({"champion": ev.champion, "candidate_shared": ev.candidate_on_shared} if ev.champion else {})}
+    tracking.log_metrics({f"ranker.{name}.{k}": v for name, m in groups.items() for k, v in m.items()})
+    tracking.log_dict({"n_rows": ev.n_rows, "n_requests": ev.n_requests, "n_shared_rows": ev.n_shared_rows,
+                       "champion_release": ev.champion_release, "notes": ev.notes, **groups}, "ranker/evaluation.json")
+    for note in ev.notes:
+        get_run_logger().info(note)
+    create_markdown_artifact(markdown="### ranker on held-out requests\n\n" + metric_table(ev), key="ranker-metrics",
+                             description=f"ranker: auc/mean {ev.candidate.get('auc/mean', float('nan')):.4f}")
+    return ev
+
+
+@stage("gate_ranker")
+def gate_ranker(ev, config: RankerStageConfig, tracking: Tracking) -> None:
+    if ev is None:
+        return
+    from towerflow.validation.ranker import gate_ranker as judge
+
+    result = judge(ev, config.gate)
+    tracking.log_dict(result.to_dict(), "gates/ranker_gate.json")
+    tracking.set_tags({"towerflow.gate.ranker": result.passed})
+    publish_gate(result, "ranker-gate")
+
+
 @stage("assemble_release")
 def assemble_release(settings: Settings, snapshot, examples, trained, emb, index, ev: Evaluation,
-                     config: RetrainConfig, tracking: Tracking):
+                     config: RetrainConfig, tracking: Tracking, ranker=None, ranker_eval=None):
     from towerflow.infra.releases import assemble
 
     manifest = assemble(settings.releases_dir, model=trained.model, vocab=examples.vocab, embeddings=emb,
-                        index=index, config=config, snapshot_id=snapshot.snapshot_id, candidate_metrics=ev.candidate)
-    get_run_logger().info(f"release {manifest.release_id} written to {manifest.path}")
+                        index=index, config=config, snapshot_id=snapshot.snapshot_id, candidate_metrics=ev.candidate,
+                        ranker=ranker, ranker_metrics=ranker_eval.candidate if ranker_eval else None)
+    get_run_logger().info(f"release {manifest.release_id} written to {manifest.path}"
+                          + (" with its ranker" if ranker is not None else ""))
     return manifest
 
 

@@ -46,6 +46,7 @@ def content_key(*parts: Any) -> str:
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "build_examples": ("towerflow.tasks.build_examples",),
     "train": ("towerflow.tasks.train", "towerflow.tasks.augment_context"),
+    "train_ranker": ("towerflow.tasks.train_ranker", "towerflow.tasks.ranking_stage"),
 }
 
 

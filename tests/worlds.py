@@ -22,6 +22,10 @@ from towerflow.config import (
     ExamplesConfig,
     GateConfig,
     ModelConfig,
+    RankerConfig,
+    RankerGateConfig,
+    RankerStageConfig,
+    RankerTrainConfig,
     RetrainConfig,
     Settings,
     TrainConfig,
@@ -59,6 +63,14 @@ def tiny_world(root: Path) -> Iterator[Settings]:
         yield Settings()
 
 
+# The ranking stages sized for TINY_WORLD: short sequences, one epoch, small widths; the ranker gate relaxed as the
+# model gate is (a one-epoch toy ranker need not beat popularity: these tests check orchestration).
+TINY_RANKER = RankerStageConfig(
+    train=RankerTrainConfig(model=RankerConfig(max_seq_len=8, latest_k=2, item_dim=8, mlp_hidden=(16,)), epochs=1,
+                            batch_size=256),
+    gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0))
+
+
 def tiny_retrain_config(*, gates: dict | None = None, promote: bool = True, **train) -> RetrainConfig:
     """A retrain config sized for ``TINY_WORLD``: a 16-d one-layer model, batch 128, short histories.
 
@@ -71,6 +83,7 @@ def tiny_retrain_config(*, gates: dict | None = None, promote: bool = True, **tr
                           **{"epochs": 3, **train}),
         eval=EvalConfig(short_history_max=3),
         gates=GateConfig(min_lift_over_popularity=-1.0, **(gates or {})),
+        ranker=TINY_RANKER,
         promote=promote,
     )
 

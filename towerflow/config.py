@@ -306,6 +306,34 @@ class RankerTrainConfig(_Config):
     num_threads: int | None = Field(1, ge=1, description="torch intra-op threads (see TrainConfig.num_threads).")
 
 
+class RankerGateConfig(_Config):
+    """The ranker gate (validation/ranker.py), judged on the held-out requests of the retrain's snapshot."""
+
+    metric: str = Field("auc/mean", description="tasks/evaluate_ranker.py metric the gate compares (higher better).")
+    min_lift_over_baselines: float = Field(
+        0.0, description="The candidate's metric must exceed every baseline's (popularity, profile_dot: the "
+                         "retrieval-score stand-in) by more than this (absolute).")
+    max_regression: float = Field(
+        0.01, ge=0, description="And may fall at most this much below the champion's ranker on the same rows.")
+    min_holdout_requests: int = Field(20, ge=1, description="Fewer held-out requests than this cannot judge a "
+                                                            "ranker: the gate fails.")
+
+
+class RankerStageConfig(_Config):
+    """The retrain's ranking stages (flows/retrain.py): build_ranking_examples -> train_ranker -> evaluate_ranker ->
+    gate_ranker. Defaults are sized for ``make demo`` (S = 32 and the latest 20k requests: a few seconds an epoch on
+    one thread; Pinterest's S = 100 is ``train.model.max_seq_len: 100``)."""
+
+    enabled: bool = Field(True, description="False: no ranking stages; the release has no ranker.")
+    train: RankerTrainConfig = RankerTrainConfig(model=RankerConfig(max_seq_len=32), epochs=3)
+    holdout_days: int = Field(1, ge=1, description="The last N days of the window are the held-out requests.")
+    max_train_requests: int | None = Field(
+        20_000, ge=1, description="Train on the latest this many requests before the holdout (None: all of them).")
+    max_holdout_requests: int | None = Field(10_000, ge=1, description="Judge on the latest this many held-out "
+                                                                       "requests (None: all).")
+    gate: RankerGateConfig = RankerGateConfig()
+
+
 class EvalConfig(_Config):
     ks: tuple[int, ...] = (10, 50, 100)
     short_history_max: int = Field(5, description="Users with at most this many past actions form a slice.")
@@ -391,6 +419,7 @@ class RetrainConfig(_Config):
     eval: EvalConfig = EvalConfig()
     gates: GateConfig = GateConfig()
     index: IndexConfig = IndexConfig()
+    ranker: RankerStageConfig = RankerStageConfig()
     promote: bool = True
     promotion: PromotionConfig = PromotionConfig()
     refresh_user_states: bool = Field(

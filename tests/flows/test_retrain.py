@@ -70,6 +70,20 @@ def test_promotes_one_release_whose_tower_and_index_share_its_id(world: Settings
     assert 0.0 <= champion.metrics["recall@10"] <= 1.0
     assert {"candidate", "popularity", "cooccurrence"} <= set(champion.comparison)
 
+    # the ranking stages ran on the same snapshot and the ranker ships in the release, bound to its item table
+    from towerflow.infra.releases import load_release
+
+    sidecar = json.loads((release_dir / "ranker.json").read_text())
+    assert sidecar["release_id"] == champion.release_id and "auc/mean" in sidecar["metrics"]
+    served = load_release(world)
+    assert served.ranker is not None and served.ranker.cfg.max_seq_len == 8
+    assert (served.ranker.item_vectors[1:].numpy() == served.item_vectors).all()
+    assert run.data.tags["towerflow.gate.ranker"] == "True"
+    for model in ("candidate", "popularity", "profile_dot"):
+        assert 0.0 <= run.data.metrics[f"ranker.{model}.auc/mean"] <= 1.0
+    assert {"ranker.loss", "ranker.valid.auc/mean", "ranker.candidate.hit_at_3/click",
+            "ranker.candidate.gauc/save"} <= set(run.data.metrics)
+
 
 def test_bad_data_stops_before_promotion_and_champion_keeps_serving(world: Settings, champion, tmp_path):
     from towerflow.data.source import ParquetSink, ParquetSource
@@ -140,3 +154,8 @@ def test_killed_after_training_resumes_without_retraining(world: Settings, champ
     assert (trained / "train.json").stat().st_mtime_ns == stamp  # reused, not retrained
     assert result.status == "promoted"
     assert _champion_release(world) == result.release_id != champion.release_id
+    # the champion had a ranker: the new one was judged against it on the same held-out rows
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(world.tracking_uri).get_run(result.mlflow_run_id).data.metrics
+    assert 0.0 <= metrics["ranker.champion.auc/mean"] <= 1.0 and "ranker.candidate_shared.auc/mean" in metrics

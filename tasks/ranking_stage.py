@@ -1,0 +1,146 @@
+"""The retrain's ranking stage as pure functions: which requests train and judge the ranker, and how the candidate
+ranker, the baselines and the champion's ranker are scored on the same held-out requests.
+
+- **Split** (``ranking_data``): a time split like the retriever's: requests in the last ``holdout_days`` of the window
+  are held out (the latest ``max_holdout_requests`` of them), the latest ``max_train_requests`` before that train.
+  Sequences come from every event of the snapshot before each request (tasks/ranking_examples.py).
+- **Baselines** on the held-out rows: ``popularity`` (the item's positive engagements before the holdout) and
+  ``profile_dot``, the retrieval-score stand-in: the user's profile (mean item vector of their positives before the
+  request's day, over the candidate release's item vectors) dot the candidate's vector.
+- **Champion**: the champion release's ranker, on examples built from the same events through ITS vocabulary and
+  sequence length; both rankers are compared on the (request, item) rows both can score (items new to the candidate's
+  window are unknown to the champion).
+
+A snapshot without ``impression`` rows (MovieLens ratings, implicit files) records no shown-but-ignored items, so it
+holds no slates to learn from: ``has_impressions`` is False and the flow skips the ranking stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from towerflow.config import RankerStageConfig
+from towerflow.contract import POSITIVE_ACTIONS
+from towerflow.models.ranker import blended_score
+from towerflow.tasks.evaluate_ranker import evaluate_ranking
+from towerflow.tasks.ranking_examples import RankingExamples, build_ranking_examples, user_profiles
+from towerflow.tasks.train_ranker import evaluate_ranker, predict
+from towerflow.tasks.vocabulary import Vocab
+
+DAY_US = 86_400_000_000
+
+
+@dataclass
+class RankingData:
+    """The stage's examples: ``train`` before ``cut_us``, ``holdout`` at or after it (both renumbered from 0)."""
+
+    train: RankingExamples
+    holdout: RankingExamples
+    cut_us: int
+
+
+@dataclass
+class RankerEvaluation:
+    """Metrics (tasks/evaluate_ranker.py names) on the held-out requests."""
+
+    candidate: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    n_rows: int
+    n_requests: int
+    champion: dict[str, float] | None = None  # the champion's ranker on the rows both rankers score
+    candidate_on_shared: dict[str, float] | None = None  # the candidate on those same rows
+    champion_release: str | None = None
+    n_shared_rows: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def has_impressions(events: pd.DataFrame) -> bool:
+    """Whether the events log what was shown (``impression`` rows): the ranker's negatives."""
+    return bool((events["action"] == "impression").any())
+
+
+def _latest(ex: RankingExamples, n_requests: int | None) -> RankingExamples:
+    """The rows of the latest ``n_requests`` requests (all when None), requests renumbered from 0."""
+    if len(ex) == 0:
+        return ex
+    first = int(ex.request.min())
+    if n_requests is not None:
+        first = max(first, int(ex.request.max()) + 1 - n_requests)
+    ex = ex.take(ex.request >= first)
+    ex.request = ex.request - first
+    return ex
+
+
+def ranking_data(events: pd.DataFrame, vocab: Vocab, config: RankerStageConfig, window_end_us: int,
+                 max_history_days: int) -> RankingData:
+    """Training and held-out ranking examples of a snapshot's ``events`` (module docstring, "Split")."""
+    cut = int(window_end_us) - config.holdout_days * DAY_US
+    s = config.train.model.max_seq_len
+    train = build_ranking_examples(events, vocab, s, max_history_days, end_us=cut)
+    holdout = build_ranking_examples(events, vocab, s, max_history_days, start_us=cut)
+    return RankingData(_latest(train, config.max_train_requests), _latest(holdout, config.max_holdout_requests), cut)
+
+
+def popularity(events: pd.DataFrame, vocab: Vocab, before_us: int) -> np.ndarray:
+    """(n_items + 1,) positive engagements of each vocabulary item strictly before ``before_us`` (row 0: 0)."""
+    ts = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+    keep = events["action"].isin(POSITIVE_ACTIONS).to_numpy() & (ts < before_us)
+    counts = np.bincount(vocab.item_index(events["item_id"].to_numpy(dtype=np.int64)[keep]),
+                         minlength=vocab.n_items + 1).astype(np.float64)
+    counts[0] = 0.0  # items outside the vocabulary all map to row 0: not one popular item
+    return counts
+
+
+def baseline_scores(events: pd.DataFrame, vocab: Vocab, item_table: np.ndarray, ex: RankingExamples,
+                    before_us: int) -> dict[str, np.ndarray]:
+    """Each baseline's (n,) request score of the rows of ``ex``; item_table: (n_items + 1, D), row 0 padding."""
+    profile = user_profiles(events, vocab, item_table, ex.user_id, ex.ts_us - ex.ts_us % DAY_US)
+    return {"popularity": popularity(events, vocab, before_us)[ex.item],
+            "profile_dot": np.einsum("nd,nd->n", profile, np.asarray(item_table)[ex.item])}
+
+
+def _row_keys(ex: RankingExamples, vocab: Vocab) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": ex.user_id, "ts_us": ex.ts_us, "surface": ex.surface,
+                         "item_id": vocab.item_ids[ex.item - 1], "row": np.arange(len(ex))})
+
+
+def evaluate_ranking_stage(model: Any, data: RankingData, events: pd.DataFrame, vocab: Vocab,
+                           item_table: np.ndarray, max_history_days: int,
+                           champion: Any | None = None) -> RankerEvaluation:
+    """Score the candidate ``model``, the baselines and (when given) the champion release's ranker on the holdout.
+
+    ``champion``: a loaded release (``infra.releases.LoadedRelease``) whose ``ranker`` is not None; its vocabulary is
+    read from its ``vocab_dir``. A champion ranker that takes dense features (none of this flow's do) is skipped.
+    """
+    ex = data.holdout
+    ev = RankerEvaluation(candidate=evaluate_ranker(model, ex), baselines={}, n_rows=len(ex),
+                          n_requests=ex.n_requests)
+    for name, score in baseline_scores(events, vocab, item_table, ex, data.cut_us).items():
+        ev.baselines[name] = evaluate_ranking(ex.labels, ex.request, ex.user_id, score)
+    if champion is None or champion.ranker is None or len(ex) == 0:
+        return ev
+    ranker = champion.ranker
+    ev.champion_release = champion.release_id
+    if ranker.dense_dim:
+        ev.notes.append(f"champion {champion.release_id}'s ranker takes dense features: not compared")
+        return ev
+    champ_vocab = Vocab.from_json((champion.vocab_dir / "vocab.json").read_text())
+    champ_ex = build_ranking_examples(events, champ_vocab, ranker.cfg.max_seq_len, max_history_days,
+                                      start_us=int(ex.ts_us.min()), end_us=int(ex.ts_us.max()) + 1)
+    shared = _row_keys(ex, vocab).merge(_row_keys(champ_ex, champ_vocab), on=["user_id", "ts_us", "surface",
+                                                                             "item_id"], suffixes=("", "_champ"))
+    ev.n_shared_rows = len(shared)
+    if not len(shared):
+        ev.notes.append(f"champion {champion.release_id}'s ranker knows none of the held-out items")
+        return ev
+    mine, theirs = ex.take(shared["row"].to_numpy()), champ_ex.take(shared["row_champ"].to_numpy())
+    ev.candidate_on_shared = evaluate_ranker(model, mine)
+    probs = predict(ranker, theirs)
+    score = blended_score(torch.from_numpy(probs), ranker.cfg.score_weights).numpy()
+    ev.champion = evaluate_ranking(mine.labels, mine.request, mine.user_id, score, probs)
+    return ev

@@ -30,6 +30,7 @@ from towerflow.serving.realtime.store import ActionStore, ActionStoreError, SQLi
 from towerflow.tasks.history import ACTION_INDEX, HISTORY_ACTIONS, EventArrays
 
 log = logging.getLogger("towerflow.serving.realtime")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # TOWERFLOW_REALTIME_URI of a store several hosts share
 
 
 def open_action_store(settings: Settings) -> ActionStore:
@@ -37,11 +38,17 @@ def open_action_store(settings: Settings) -> ActionStore:
     uri = settings.realtime_uri
     if uri is None or uri.startswith("sqlite:///"):
         return SQLiteActionStore(uri[len("sqlite:///"):] if uri else settings.realtime_path)
-    if uri.startswith(("redis://", "rediss://", "unix://")):
+    if uri.startswith(REDIS_SCHEMES):
         from towerflow.serving.realtime.redis_store import RedisActionStore
 
         return RedisActionStore(uri)
     raise ActionStoreError(f"TOWERFLOW_REALTIME_URI {uri!r}: expected redis://host:port/db or sqlite:///path")
+
+
+def shared_store(store: ActionStore | None) -> ActionStore | None:
+    """``store`` when several hosts may share it (not the embedded SQLite file), else None: whose leases must
+    guard what replicas write beside it (the source's items table)."""
+    return None if store is None or isinstance(store, SQLiteActionStore) else store
 
 
 def merge(offline: EventArrays, live: EventArrays) -> EventArrays:

@@ -34,6 +34,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -47,10 +48,11 @@ from towerflow.contract import REQUIRED_COLUMNS, conform
 from towerflow.data.source import EventSource, ParquetSink
 from towerflow.infra.tracking import file_lock
 from towerflow.serving.realtime.events import EventBatchError
-from towerflow.serving.realtime.store import ConflictError
+from towerflow.serving.realtime.store import ActionStore, ConflictError, held_lease
 from towerflow.tasks.embed_items import embed_new_items
 
 log = logging.getLogger("towerflow.serving.realtime")
+ITEMS_LEASE = "items-table"  # the shared store's lease that one items-table writer at a time holds
 COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS["items"], "features")
 INT64_MAX = 2**63 - 1
 
@@ -226,8 +228,8 @@ class LiveItems:
     and syncs take one lock; searches read an immutable ``LiveIndex`` without one."""
 
     def __init__(self, source: EventSource | None, lock_path: str | Path, *, as_of: datetime | None = None,
-                 max_items: int = 100_000, max_skew_s: float = 5.0):
-        self.source, self.lock_path, self.as_of = source, Path(lock_path), as_of
+                 max_items: int = 100_000, max_skew_s: float = 5.0, shared: ActionStore | None = None):
+        self.source, self.lock_path, self.as_of, self.shared = source, Path(lock_path), as_of, shared
         self.max_items, self.max_skew_s = max_items, max_skew_s
         self._held: dict[str, tuple[Any, LiveIndex]] = {}  # release id -> (its bundle, its live index)
         self._posted: set[int] = set()  # ids added through this service: live whatever their created_ts
@@ -291,7 +293,7 @@ class LiveItems:
                     raise ItemBatchError(f"{where}: {live_now} live items plus {n_new} new would pass "
                                          f"ServingConfig.live_items_max={self.max_items}; retrain to fold them in")
 
-            new = append_items(self.source, batch, self.lock_path, where, before_write=room)
+            new = append_items(self.source, batch, self.lock_path, where, before_write=room, shared=self.shared)
             self._posted.update(int(i) for i in batch["item_id"])
             for rid, (b, ix) in list(self._held.items()):
                 want = (b.item_index(batch["item_id"].to_numpy(dtype=np.int64)) == 0) & ~np.isin(
@@ -302,15 +304,18 @@ class LiveItems:
 
 
 def append_items(source: EventSource, batch: pd.DataFrame, lock_path: str | Path, where: str = "items",
-                 before_write: Callable[[int], None] | None = None) -> np.ndarray:
+                 before_write: Callable[[int], None] | None = None, shared: ActionStore | None = None) -> np.ndarray:
     """Add the checked ``batch``'s items the source's items table lacks -> (n,) bool, True where written.
 
     One writer: under an exclusive file lock the table is read, compared and rewritten whole by
     ``ParquetSink.write_items`` (a temporary file renamed over it, as the importer writes it). An item_id the table
     holds with the same fields is left alone; with other fields the batch is refused (ConflictError naming the row)
     and nothing is written. ``before_write(n_new)`` may refuse the batch before anything is written.
+    ``shared``: the action store that replicas on several hosts share (Redis); its lease ``ITEMS_LEASE`` is held
+    as well, since the file lock excludes the writers of one host only.
     """
-    with file_lock(lock_path, note="items table writer"):
+    with file_lock(lock_path, note="items table writer"), (
+            nullcontext() if shared is None else held_lease(shared, ITEMS_LEASE)):
         table = source.read_items()
         by_id = {int(i): n for n, i in enumerate(table["item_id"].to_numpy(dtype=np.int64))}
         new = np.ones(len(batch), dtype=bool)

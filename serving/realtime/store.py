@@ -29,7 +29,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -139,6 +140,25 @@ class ActionStore(Protocol):
     def unlock(self, name: str, token: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+@contextmanager
+def held_lease(store: ActionStore, name: str, ttl_s: float = 60.0, wait_s: float = 30.0) -> Iterator[str]:
+    """Hold ``store``'s lease ``name`` for the block, waiting up to ``wait_s`` for it -> its token.
+
+    A lease in a store that several hosts share (Redis) excludes writers on every host, where a file lock excludes
+    one host's only; it expires ``ttl_s`` after a holder died, so ``ttl_s`` must outlast the block (a holder past
+    it is no longer alone). ActionStoreError when another holder keeps it past ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    while (token := store.lock(name, ttl_s)) is None:
+        if time.monotonic() > deadline:
+            raise ActionStoreError(f"{name}: the lease in {store.uri} stayed held by another writer for {wait_s:g}s")
+        time.sleep(0.01)
+    try:
+        yield token
+    finally:
+        store.unlock(name, token)
 
 
 def conflict_message(event_id: str, row: int, stored: Record, new: Record) -> str:

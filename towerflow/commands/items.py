@@ -49,12 +49,19 @@ def _add(args: argparse.Namespace) -> int:
         return _post(rows, name, args.url.rstrip("/"), args.batch_size, args.max_body_bytes)
     from towerflow.config import Settings
     from towerflow.data.source import ParquetSource
+    from towerflow.serving.realtime.live import REDIS_SCHEMES, open_action_store
     from towerflow.serving.realtime.live_items import append_items, check_items, table_dense_dim
 
     settings = Settings()
     source = ParquetSource(settings.source)
     batch = check_items(rows, dense_dim=table_dense_dim(source.read_items()), where=name)
-    new = append_items(source, batch, settings.data_root / "items-table.lock", where=name)
+    # replicas sharing a Redis store may write the table from other hosts: take its lease too
+    shared = open_action_store(settings) if (settings.realtime_uri or "").startswith(REDIS_SCHEMES) else None
+    try:
+        new = append_items(source, batch, settings.data_root / "items-table.lock", where=name, shared=shared)
+    finally:
+        if shared is not None:
+            shared.close()
     print(f"{name}: {int(new.sum())} items added to {settings.source}/items.parquet, {int((~new).sum())} already "
           "there; a running service serves them after its next re-read of the source")
     return 0

@@ -40,7 +40,7 @@ class ReplayResult:
     new_engagements: int = 0  # engagements on an item the user had not acted on earlier in the replay
     new_hits: int = 0  # ... in the top k (exclude_seen drops the other kind, whatever the service knows)
     paths: dict[str, int] = field(default_factory=dict)  # /retrieve answers by path
-    surfaces: dict[str, list[int]] = field(default_factory=dict)  # surface -> [engagements, hits]
+    surfaces: dict[str, list[int]] = field(default_factory=dict)  # surface -> [engagements, hits, new ones, new hits]
     items: int = 0  # new items sent to POST /items
     created_engagements: int = 0  # engagements on an item created during the replay (``items``)
     created_hits: int = 0  # ... in the top k
@@ -58,8 +58,9 @@ class ReplayResult:
                 "new_hits": self.new_hits, "recall_at_k_new_items": round(new, 4), "items_posted": self.items,
                 "created_engagements": self.created_engagements, "created_hits": self.created_hits,
                 "recall_at_k_created_items": round(created, 4), "paths": self.paths,
-                "recall_at_k_by_surface": {s: {"engagements": e, "recall_at_k": round(h / e, 4)}
-                                           for s, (e, h) in sorted(self.surfaces.items())},
+                "recall_at_k_by_surface": {s: {"engagements": e, "recall_at_k": round(h / e, 4), "new_engagements": ne,
+                                               "recall_at_k_new_items": round(nh / ne, 4) if ne else 0.0}
+                                           for s, (e, h, ne, nh) in sorted(self.surfaces.items())},
                 "seconds": round(self.seconds, 2)}
 
 
@@ -172,13 +173,15 @@ def replay(events: pd.DataFrame, client: Client, *, k: int = 10, speed: float | 
                                   f"{reply.get('detail', reply)}")
             hit = row["item_id"] in {x["item_id"] for x in reply["items"]}
             out.engagements, out.hits = out.engagements + 1, out.hits + hit
-            if (row["user_id"], row["item_id"]) not in acted:
+            new = (row["user_id"], row["item_id"]) not in acted
+            if new:
                 out.new_engagements, out.new_hits = out.new_engagements + 1, out.new_hits + hit
             if row["item_id"] in created:
                 out.created_engagements, out.created_hits = out.created_engagements + 1, out.created_hits + hit
             out.paths[reply["path"]] = out.paths.get(reply["path"], 0) + 1
-            counts = out.surfaces.setdefault(row["surface"], [0, 0])
+            counts = out.surfaces.setdefault(row["surface"], [0, 0, 0, 0])
             counts[0], counts[1] = counts[0] + 1, counts[1] + hit
+            counts[2], counts[3] = counts[2] + new, counts[3] + (hit and new)
             if on_step is not None:
                 on_step(out)
         if row["action"] != "impression":

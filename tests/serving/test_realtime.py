@@ -209,6 +209,7 @@ def test_replay_a_day_asks_before_each_engagement_in_time_order(served, replay_s
     assert 0 <= out["hits"] <= engaged and out["recall_at_k"] == round(out["hits"] / engaged, 4)
     by_surface = {s: v["engagements"] for s, v in out["recall_at_k_by_surface"].items()}
     assert by_surface == first[first.action.isin(POSITIVE_ACTIONS)].surface.value_counts().to_dict()
+    assert sum(v["new_engagements"] for v in out["recall_at_k_by_surface"].values()) == out["new_engagements"]
     assert [r[0] for r in store.read(1, store.last_seq())] == first.event_id.tolist()  # in time order, once
     assert main(["events", "replay", "--day", "2026-01-04", "--url", url, "--from", served.settings.source,
                  "--limit", "300", "--json"]) == 0  # replayed again: nothing stored twice

@@ -21,7 +21,13 @@ runs in a fresh process. Prints a table and writes ``bench/results/train_through
 from __future__ import annotations
 
 import argparse
+import io
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import command_line, matmul_gflops, print_table, run_in_child, write_result
 
@@ -57,19 +63,31 @@ def _cut(seq, length: int):
                    hist_gaps=seq.hist_gaps[:, -length:])
 
 
-def _step(model, opt, cfg, seq, user_feats, rng, batch_size: int) -> float:
-    """One training step exactly as ``tasks.train.train`` takes it; returns its wall time in seconds."""
-    from towerflow.tasks.train import batch_loss
+def _step(model, opt, sched, cfg, seq, user_feats, rng, batch_size: int) -> float:
+    """One training step exactly as ``tasks.train.run_epoch`` takes it; returns its wall time in seconds."""
+    from towerflow.tasks.train import batch_loss, train_step
 
     idx = rng.choice(len(seq), size=batch_size, replace=False)
     t0 = time.perf_counter()
     batch = seq.to_batch(idx, user_feats)
     u, v = model(batch)
-    loss = batch_loss(model, u, v, batch.target_items, cfg, batch_size)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    train_step(batch_loss(model, u, v, batch.target_items, cfg, batch_size), opt, sched, "bench")
     return time.perf_counter() - t0
+
+
+def _setup(ex, cfg, seed: int, steps: int):
+    """A fresh model (seeded), its optimizer and schedule, as ``tasks.train`` builds them."""
+    import torch
+
+    from towerflow.models.two_tower import TwoTower
+    from towerflow.tasks.train import item_log_q, make_optimizer
+
+    torch.manual_seed(seed)
+    model = TwoTower(ex.sizes, ex.item_feats, cfg.model)
+    model.set_log_q(item_log_q(ex, cfg))
+    model.train()
+    opt, sched = make_optimizer(model, cfg, steps)
+    return model, opt, sched
 
 
 def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_len: int, default_batch: int,
@@ -79,8 +97,6 @@ def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_l
     from torch.utils.flop_counter import FlopCounterMode
 
     from towerflow.config import ModelConfig, TrainConfig
-    from towerflow.models.two_tower import TwoTower
-    from towerflow.tasks.train import item_log_q
 
     torch.set_num_threads(threads)
     matmul = {str(n): round(matmul_gflops(n), 1) for n in MATMUL_SIZES}
@@ -91,17 +107,15 @@ def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_l
     rows = []
     for length, batch_size in points:
         seq = _cut(ex.train, length)
-        torch.manual_seed(seed)
-        model = TwoTower(ex.sizes, ex.item_feats, cfg.model)
-        model.set_log_q(item_log_q(ex, cfg))
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-
-        args = (model, opt, cfg, seq, ex.user_feats, rng, batch_size)
+        model, opt, sched = _setup(ex, cfg, seed, len(seq) // batch_size)
+        args = (model, opt, sched, cfg, seq, ex.user_feats, rng, batch_size)
         with FlopCounterMode(display=False) as counter:
             _step(*args)
         m = cfg.model
-        attention = 12 * length**2 * m.d_model * m.n_layers * batch_size
+        # fused attention kernels are invisible to the counter on CPU; attention written as bmm is counted already
+        seen = counter.get_flop_counts().get("Global", {})
+        counted = any(op in seen for op in (torch.ops.aten.bmm, torch.ops.aten.baddbmm))
+        attention = 0 if counted else 12 * length**2 * m.d_model * m.n_layers * batch_size
         flops = counter.get_total_flops() + attention
         _step(*args)
         times, deadline = [], time.perf_counter() + seconds
@@ -119,6 +133,135 @@ def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_l
             "n_train_examples": len(ex.train), "model": cfg.model.model_dump(mode="json")}
 
 
+SUBPACKAGES = ("models", "tasks", "validation", "infra", "flows", "serving")
+_CHILD: dict = {}  # in a compare child: its examples, model and optimizer, kept between rounds
+
+
+def _export(rev: str, dest: Path) -> str:
+    """The towerflow package as of git revision ``rev``, laid out as installed (towerflow/models, ...) under
+    ``dest``; -> the folder to put first on ``sys.path``."""
+    root = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(["git", "archive", rev, "towerflow", *SUBPACKAGES], cwd=root, capture_output=True,
+                         check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(dest, filter="data")
+    for sub in SUBPACKAGES:
+        (dest / sub).rename(dest / "towerflow" / sub)
+    return str(dest)
+
+
+def _child_init(code: str | None) -> None:
+    """Spawned compare child: import towerflow from ``code`` (an exported revision) instead of the working tree."""
+    if code:
+        sys.path.insert(0, code)
+
+
+def _child_examples(length: int, seed: int):
+    if ("examples", length, seed) not in _CHILD:
+        _CHILD["examples", length, seed] = _examples(length, seed)[0]
+    return _CHILD["examples", length, seed]
+
+
+def _compare_chunk(length: int, batch_size: int, seconds: float, seed: int) -> dict:
+    """Training steps for about ``seconds`` on 1 thread with this child's code -> wall and thread-CPU seconds each."""
+    import numpy as np
+    import torch
+
+    import towerflow.models.two_tower as two_tower
+    from towerflow.config import ModelConfig, TrainConfig
+
+    torch.set_num_threads(1)
+    key = ("model", length, batch_size, seed)
+    if key not in _CHILD:
+        ex = _child_examples(length, seed)
+        cfg = TrainConfig(model=ModelConfig(max_seq_len=max(64, length)))
+        model, opt, sched = _setup(ex, cfg, seed, len(ex.train) // batch_size)
+        args = (model, opt, sched, cfg, ex.train, ex.user_feats, np.random.default_rng(seed), batch_size)
+        _step(*args)
+        _step(*args)  # warm-up
+        _CHILD[key] = args
+    args = _CHILD[key]
+    wall, cpu, deadline = [], [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(wall) < 3:
+        c0 = time.thread_time()
+        wall.append(_step(*args))
+        cpu.append(time.thread_time() - c0)
+    return {"wall": wall, "cpu": cpu, "code": two_tower.__file__}
+
+
+def _compare_curve(length: int, epochs: int, seed: int) -> dict:
+    """``tasks.train.train`` for ``epochs`` epochs at ``seed`` -> per-epoch loss and recall@10."""
+    from towerflow.config import ModelConfig, TrainConfig
+    from towerflow.tasks.train import train
+
+    ex = _child_examples(length, 0)
+    result = train(ex, TrainConfig(epochs=epochs, seed=seed, model=ModelConfig(max_seq_len=max(64, length))))
+    return {"loss": [e.loss for e in result.history],
+            "recall@10": [e.metrics.get("recall@10") for e in result.history]}
+
+
+def compare(rev: str, length: int, batch_size: int, rounds: int, seconds: float, epochs: int) -> dict:
+    """Revision ``rev`` against the working tree in one run: two spawned children (one per code), taking turns
+    for ``rounds`` x ``seconds`` each at the default model on 1 thread, then the same seed's loss curve from each
+    (and the working tree's at a second seed, the size of seed-to-seed noise)."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="towerflow-compare-") as tmp:
+        code = _export(rev, Path(tmp))
+        with ctx.Pool(1, _child_init, (code,)) as old, ctx.Pool(1, _child_init, (None,)) as new:
+            pools = {"old": old, "new": new}
+            runs: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "ratio": []} for k in pools}
+            where = {}
+            for r in range(rounds):
+                order = ["old", "new"] if r % 2 == 0 else ["new", "old"]  # neither always goes first
+                got = {}
+                for name in order:
+                    got[name] = pools[name].apply(_compare_chunk, (length, batch_size, seconds, 0))
+                    runs[name]["wall"] += got[name]["wall"]
+                    runs[name]["cpu"] += got[name]["cpu"]
+                    where[name] = got[name]["code"]
+                runs["new"]["ratio"].append(float(np.median(got["old"]["wall"]) / np.median(got["new"]["wall"])))
+            curves = {"old seed 0": old.apply(_compare_curve, (length, epochs, 0)),
+                      "new seed 0": new.apply(_compare_curve, (length, epochs, 0)),
+                      "new seed 1": new.apply(_compare_curve, (length, epochs, 1))}
+    sides = {}
+    for name, t in runs.items():
+        wall, cpu = np.array(t["wall"]), np.array(t["cpu"])
+        sides[name] = {"steps": len(wall), "ms_per_step": round(1000 * float(np.median(wall)), 2),
+                       "best_ms": round(1000 * float(wall.min()), 2),
+                       "cpu_ms_per_step": round(1000 * float(np.median(cpu)), 2),
+                       "examples_per_s": round(batch_size / float(np.median(wall))),
+                       "best_examples_per_s": round(batch_size / float(wall.min())), "code": where[name]}
+    o, n = sides["old"], sides["new"]
+    ratios = {"median": round(o["ms_per_step"] / n["ms_per_step"], 3),
+              "best": round(o["best_ms"] / n["best_ms"], 3),
+              "cpu": round(o["cpu_ms_per_step"] / n["cpu_ms_per_step"], 3),
+              "per_round": [round(x, 3) for x in runs["new"]["ratio"]]}
+    return {"rev": rev, "seq_len": length, "batch_size": batch_size, "rounds": rounds, "seconds": seconds,
+            "sides": sides, "speedup": ratios, "curves": curves}
+
+
+def _print_compare(c: dict) -> None:
+    rows = [{"side": f"{k} ({c['rev'] if k == 'old' else 'working tree'})", **v} for k, v in c["sides"].items()]
+    print_table(rows, [("code", "side", ""), ("steps", "steps", ""), ("median ms/step", "ms_per_step", ".2f"),
+                       ("best ms", "best_ms", ".2f"), ("CPU ms/step", "cpu_ms_per_step", ".2f"),
+                       ("examples/s", "examples_per_s", ",d"), ("best examples/s", "best_examples_per_s", ",d")],
+                title=f"training step, L={c['seq_len']}, batch={c['batch_size']}, 1 thread, "
+                      f"{c['rounds']} alternating rounds of {c['seconds']:g} s")
+    s = c["speedup"]
+    print(f"speed-up new/old: median x{s['median']}, best x{s['best']}, CPU x{s['cpu']}; "
+          f"per round {s['per_round']}")
+    names = list(c["curves"])
+    rows = [{"epoch": e + 1, **{f"{n} {m}": c["curves"][n][m][e] for n in names for m in ("loss", "recall@10")}}
+            for e in range(len(c["curves"][names[0]]["loss"]))]
+    print_table(rows, [("epoch", "epoch", "")] + [(f"{n} {m}", f"{n} {m}", ".4f") for n in names
+                                                  for m in ("loss", "recall@10")],
+                title="the same training (tasks.train.train) per epoch: loss and early-stopping recall@10")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from towerflow.config import ExamplesConfig, TrainConfig
 
@@ -128,8 +271,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per point")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", metavar="REV", help="only compare git revision REV with the working tree, "
+                   "alternating, at the default model on 1 thread (writes train_throughput_compare.json)")
+    p.add_argument("--rounds", type=int, default=6, help="--compare: alternating rounds of --seconds per side")
+    p.add_argument("--epochs", type=int, default=3, help="--compare: epochs of the loss curves")
     args = p.parse_args(argv)
     default_len, default_batch = ExamplesConfig().max_seq_len, TrainConfig().batch_size
+    if args.compare:
+        result = compare(args.compare, default_len, default_batch, args.rounds, args.seconds, args.epochs)
+        _print_compare(result)
+        write_result("train_throughput_compare", result, command_line("bench.train_throughput", argv))
+        return result
     runs = [run_in_child(_measure, threads=t, lengths=args.lengths, batch_sizes=args.batch_sizes,
                          default_len=default_len, default_batch=default_batch, seconds=args.seconds, seed=args.seed)
             for t in args.threads]

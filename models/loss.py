@@ -54,12 +54,9 @@ def softmax_logits(
         raise LossInputError(f"temperature must be > 0, got {temperature}")
     _check_log_q("log_q", log_q, b)
 
-    logits = u @ v.T / temperature  # (b, b)
-    if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
     hit = item_ids.unsqueeze(1) == item_ids.unsqueeze(0)  # (b, b)
     hit.fill_diagonal_(False)
-    logits = logits.masked_fill(hit, float("-inf"))
+    logits = _corrected_scores(u, v, temperature, log_q, hit)  # (b, b)
     if neg_v is None:
         if neg_ids is not None or neg_log_q is not None:
             raise LossInputError("neg_ids / neg_log_q given without neg_v")
@@ -73,11 +70,21 @@ def softmax_logits(
             "logQ correction must be on or off for both columns: pass log_q and neg_log_q, or neither"
         )
     _check_log_q("neg_log_q", neg_log_q, m)
-    neg_logits = u @ neg_v.T / temperature  # (b, m)
-    if neg_log_q is not None:
-        neg_logits = neg_logits - neg_log_q.unsqueeze(0)
-    neg_logits = neg_logits.masked_fill(item_ids.unsqueeze(1) == neg_ids.unsqueeze(0), float("-inf"))
+    neg_logits = _corrected_scores(u, neg_v, temperature, neg_log_q, item_ids.unsqueeze(1) == neg_ids.unsqueeze(0))
     return torch.cat([logits, neg_logits], dim=1)
+
+
+def _corrected_scores(
+    u: torch.Tensor, v: torch.Tensor, temperature: float, log_q: torch.Tensor | None, hit: torch.Tensor
+) -> torch.Tensor:
+    """u (b, dim) . v (n, dim) / temperature - log_q (n,), -inf where hit (b, n) -> (b, n).
+
+    The correction and the mask form one constant (b, n) bias that addmm adds to the products: one (b, n) autograd
+    op instead of four (matmul, divide, subtract, masked fill), each with a backward pass over (b, n).
+    """
+    shift = torch.zeros((), dtype=u.dtype, device=u.device) if log_q is None else -log_q.to(u.dtype).unsqueeze(0)
+    bias = torch.where(hit, float("-inf"), shift)  # (b, n)
+    return torch.addmm(bias, u / temperature, v.T)  # u scaled, (b, dim): a tiny temperature overflows alpha
 
 
 def in_batch_softmax_loss(*args: Any, **kwargs: Any) -> torch.Tensor:

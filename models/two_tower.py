@@ -21,6 +21,7 @@ from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
 from towerflow.models.item_tower import ItemTower
+from towerflow.models.layers import unique_inverse
 from towerflow.models.query import TOKENIZER_VERSION
 from towerflow.models.user_tower import UserTower
 
@@ -62,8 +63,9 @@ class TwoTower(nn.Module):
             groups["context"] = batch.context_items
         if with_target:
             groups["target"] = batch.target_items
-        uniq, inverse = torch.unique(torch.cat(list(groups.values())), return_inverse=True)
-        parts = self.item_tower(uniq)[inverse].split([g.numel() for g in groups.values()])
+        uniq, inverse = unique_inverse(torch.cat(list(groups.values())), self.item_tower.n_rows)
+        # index_select, not [inverse]: its backward is one index_add, advanced indexing's an accumulating index_put
+        parts = self.item_tower(uniq).index_select(0, inverse).split([g.numel() for g in groups.values()])
         vecs = dict(zip(groups, parts, strict=True))
         hist_vecs = vecs["hist"].reshape(b, seq_len, -1)  # (b, L, dim)
         h = self.user_tower.encode_history(batch.hist_items, batch.hist_actions, batch.hist_gaps, hist_vecs)

@@ -76,8 +76,9 @@ class RankingExamples:
 
 def _request_keys(events: pd.DataFrame) -> np.ndarray:
     """(n,) int64 request of each row: its request_id, or (user_id, ts, surface) where it has none."""
-    cols = pd.DataFrame({"u": events["user_id"].to_numpy(), "t": pd.to_datetime(events["ts"], utc=True).to_numpy(),
-                         "s": events["surface"].to_numpy()})
+    # times as int64 microseconds: a tz-aware column's to_numpy() is an object array of Timestamps (1.4 s per 280k)
+    t = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+    cols = pd.DataFrame({"u": events["user_id"].to_numpy(), "t": t, "s": events["surface"].to_numpy()})
     key = cols.groupby(["u", "t", "s"], sort=False).ngroup().to_numpy(dtype=np.int64)
     if "request_id" in events.columns:
         rid = pd.factorize(events["request_id"])[0].astype(np.int64)  # -1 = null

@@ -28,7 +28,12 @@ from towerflow.config import RankerStageConfig
 from towerflow.contract import POSITIVE_ACTIONS
 from towerflow.models.ranker import blended_score
 from towerflow.tasks.evaluate_ranker import evaluate_ranking
-from towerflow.tasks.ranking_examples import RankingExamples, build_ranking_examples, user_profiles
+from towerflow.tasks.ranking_examples import (
+    RankingExamples,
+    _request_keys,
+    build_ranking_examples,
+    user_profiles,
+)
 from towerflow.tasks.train_ranker import evaluate_ranker, predict
 from towerflow.tasks.vocabulary import Vocab
 
@@ -76,12 +81,23 @@ def _latest(ex: RankingExamples, n_requests: int | None) -> RankingExamples:
     return ex
 
 
+def _start_of_latest(events: pd.DataFrame, before_us: int, n_requests: int | None) -> int | None:
+    """The time of the ``n_requests``-th latest request before ``before_us`` (None: all), so only those are built."""
+    if n_requests is None:
+        return None
+    ts = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+    first = pd.Series(ts).groupby(_request_keys(events)).min().to_numpy()  # a request's time: its earliest row
+    first = np.sort(first[first < before_us])
+    return int(first[-n_requests]) if len(first) > n_requests else None
+
+
 def ranking_data(events: pd.DataFrame, vocab: Vocab, config: RankerStageConfig, window_end_us: int,
                  max_history_days: int) -> RankingData:
     """Training and held-out ranking examples of a snapshot's ``events`` (module docstring, "Split")."""
     cut = int(window_end_us) - config.holdout_days * DAY_US
     s = config.train.model.max_seq_len
-    train = build_ranking_examples(events, vocab, s, max_history_days, end_us=cut)
+    train = build_ranking_examples(events, vocab, s, max_history_days, end_us=cut,
+                                   start_us=_start_of_latest(events, cut, config.max_train_requests))
     holdout = build_ranking_examples(events, vocab, s, max_history_days, start_us=cut)
     return RankingData(_latest(train, config.max_train_requests), _latest(holdout, config.max_holdout_requests), cut)
 

@@ -311,8 +311,12 @@ class RankerGateConfig(_Config):
 
     metric: str = Field("auc/mean", description="tasks/evaluate_ranker.py metric the gate compares (higher better).")
     min_lift_over_baselines: float = Field(
-        0.0, description="The candidate's metric must exceed every baseline's (popularity, profile_dot: the "
+        0.0, description="The candidate's metric must exceed each baseline's (popularity; profile_dot, the "
                          "retrieval-score stand-in) by more than this (absolute).")
+    blocking_baselines: tuple[str, ...] = Field(
+        ("popularity",), description="Baselines whose check fails the gate; the others are reported as warnings "
+                                     "(profile_dot knows the user's long-term profile, which this flow's ranker, "
+                                     "without dense features, only sees through its last S actions).")
     max_regression: float = Field(
         0.01, ge=0, description="And may fall at most this much below the champion's ranker on the same rows.")
     min_holdout_requests: int = Field(20, ge=1, description="Fewer held-out requests than this cannot judge a "

@@ -4,12 +4,14 @@ Metric dicts are tasks/evaluate_ranker.py's (``"auc/mean"``, ``"auc/click"``, ``
 Blocking checks (``RankerGateConfig``):
 
 - ``holdout_requests``: at least ``min_holdout_requests`` held-out requests, else nothing can be judged;
-- ``vs_<baseline>``: the candidate's ``metric`` (mean per-head AUC by default) exceeds each baseline's (popularity;
-  profile_dot, the retrieval-score stand-in) by more than ``min_lift_over_baselines``;
+- ``vs_<baseline>`` for each of ``blocking_baselines`` (popularity by default): the candidate's ``metric`` (mean
+  per-head AUC by default) exceeds the baseline's by more than ``min_lift_over_baselines``;
 - ``vs_champion``: on the rows both rankers score, the candidate's ``metric`` falls at most ``max_regression`` below
   the champion's ranker. With no champion ranker (the first release, or a champion without one) it passes and says so.
 
-Non-blocking: each head's AUC against the champion's, so a head that got worse shows in the report.
+Non-blocking (warnings): the same check against the other baselines (profile_dot, the retrieval-score stand-in: the
+user's long-term profile dot the candidate, which this flow's ranker, taking no dense features, cannot see whole), and
+each head's AUC against the champion's, so a head that got worse shows in the report.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def gate_ranker(ev, config: RankerGateConfig) -> GateResult:
                                                  f"{config.min_holdout_requests} needed")]
     cand = _value(ev.candidate, m)
     for name, metrics in ev.baselines.items():
-        checks.append(_vs_baseline(f"vs_{name}", cand, _value(metrics, m), name, config.min_lift_over_baselines))
+        checks.append(_vs_baseline(f"vs_{name}", cand, _value(metrics, m), name, config.min_lift_over_baselines,
+                                   blocking=name in config.blocking_baselines))
     if ev.champion is None:
         why = "; ".join(ev.notes) or "no champion ranker"
         checks.append(Check("vs_champion", True, cand, detail=f"{why}: judged against baselines only"))

@@ -98,6 +98,10 @@ def test_gate_rule_by_hand():
     assert [c.name for c in worse.failed_checks] == ["vs_champion"]
     assert {c.name for c in worse.warnings} == {"vs_champion auc/click", "vs_champion auc/hide"}
     assert [c.name for c in gate_ranker(_ev(0.7, 0.6, n_requests=5), gate).failed_checks] == ["holdout_requests"]
+    assert [c.name for c in bad.warnings] == []  # 0.58 beats profile_dot's 0.55
+    strict = gate.model_copy(update={"blocking_baselines": ("popularity", "profile_dot")})
+    assert [c.name for c in gate_ranker(_ev(0.54, 0.50), strict).failed_checks] == ["vs_profile_dot"]
+    assert [c.name for c in gate_ranker(_ev(0.54, 0.50), gate).warnings] == ["vs_profile_dot"]
     assert "| auc/mean | 0.6200 | 0.6000 | 0.5500 | 0.6200 | 0.6400 |" in worse.to_markdown()
 
 
@@ -146,8 +150,9 @@ def test_a_ranker_that_orders_backwards_fails_the_gate_and_a_champion_is_compare
         bad.heads.bias.neg_()
     ev_bad = evaluate_ranking_stage(bad, data, events, vocab, table, 365)
     assert ev_bad.candidate["auc/click"] == pytest.approx(1 - ev_good.candidate["auc/click"], abs=1e-9)
-    failed = {c.name for c in gate_ranker(ev_bad, RankerGateConfig()).failed_checks}
-    assert failed == {"vs_popularity", "vs_profile_dot"}
+    judged = gate_ranker(ev_bad, RankerGateConfig())
+    assert [c.name for c in judged.failed_checks] == ["vs_popularity"]
+    assert [c.name for c in judged.warnings] == ["vs_profile_dot"]  # reported; blocking only when configured
 
     # the champion's ranker on its own vocabulary: it lacks item 3, so it is judged on the rows it knows
     known = vocab.item_ids[vocab.item_ids != 3]

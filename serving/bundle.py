@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,6 +59,7 @@ class ServingBundle:
     popular_scores: np.ndarray  # (n,) their sampling probability q
     history: HistorySpec  # how the release's histories are built (tasks/history.py), from its config.json
     loaded_at: datetime
+    cooccurrence: Any = None  # tasks.evaluate.CooccurrenceBaseline fitted for this release (serving/cooccurrence.py)
 
     @property
     def release_id(self) -> str:

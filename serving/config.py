@@ -39,6 +39,9 @@ class ServingConfig(BaseModel):
                              "the GIL, so one worker already computes on a second core beside the HTTP loop. More "
                              "workers split the waiting requests into smaller batches that contend for the GIL "
                              "(measured on 2 cores: 3x the event loop's CPU per request with 2 workers).")
+    cooccurrence_candidates: int = Field(
+        50, ge=0, description="POST /recommend: items the co-occurrence generator adds to the two-tower candidates "
+                              "(serving/cooccurrence.py; fitted when a release with a ranker is loaded); 0: off.")
     max_seen: int = Field(1000, ge=0, description="Recent engaged items kept per user for exclude_seen.")
     retry_failed_release_s: float = Field(60.0, ge=0, description="Wait before retrying a release that failed to load.")
     max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body accepted (413 beyond it); the "

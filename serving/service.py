@@ -35,6 +35,8 @@ from towerflow.infra.releases import ReleaseNotFoundError, load_release, resolve
 from towerflow.models.query import encode_texts
 from towerflow.serving.bundle import ServingBundle, UserProfiles, build_bundle
 from towerflow.serving.config import ServingConfig
+from towerflow.serving.cooccurrence import candidates as cooccurring
+from towerflow.serving.cooccurrence import fit_for_release
 from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store, shared_store
 from towerflow.serving.realtime.live_items import LiveItems
 from towerflow.serving.realtime.store import ActionStore
@@ -210,6 +212,8 @@ class RetrievalService:
                 release = load_release(self.settings, self.config.alias)
                 users = self._recent.users if self._recent is not None else None
                 bundle = build_bundle(release, users)
+                if release.ranker is not None and self.config.cooccurrence_candidates:
+                    bundle = replace(bundle, cooccurrence=fit_for_release(release, bundle.vocab, self.settings))
             except Exception as exc:
                 self._failed[version] = time.monotonic()
                 self.last_error = {"version": version, "error": str(exc), "at": datetime.now(UTC).isoformat()}
@@ -397,9 +401,18 @@ class RetrievalService:
         (found,) = self.retrieve_batch([Query(user_id, item_id, surface, candidates, True, query)], bundle=b)
         if isinstance(found, Exception):
             raise found
-        cands = merge_candidates({"two_tower": found["items"]})
         live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
         actions, as_of_us = self._user_actions(user_id, live)
+        generators = {"two_tower": found["items"]}
+        if b.cooccurrence is not None and self.config.cooccurrence_candidates:
+            hist = build_histories(actions, b.vocab, as_of_us, b.history, self.config.max_seen)
+            row = (hist.hist_items[0], hist.hist_actions[0]) if len(hist) else (np.zeros(1, np.int64),) * 2
+            exclude = np.concatenate([hist.seen[0] if len(hist) else np.zeros(0, np.int64), live.item_id,
+                                      [] if item_id is None else [item_id]]).astype(np.int64)
+            context = 0 if item_id is None else int(b.item_index([item_id])[0])
+            generators["cooccurrence"] = cooccurring(b.cooccurrence, b.vocab, *row, context,
+                                                     self.config.cooccurrence_candidates, exclude)
+        cands = merge_candidates(generators)
         seq = ranker_sequence(actions, b.vocab, user_id, as_of_us, ranker.cfg.max_seq_len,
                               b.history.max_history_days)
         # the ranker's item rows are the vocabulary's indices (checked when the bundle was built)

@@ -63,7 +63,8 @@ def ranked(served, world_events, tmp_path_factory) -> Ranked:
             with torch.random.fork_rng(devices=[]):
                 ranker = train_ranker(examples, ranker_item_table(emb.vectors), cfg, log=False).model
         m = assemble(root, model=champ.model, vocab=vocab, embeddings=emb, index=build_index(emb, IndexConfig()),
-                     config=champ.config, snapshot_id="ranked-test", candidate_metrics={}, ranker=ranker)
+                     config=champ.config, snapshot_id=champ.manifest.snapshot_id, candidate_metrics={},
+                     ranker=ranker)
         versions.append((register_release(m.path, None, served.settings), m.release_id))
     (rv, rid), (uv, _) = versions
     _set_alias(served.settings, "ranked", rv)
@@ -88,17 +89,23 @@ def app_url(served, ranked, tmp_path_factory):
 
 
 def _expected(svc, user: int, events: pd.DataFrame, request_us: int, k: int, candidates: int) -> list[dict]:
-    """The answer rebuilt outside the service: /retrieve's candidates, the training-side sequence of ``events``."""
+    """The answer rebuilt outside the service: /retrieve's candidates and the co-occurrence ones of the user's
+    history in ``events``, the training-side sequence of ``events``, the ranker loaded on its own."""
     from towerflow.infra.releases import load_release
+    from towerflow.serving.cooccurrence import candidates as cooccurring
     from towerflow.serving.recommend import merge_candidates, rank, ranker_sequence
-    from towerflow.tasks.history import EventArrays
+    from towerflow.tasks.history import EventArrays, build_histories
 
     release = load_release(svc.settings, "ranked")
     found = svc.retrieve(user, k=candidates)["items"]
     b = svc.bundle
-    seq = ranker_sequence(EventArrays.from_events(events), b.vocab, user, request_us, RANKER_S,
-                          b.history.max_history_days)
-    cands = merge_candidates({"two_tower": found})
+    actions = EventArrays.from_events(events)
+    seq = ranker_sequence(actions, b.vocab, user, request_us, RANKER_S, b.history.max_history_days)
+    hist = build_histories(actions.take(actions.user_id == user), b.vocab, request_us, b.history)
+    co = cooccurring(b.cooccurrence, b.vocab, hist.hist_items[0], hist.hist_actions[0], 0,
+                     svc.config.cooccurrence_candidates, hist.seen[0])
+    assert co and {c["item_id"] for c in co} - {f["item_id"] for f in found}  # the second generator adds items
+    cands = merge_candidates({"two_tower": found, "cooccurrence": co})
     return rank(release.ranker, cands, release.ranker_rows(cands.item_ids), 0, seq, k)
 
 
@@ -129,11 +136,16 @@ def test_recommend_ranks_the_retrieved_candidates_with_the_same_release(app_url,
     assert retrieved["release"] == ranked.ranked_id
     scores = {i["item_id"]: i["score"] for i in retrieved["items"]}
     for it in items:
-        assert it["sources"] == {"two_tower": pytest.approx(scores[it["item_id"]], abs=1e-6)}
+        assert set(it["sources"]) <= {"two_tower", "cooccurrence"}
+        if it["item_id"] in scores:
+            assert it["sources"]["two_tower"] == pytest.approx(scores[it["item_id"]], abs=1e-6)
+        else:
+            assert set(it["sources"]) == {"cooccurrence"}
     horizon = to_us(svc._recent.as_of)
     expected = _expected(svc, user, world_events, horizon, 5, 40)
     assert [i["item_id"] for i in items] == [e["item_id"] for e in expected]
     np.testing.assert_allclose([i["score"] for i in items], [e["score"] for e in expected], rtol=1e-5)
+    assert [i["sources"] for i in items] == [e["sources"] for e in expected]
     # the ranking is not the retrieval order (the ranker decides): the top 5 differ from /retrieve's top 5, or
     # their order does
     assert [i["item_id"] for i in items] != [i["item_id"] for i in retrieved["items"][:5]]
@@ -161,6 +173,24 @@ def test_recommend_sees_live_actions(app_url, ranked, world_events):
     np.testing.assert_allclose([i["score"] for i in after["items"]], [e["score"] for e in expected], rtol=1e-5)
 
 
+def test_the_cooccurrence_generator_is_fitted_on_the_releases_own_snapshot(app_url, served):
+    from towerflow.config import ExamplesConfig
+    from towerflow.tasks.build_examples import build_examples
+    from towerflow.tasks.evaluate import CooccurrenceBaseline
+    from towerflow.tasks.extract import Snapshot
+
+    _, svc = app_url
+    release = svc.bundle.release
+    snap = Snapshot.load(served.settings.snapshots_dir / release.manifest.snapshot_id)
+    train = build_examples(snap.events(), snap.users(), snap.items(), snap.window[1],
+                           ExamplesConfig.model_validate(release.config["examples"])).train
+    fitted = CooccurrenceBaseline.fit(train, svc.bundle.vocab.n_items)
+    got = svc.bundle.cooccurrence
+    assert len(got.vals) > 0
+    for name in ("indptr", "cols", "vals", "popularity"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(fitted, name))
+
+
 @pytest.mark.parametrize(("body", "status", "detail"), [
     ({"user_id": 1, "k": 11, "candidates": 10}, 422, "k must be between 1 and candidates (10), got 11"),
     ({"user_id": 1, "candidates": 201}, 422, "candidates must be between 1 and 200, got 201"),
@@ -186,6 +216,7 @@ def test_a_release_without_a_ranker_answers_409_and_the_swap_brings_index_and_ra
         svc.poll()
         r = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=60)
         assert r.status_code == 409 and "has no ranker" in r.json()["detail"], r.text
+        assert svc.bundle.cooccurrence is None  # fitted only for a release with a ranker
         assert httpx.post(f"{url}/retrieve", json={"user_id": user}, timeout=60).status_code == 200
     finally:
         _set_alias(served.settings, "ranked", ranked.ranked_version)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_data_root, write_result
+from bench.common import bench_data_root, code_version, machine_info, write_result
 from bench.serving import Server, _Connection, _pct, _retrain_config, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results" / "realtime.json"
@@ -476,7 +476,7 @@ def _report_load(r: dict) -> list[str]:
 
 def report(r: dict) -> str:
     lines = _report_load(r) if "ingest_at_rate" in r.get("http", {}) else []  # (not a JSON of an older run's)
-    for key in [k for k in r if k.startswith("value") and not k.endswith(("_command", "_when"))]:
+    for key in [k for k in r if k.startswith("value") and not k.endswith(("_command", "_when", "_code", "_machine"))]:
         v = r[key]
         s = v["short_term_signal"]["all"] if "short_term_signal" in v else None
         lines.append(f"{key} ({v['day']}, {v['frozen']['engagements']} engagements): recall@10 realtime "
@@ -533,10 +533,11 @@ def main(argv: list[str] | None = None) -> dict:
             result[key] = measure_value(root / key.replace("_", "-"), args.quick, args.slate, args.trained)
     kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.only_value:  # keep the load sections and the other value sections of the last runs beside it
+        # the file's code and machine are the load sections' run's: this section records its own
         result = {**result, **kept, key: result[key], f"{key}_command": result["command"],
-                  f"{key}_when": result["when"]}
+                  f"{key}_when": result["when"], f"{key}_code": code_version(), f"{key}_machine": machine_info()}
     else:  # keep the value sections (and their commands) this run did not make
-        made = {key, f"{key}_command", f"{key}_when"} if args.value else set()
+        made = {key, f"{key}_command", f"{key}_when", f"{key}_code", f"{key}_machine"} if args.value else set()
         result |= {k: v for k, v in kept.items() if k.startswith("value") and k not in result and k not in made}
     print(report(result))
     write_result(args.out.stem, result, result["command"], results_dir=args.out.parent)

@@ -214,6 +214,96 @@ def latency(candidates: int, reps: int, n_items: int = 3000) -> list[dict]:
     return rows
 
 
+def two_stage_http(args: argparse.Namespace) -> dict:
+    """``/recommend`` (200 candidates ranked) beside ``/retrieve`` over HTTP, one run: a slate world, the real retrain
+    flow with its ranking stage at S = ``args.seq_len`` (a few epochs' worth of quality is not the point), ``towerflow
+    serve`` in a subprocess (1 torch thread), one client on a keep-alive connection alternating the two endpoints
+    request by request for the same users, so both share the machine's load. Client-side p50/p99 per endpoint."""
+    import asyncio
+    import json
+
+    from bench.common import bench_data_root
+    from bench.serving import Server, _Connection, _retrain_config
+    from towerflow.config import RankerGateConfig, RankerStageConfig
+    from towerflow.data.synthetic import generate_world
+    from towerflow.flows.retrain import retrain
+
+    world = WorldConfig(n_users=args.users, n_items=args.items, days=args.days, events_per_day=args.requests_per_day,
+                        slate_size=args.slate, seed=0)
+    with bench_data_root(None, "towerflow-bench-two-stage-") as root:
+        generate_world(str(root / "source"), world)
+        events = pd.read_parquet(root / "source" / "events")
+        as_of = world.start + pd.Timedelta(days=world.days).to_pytimedelta()
+        stage = RankerStageConfig(train=RankerTrainConfig(
+            model=RankerConfig(max_seq_len=args.seq_len, cross_rank=args.cross_rank), epochs=1),
+            max_train_requests=args.http_train_requests,
+            gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0))  # this measures serving cost
+        cfg = _retrain_config(True, 0, promote=True).model_copy(update={"ranker": stage})
+        t0 = time.perf_counter()
+        result = retrain(as_of=as_of, lookback_days=world.days, config=cfg)
+        setup_s = time.perf_counter() - t0
+        if result.status != "promoted":
+            raise RuntimeError(f"the retrain did not promote a release: {result.status}")
+        fit_s = _cooccurrence_fit_seconds()
+        acted = events[~events["action"].isin(["impression"])].groupby("user_id").size().sort_values(ascending=False)
+        users = acted.index.to_numpy()[: args.http_users]
+        server = Server(root, "hybrid")
+        try:
+            server.wait_ready()
+            host, port = server.url.rsplit("//", 1)[1].split(":")
+
+            sources: dict[str, int] = {}
+
+            async def run() -> dict[str, list[float]]:
+                conn = _Connection(host, int(port))
+                lat: dict[str, list[float]] = {"/retrieve": [], "/recommend": []}
+                bodies = {"/retrieve": {"k": 10}, "/recommend": {"k": 10, "candidates": 200}}
+                try:
+                    for rep in range(2):  # the first pass warms up (allocations, caches); the second is measured
+                        for u in users.tolist():
+                            for path, extra in bodies.items():
+                                t0 = time.perf_counter()
+                                status, raw = await conn.post(path, json.dumps({"user_id": int(u), **extra}).encode())
+                                if status != 200:
+                                    raise RuntimeError(f"{path} answered {status}: {raw[:300]!r}")
+                                if rep:
+                                    lat[path].append(time.perf_counter() - t0)
+                                    for it in json.loads(raw)["items"] if path == "/recommend" else []:
+                                        key = "+".join(sorted(it["sources"]))
+                                        sources[key] = sources.get(key, 0) + 1
+                finally:
+                    await conn.close()
+                return lat
+
+            lat = asyncio.run(run())
+        finally:
+            server.stop()
+    rows = [{"endpoint": path, "requests": len(v), "p50_ms": 1e3 * float(np.percentile(v, 50)),
+             "p99_ms": 1e3 * float(np.percentile(v, 99))} for path, v in lat.items()]
+    fill = np.minimum(acted.to_numpy()[: args.http_users], args.seq_len)
+    return {"rows": rows, "release": result.release_id, "setup_s": round(setup_s, 1), "seq_len": args.seq_len,
+            "recommended_items_by_generators": sources, "cooccurrence_fit_s": fit_s,
+            "sequence_fill_mean": float(fill.mean()), "sequence_full_share": float((fill == args.seq_len).mean()),
+            "world": world.model_dump(mode="json"), "ranker_metrics": {k: v for k, v in result.metrics.items()
+                                                                      if k.startswith("ranker")}}
+
+
+def _cooccurrence_fit_seconds() -> float:
+    """Seconds to fit /recommend's co-occurrence generator for the champion (what a service pays at each load)."""
+    from towerflow.config import Settings
+    from towerflow.infra.releases import load_release
+    from towerflow.serving.cooccurrence import fit_for_release
+    from towerflow.tasks.vocabulary import Vocab
+
+    settings = Settings()
+    release = load_release(settings)
+    vocab = Vocab.from_json((release.vocab_dir / "vocab.json").read_text())
+    t0 = time.perf_counter()
+    if fit_for_release(release, vocab, settings) is None:
+        raise RuntimeError("the co-occurrence generator could not be fitted for the benchmark's release")
+    return round(time.perf_counter() - t0, 2)
+
+
 def summarize(seeds: list[dict]) -> tuple[list[dict], dict]:
     """Per-method means over seeds, and the issue's targets checked on every seed."""
     rows = []
@@ -255,8 +345,20 @@ def main(argv: list[str] | None = None) -> None:
                                                      "compare the rankers' AUC on its ratings")
     p.add_argument("--ml-epochs", type=int, default=6)
     p.add_argument("--name", default="ranking")
+    p.add_argument("--http", action="store_true", help="instead: /recommend beside /retrieve over HTTP (a slate "
+                                                       "world, the retrain flow with its ranking stage at --seq-len)")
+    p.add_argument("--http-users", type=int, default=150, help="--http: users asked (the most active ones)")
+    p.add_argument("--http-train-requests", type=int, default=3000, help="--http: the ranker's training requests")
     args = p.parse_args(argv)
     args.cross_rank = args.cross_rank or None
+    if args.http:
+        out = two_stage_http(args)
+        print_table(out["rows"], [("endpoint", "endpoint", ""), ("requests", "requests", ""),
+                                  ("p50 ms", "p50_ms", ".2f"), ("p99 ms", "p99_ms", ".2f")],
+                    title=f"over HTTP, 1 client alternating, S = {args.seq_len} (mean sequence fill "
+                          f"{out['sequence_fill_mean']:.0f}), 200 candidates")
+        write_result(args.name, {"args": vars(args), **out}, command_line("bench.ranking", argv))
+        return
 
     seeds = []
     for seed in range(args.seeds):

@@ -76,7 +76,7 @@ def test_a_bad_row_refuses_the_whole_file(root: Path, tmp_path: Path, capsys):
 
 def test_csv_parquet_and_stdin(root: Path, tmp_path: Path, monkeypatch, capsys):
     csv = pd.DataFrame(rows(2))
-    csv["context_item_id"], csv["query"] = [None, 12], [None, "shoes"]
+    csv["context_item_id"], csv["query"], csv["surface"] = [None, 12], [None, "shoes"], ["homefeed", "search"]
     csv.to_csv(tmp_path / "a.csv", index=False)
     assert main(["events", "ingest", str(tmp_path / "a.csv")]) == 0
     pq = pd.DataFrame(rows(2, start=2)).assign(ts=lambda d: pd.to_datetime(d.ts, utc=True))

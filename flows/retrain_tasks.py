@@ -396,7 +396,33 @@ def evaluate_ranker(settings: Settings, snapshot, data, model, examples, emb, co
         get_run_logger().info(note)
     create_markdown_artifact(markdown="### ranker on held-out requests\n\n" + metric_table(ev), key="ranker-metrics",
                              description=f"ranker: auc/mean {ev.candidate.get('auc/mean', float('nan')):.4f}")
+    _log_ranker_plot(groups, tracking)
     return ev
+
+
+def _log_ranker_plot(groups: dict[str, dict[str, float]], tracking: Tracking) -> None:
+    """plots/ranker_heads.png: per-head AUC and HIT@3 of the candidate ranker, the baselines and the champion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from towerflow.config import RANKER_HEADS
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    width = 0.8 / len(groups)
+    for ax, kind in zip(axes, ("auc", "hit@3"), strict=True):
+        for i, (name, m) in enumerate(groups.items()):
+            ax.bar(np.arange(len(RANKER_HEADS)) + i * width, [m.get(f"{kind}/{h}", np.nan) for h in RANKER_HEADS],
+                   width, label=name)
+        ax.set_xticks(np.arange(len(RANKER_HEADS)) + 0.4 - width / 2, RANKER_HEADS)
+        ax.set_ylabel(f"{kind} (held-out requests)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].axhline(0.5, color="grey", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tracking.client().log_figure(tracking.run_id, fig, "plots/ranker_heads.png")
+    plt.close(fig)
 
 
 @stage("gate_ranker")

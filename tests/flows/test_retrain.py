@@ -83,6 +83,8 @@ def test_promotes_one_release_whose_tower_and_index_share_its_id(world: Settings
         assert 0.0 <= run.data.metrics[f"ranker.{model}.auc/mean"] <= 1.0
     assert {"ranker.loss", "ranker.valid.auc/mean", "ranker.candidate.hit_at_3/click",
             "ranker.candidate.gauc/save"} <= set(run.data.metrics)
+    artifacts = {a.path for a in MlflowClient(world.tracking_uri).list_artifacts(run.info.run_id, "plots")}
+    assert "plots/ranker_heads.png" in artifacts
 
 
 def test_bad_data_stops_before_promotion_and_champion_keeps_serving(world: Settings, champion, tmp_path):

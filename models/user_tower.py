@@ -20,7 +20,7 @@ from towerflow.config import ModelConfig
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import N_ACTIONS, N_SURFACES, POSITIVE_ACTION_IDS, FeatureSizes
 from towerflow.models.item_tower import ItemTower
-from towerflow.models.layers import EncoderBlock, FastDropout, mlp
+from towerflow.models.layers import EncoderBlock, FastDropout, mlp, small_embedding
 
 
 class UserTowerInputError(TowerflowError, ValueError):
@@ -113,7 +113,8 @@ class UserTower(nn.Module):
         # Positions count back from the latest action (left padding puts it in the last column), so one table
         # serves every history length up to max_seq_len.
         pos = torch.arange(seq_len - 1, -1, -1, device=hist_items.device)
-        x = self.hist_item_proj(hist_vecs) + self.action_emb(hist_actions) + self.gap_emb(hist_gaps)
+        x = (self.hist_item_proj(hist_vecs) + small_embedding(self.action_emb, hist_actions)
+             + small_embedding(self.gap_emb, hist_gaps))
         x = self.token_drop(x + self.pos_emb(pos))  # (b, L, d)
 
         # A row with every key masked makes attention 0/0 = NaN; let such rows (new users) attend to their last
@@ -123,13 +124,13 @@ class UserTower(nn.Module):
         attend[:, -1] |= empty
         for block in self.blocks:
             x = block(x, attend)  # (b, L, d)
-        x = self.ln_out(x)
-        x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        x = self.ln_out(x)  # (b, L, d); padded slots hold garbage, masked below where read
 
-        pooled = x.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(dim=1)  # (b, d)
+        # max, not amax: its backward scatters into the argmax, amax's spreads over ties in four more (b, L, d) passes
+        pooled = x.masked_fill(pad.unsqueeze(-1), float("-inf")).max(dim=1).values  # (b, d)
         pooled = pooled.masked_fill(empty.unsqueeze(-1), 0.0)
         k = self.cfg.latest_tokens
-        latest = x[:, -k:, :]  # (b, min(k, L), d); padded slots are already 0
+        latest = x[:, -k:, :].masked_fill(pad[:, -k:].unsqueeze(-1), 0.0)  # (b, min(k, L), d), padded slots 0
         if seq_len < k:
             latest = F.pad(latest, (0, 0, k - seq_len, 0))
         parts = [pooled, latest.reshape(b, k * x.shape[-1])]

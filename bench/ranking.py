@@ -284,8 +284,7 @@ def two_stage_http(args: argparse.Namespace) -> dict:
     return {"rows": rows, "release": result.release_id, "setup_s": round(setup_s, 1), "seq_len": args.seq_len,
             "recommended_items_by_generators": sources, "cooccurrence_fit_s": fit_s,
             "sequence_fill_mean": float(fill.mean()), "sequence_full_share": float((fill == args.seq_len).mean()),
-            "world": world.model_dump(mode="json"), "ranker_metrics": {k: v for k, v in result.metrics.items()
-                                                                      if k.startswith("ranker")}}
+            "world": world.model_dump(mode="json")}
 
 
 def _cooccurrence_fit_seconds() -> float:

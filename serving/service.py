@@ -465,6 +465,7 @@ class RetrievalService:
                     "n_items": int(len(b.release.item_ids)), "dim": int(b.release.item_vectors.shape[1]),
                     "index": b.release.index_meta.get("kind", m.index.get("kind")),
                     "history_dim": b.history_dim, "max_seq_len": b.max_seq_len,
+                    "ranker": b.release.ranker is not None, "cooccurrence_generator": b.cooccurrence is not None,
                     "live_items": None if self.items is None else self.items.count(b.release_id),
                     "path": str(Path(b.release.path))}
         else:

@@ -191,6 +191,25 @@ def test_the_cooccurrence_generator_is_fitted_on_the_releases_own_snapshot(app_u
         np.testing.assert_array_equal(getattr(got, name), getattr(fitted, name))
 
 
+def test_release_status_says_what_recommend_has(app_url):
+    url, _ = app_url
+    body = httpx.get(f"{url}/release", timeout=60).json()
+    assert body["ranker"] is True and body["cooccurrence_generator"] is True
+
+
+def test_a_release_whose_snapshot_is_gone_has_no_cooccurrence_generator(app_url, tmp_path, caplog):
+    from towerflow.config import Settings
+    from towerflow.serving.cooccurrence import fit_for_release
+
+    _, svc = app_url
+    b = svc.bundle
+    elsewhere = Settings(data_root=tmp_path)  # no snapshots here
+    with caplog.at_level("WARNING", logger="towerflow.serving"):
+        assert fit_for_release(b.release, b.vocab, elsewhere) is None
+    assert f"release {b.release_id}: no co-occurrence generator" in caplog.text
+    assert fit_for_release(b.release, b.vocab, svc.settings) is not None
+
+
 @pytest.mark.parametrize(("body", "status", "detail"), [
     ({"user_id": 1, "k": 11, "candidates": 10}, 422, "k must be between 1 and candidates (10), got 11"),
     ({"user_id": 1, "candidates": 201}, 422, "candidates must be between 1 and 200, got 201"),

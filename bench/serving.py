@@ -2,6 +2,7 @@
 
     python -m bench.serving [--concurrency 8] [--requests 2000] [--quick] [--data-root DIR]
     python -m bench.serving --floor [--items 5000 100000] [--levels 1 8 32 128]   (bench/serving_floor.py)
+    python -m bench.serving --query-latency [--pairs 2000]                   (bench/serving_query.py)
 
 Setup (skipped when ``--data-root`` already holds it): a synthetic world; two releases from the real retrain flow
 (version 1 registered only, version 2 the champion); user states refreshed for both (a candidate's states are
@@ -410,9 +411,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128], help="--floor: concurrent clients")
     p.add_argument("--seconds", type=float, default=4.0, help="--floor: seconds per endpoint and level")
     p.add_argument("--serve-args", default="", help="--floor: extra 'towerflow serve' options, one string")
+    p.add_argument("--query-latency", action="store_true", help="instead: in process, /retrieve on search with a "
+                                                                "query against without (bench/serving_query.py)")
+    p.add_argument("--pairs", type=int, default=2000, help="--query-latency: request pairs")
     args = p.parse_args(argv)
     if args.floor:
         return _floor(args, argv)
+    if args.query_latency:
+        return _query_latency(args, argv)
 
     with bench_data_root(args.data_root, "towerflow-bench-serving-") as root:
         t0 = time.perf_counter()
@@ -442,6 +448,17 @@ def _floor(args: argparse.Namespace, argv: list[str] | None) -> dict:
         result = serving_floor.run(root, args.items, args.levels, args.seconds, tuple(shlex.split(args.serve_args)))
     print(serving_floor.report(result))
     out = args.out if args.out != RESULTS else RESULTS.with_name("serving_floor.json")
+    write_result(out.stem, result, command_line("bench.serving", argv), results_dir=out.parent)
+    return result
+
+
+def _query_latency(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    from bench import serving_query
+
+    with bench_data_root(args.data_root, "towerflow-bench-query-") as root:
+        result = serving_query.run(root, args.pairs)
+    print(serving_query.report(result))
+    out = args.out if args.out != RESULTS else RESULTS.with_name("serving_query.json")
     write_result(out.stem, result, command_line("bench.serving", argv), results_dir=out.parent)
     return result
 

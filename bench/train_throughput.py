@@ -16,6 +16,17 @@ plus attention, which the counter does not see on CPU: 12 L^2 d_model per exampl
 and the two-fold backward). ``efficiency`` = best-step GFLOP/s / the fp32 matmul rate of (n, n) @ (n, n) at n =
 1024 measured in the same process with the same thread count (512 and 2048 are reported too). Each thread count
 runs in a fresh process. Prints a table and writes ``bench/results/train_throughput.json``.
+
+    python -m bench.train_throughput --compare REV [--rounds 6] [--seconds 3] [--epochs 3]
+
+Another revision's training step against the working tree's, in one run (the machine may be shared, so only ratios
+measured side by side mean anything): ``git archive REV`` laid out as the installed package, imported by one
+spawned child, the working tree by another; the two take turns (``--rounds`` x ``--seconds`` each, the order
+alternating) at the default history length and batch on 1 thread, on the same examples and batches. Reported per
+side: median and best step, thread CPU per step, examples/s; the speed-up as the ratio of the medians, of the best
+steps, of CPU time, and the median of the rounds' ratios. Then each code trains 3 epochs (``tasks.train.train``)
+at seed 0, and the working tree again at seed 1 (the size of seed-to-seed noise): per-epoch loss and recall@10
+side by side. Writes ``bench/results/train_throughput_compare.json``.
 """
 
 from __future__ import annotations
@@ -239,7 +250,8 @@ def compare(rev: str, length: int, batch_size: int, rounds: int, seconds: float,
     ratios = {"median": round(o["ms_per_step"] / n["ms_per_step"], 3),
               "best": round(o["best_ms"] / n["best_ms"], 3),
               "cpu": round(o["cpu_ms_per_step"] / n["cpu_ms_per_step"], 3),
-              "per_round": [round(x, 3) for x in runs["new"]["ratio"]]}
+              "per_round": [round(x, 3) for x in runs["new"]["ratio"]],
+              "per_round_median": round(float(np.median(runs["new"]["ratio"])), 3)}
     return {"rev": rev, "seq_len": length, "batch_size": batch_size, "rounds": rounds, "seconds": seconds,
             "sides": sides, "speedup": ratios, "curves": curves}
 
@@ -252,8 +264,8 @@ def _print_compare(c: dict) -> None:
                 title=f"training step, L={c['seq_len']}, batch={c['batch_size']}, 1 thread, "
                       f"{c['rounds']} alternating rounds of {c['seconds']:g} s")
     s = c["speedup"]
-    print(f"speed-up new/old: median x{s['median']}, best x{s['best']}, CPU x{s['cpu']}; "
-          f"per round {s['per_round']}")
+    print(f"speed-up new/old: median step x{s['median']}, best step x{s['best']}, CPU per step x{s['cpu']}, "
+          f"median of the rounds' ratios x{s['per_round_median']}; per round {s['per_round']}")
     names = list(c["curves"])
     rows = [{"epoch": e + 1, **{f"{n} {m}": c["curves"][n][m][e] for n in names for m in ("loss", "recall@10")}}
             for e in range(len(c["curves"][names[0]]["loss"]))]

@@ -129,9 +129,11 @@ def mean_bag(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """
     if ids.dim() != 2:
         raise ValueError(f"bag ids must be (b, T), got shape {tuple(ids.shape)}")
-    if ids.numel() == 0 or bool(weight[0].any()):
-        return F.embedding_bag(ids, weight, mode="mean", padding_idx=0) if ids.numel() else \
-            weight.new_zeros(ids.shape[0], weight.shape[1])
+    if ids.numel() == 0:
+        return weight.new_zeros(ids.shape[0], weight.shape[1])
+    small = ids.shape[0] <= 64 and not (torch.is_grad_enabled() and weight.requires_grad)
+    if small or bool(weight[0].any()):  # serving a few requests: one plain op beats the fast kernel's extra steps
+        return F.embedding_bag(ids, weight, mode="mean", padding_idx=0)
     scale = 1.0 / (ids > 0).sum(dim=1, keepdim=True).clamp(min=1).to(weight.dtype)  # (b, 1)
     return _MeanBag.apply(weight, ids, scale)
 

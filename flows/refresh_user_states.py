@@ -37,15 +37,11 @@ class RefreshResult(BaseModel):
 
 def _load(settings: Settings, release: str):
     """``release``: an alias (champion), a registered version number, or a release id."""
-    from dataclasses import replace
-
     from towerflow.infra.promote import resolve_version
-    from towerflow.infra.releases import fetch_release, load_release, load_release_dir
+    from towerflow.infra.releases import load_release, load_release_version
 
     if release.isdigit() or release.startswith("r-"):
-        version = resolve_version(release, settings)
-        manifest = fetch_release(settings, version)
-        return replace(load_release_dir(manifest.path, manifest=manifest), version=version)
+        return load_release_version(settings, resolve_version(release, settings))
     return load_release(settings, release)
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import get_run_logger
@@ -32,7 +33,8 @@ from towerflow.tasks.compare import Evaluation
 
 
 class RetrainResult(BaseModel):
-    status: str = Field(description="promoted | not_promoted | already_champion")
+    status: str = Field(description="promoted | not_promoted | already_champion | no_ranker (retrain-ranker "
+                                    "without ranking data)")
     release_id: str | None = None
     snapshot_id: str
     model_version: str | None = None
@@ -437,6 +439,70 @@ def gate_ranker(ev, config: RankerStageConfig, tracking: Tracking) -> None:
     publish_gate(result, "ranker-gate")
 
 
+@dataclass
+class RankerBase:
+    """What the retrain-ranker flow binds its ranker to: the champion's full release (its base when the champion is
+    itself ranker-only), with its registered version, vocabulary and item embeddings."""
+
+    manifest: Any  # infra.releases.ReleaseManifest of the full release
+    version: int
+    vocab: Any  # tasks.vocabulary.Vocab
+    embeddings: Any  # tasks.embed_items.ItemEmbeddings
+
+
+@stage("champion_retriever", io_retries=2)
+def champion_retriever(settings: Settings, tracking: Tracking) -> RankerBase:
+    from towerflow.infra.releases import ReleaseNotFoundError, fetch_base, load_release
+    from towerflow.tasks.embed_items import ItemEmbeddings
+    from towerflow.tasks.vocabulary import Vocab
+
+    try:
+        champion = load_release(settings)
+    except ReleaseNotFoundError as exc:
+        raise ReleaseNotFoundError(f"{exc}; retrain-ranker retrains the champion's ranker: run the retrain flow "
+                                   "first") from exc
+    m = champion.manifest
+    manifest, version = (fetch_base(settings, m), int(m.base["version"])) if m.base else (m, int(champion.version))
+    vocab = Vocab.from_json((manifest.path / "vocab" / "vocab.json").read_text())
+    get_run_logger().info(f"ranker bound to the retriever of release {manifest.release_id} (version {version}); "
+                          f"champion {champion.release_id}")
+    tracking.set_tags({"towerflow.base_release_id": manifest.release_id})
+    return RankerBase(manifest, version, vocab, ItemEmbeddings.load(manifest.path))
+
+
+@stage("assemble_ranker_release")
+def assemble_ranker_release(settings: Settings, snapshot, base: RankerBase, ranker, ranker_eval,
+                            config: RetrainConfig, tracking: Tracking):
+    """A ranker-only release over ``base`` (infra/releases.py), loaded once as serving loads it; None without a
+    ranker (no ranking data: nothing to release)."""
+    if ranker is None:
+        return None
+    from towerflow.infra.releases import load_release_dir, new_release_id, write_ranker_release
+
+    manifest = write_ranker_release(settings.releases_dir, release_id=new_release_id(), base=base.manifest,
+                                    base_version=base.version, ranker=ranker, config=config,
+                                    snapshot_id=snapshot.snapshot_id, model_version=tracking.run_id,
+                                    ranker_metrics=ranker_eval.candidate)
+    load_release_dir(manifest.path, base_dir=base.manifest.path)  # every checksum, id and the ranker's binding
+    tracking.set_tags({"towerflow.release_id": manifest.release_id})
+    get_run_logger().info(f"ranker-only release {manifest.release_id} written to {manifest.path}, serving the "
+                          f"retriever of {base.manifest.release_id} by reference")
+    return manifest
+
+
+@stage("promote_ranker", io_retries=2)
+def promote_ranker(settings: Settings, manifest, ranker_eval, tracking: Tracking, do_promote: bool,
+                   lease: PromotionConfig = PromotionConfig()):  # noqa: B008 - a pydantic default, never mutated
+    """``promote`` for a ranker-only release: gated against the champion it compared its ranker with."""
+    if manifest is None:
+        return None
+    comparison = {"candidate": ranker_eval.candidate, **ranker_eval.baselines,
+                  **({f"champion {ranker_eval.champion_release}": ranker_eval.champion} if ranker_eval.champion
+                     else {})}
+    return register_and_promote(settings, manifest, tracking, do_promote, lease, ranker_eval.champion_version,
+                                ranker_eval.champion_release, ranker_eval.candidate, comparison)
+
+
 @stage("assemble_release")
 def assemble_release(settings: Settings, snapshot, examples, trained, emb, index, ev: Evaluation,
                      config: RetrainConfig, tracking: Tracking, ranker=None, ranker_eval=None):
@@ -466,17 +532,26 @@ def gate_release(settings: Settings, manifest, examples, gates: GateConfig, trac
 @stage("promote", io_retries=2)
 def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do_promote: bool,
             lease: PromotionConfig = PromotionConfig()):  # noqa: B008 - a pydantic default, never mutated
+    metrics = {k: v for k, v in ev.candidate.items() if k != "n"}
+    comparison = {"candidate": metrics, **({f"champion {ev.champion_release}": ev.champion} if ev.champion else {}),
+                  **ev.baselines}
+    return register_and_promote(settings, manifest, tracking, do_promote, lease, ev.champion_version,
+                                ev.champion_release, metrics, comparison)
+
+
+def register_and_promote(settings: Settings, manifest, tracking: Tracking, do_promote: bool, lease: PromotionConfig,
+                         champion_version: int | None, champion_release: str | None, metrics: dict[str, float],
+                         comparison: dict[str, dict[str, float]]) -> RetrainResult:
+    """Register the release and, with ``do_promote``, make it champion if the champion is still the one it was
+    gated against (``champion_version``)."""
     from towerflow.infra.promote import promote as flip
     from towerflow.infra.promote import register_release
     from towerflow.infra.tracking import ensure_store
 
     ensure_store(settings)
     version = register_release(manifest.path, tracking.run_id, settings)
-    metrics = {k: v for k, v in ev.candidate.items() if k != "n"}
-    comparison = {"candidate": metrics, **({f"champion {ev.champion_release}": ev.champion} if ev.champion else {}),
-                  **ev.baselines}
     base = {"release_id": manifest.release_id, "snapshot_id": manifest.snapshot_id, "model_version": str(version),
-            "mlflow_run_id": tracking.run_id, "metrics": metrics, "previous_champion": ev.champion_release,
+            "mlflow_run_id": tracking.run_id, "metrics": metrics, "previous_champion": champion_release,
             "comparison": comparison}
     if not do_promote:
         publish_release_card(manifest, version, "registered, not promoted (promote=false)", tracking)
@@ -485,7 +560,7 @@ def promote(settings: Settings, manifest, ev: Evaluation, tracking: Tracking, do
     # frees it (at once on this host, after lease.lease_s elsewhere), and a waiter logs the holder and gives up
     # after lease.wait_s; the compare-and-set on the alias catches promoters on other data roots
     flow_run = getattr(getattr(get_run_context(), "task_run", None), "flow_run_id", None)
-    result = flip(version, settings, expected_champion=ev.champion_version, wait_s=lease.wait_s,
+    result = flip(version, settings, expected_champion=champion_version, wait_s=lease.wait_s,
                   lease_s=lease.lease_s, on_wait=get_run_logger().warning,
                   note=f"retrain flow run {flow_run}" if flow_run else "")
     get_run_logger().info(str(result))

@@ -45,11 +45,13 @@ from towerflow.infra.lease import Lease, LeaseHeldError, LeaseLostError, OnWait,
 from towerflow.infra.releases import (
     CHAMPION,
     MANIFEST,
+    TAG_BASE_RELEASE,
     TAG_MANIFEST_SHA,
     TAG_RELEASE_ID,
     ReleaseIntegrityError,
     ReleaseNotFoundError,
     check_release_id,
+    fetch_base,
     fetch_release,
     file_sha256,
     verify_release,
@@ -132,6 +134,7 @@ def register_release(release_dir: str | Path, run_id: str | None, settings: Sett
             "index_kind": str(manifest.index.get("kind", "")),
             "n_items": str(manifest.index.get("n_items", "")),
             "metrics": json.dumps(manifest.metrics, sort_keys=True),
+            **({TAG_BASE_RELEASE: manifest.base["release_id"]} if manifest.base else {}),
         }
         # Tags go in with the version in one call: no version is ever visible without its release id.
         mv = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
@@ -246,7 +249,7 @@ def promote(version: int, settings: Settings, *, expected_champion: int | None |
         mv = _get_version(client, name, version)
         rid = mv.tags[TAG_RELEASE_ID]
         if verify:
-            fetch_release(settings, version, client)
+            _fetch_whole(settings, version, client)
         before = _champion(client, name)
         if before == int(version):  # first: a retry after this very flip succeeded is done, not a conflict
             return PromotionResult(int(version), rid, _int(mv.tags.get(TAG_PREVIOUS)), False,
@@ -264,6 +267,13 @@ def promote(version: int, settings: Settings, *, expected_champion: int | None |
         _flip(client, name, int(version), before, on_step, held)
         client.set_model_version_tag(name, str(version), "promoted_at", _now())
     return PromotionResult(int(version), rid, before, True, time.perf_counter() - t0)
+
+
+def _fetch_whole(settings: Settings, version: int, client: MlflowClient) -> None:
+    """Fetch and verify a release before it can be served, with its base when it is ranker-only."""
+    manifest = fetch_release(settings, version, client)
+    if manifest.base:
+        fetch_base(settings, manifest, client)
 
 
 def _int(value: str | None) -> int | None:
@@ -292,7 +302,7 @@ def rollback(settings: Settings, *, verify: bool = True, on_step: OnStep = None,
                                  "recorded: nothing to roll back to")
         tgt = _get_version(client, name, target)
         if verify:
-            fetch_release(settings, target, client)
+            _fetch_whole(settings, target, client)
         _flip(client, name, target, current, on_step, held)
         client.set_model_version_tag(name, str(current), "rolled_back_at", _now())
         # the predecessor may be gone (``towerflow release gc`` keeps the champion and ITS predecessor only)

@@ -10,6 +10,7 @@ when anything may still need it:
 - it is the champion's recorded predecessor (``previous_champion``: what ``towerflow release rollback`` goes to);
 - the backfill ledger names it (a backfilled day records the release it built);
 - it is one of the newest ``keep`` releases (ids sort by creation time);
+- it is the base of a release kept for any reason above (a ranker-only release serves its base's files);
 - it is younger than ``min_age_hours`` (``Settings.release_gc_min_age_hours``, 24 h): a retrain between writing its
   release and promoting it, even when a backfill wrote more than ``keep`` newer ones meanwhile.
 
@@ -36,7 +37,7 @@ from towerflow.config import Settings
 from towerflow.errors import TowerflowError
 from towerflow.infra.lease import OnWait
 from towerflow.infra.promote import TAG_PREVIOUS, promotion_lease, release_versions
-from towerflow.infra.releases import CHAMPION, TAG_RELEASE_ID, cache_dir, is_release_id
+from towerflow.infra.releases import CHAMPION, TAG_BASE_RELEASE, TAG_RELEASE_ID, cache_dir, is_release_id
 from towerflow.infra.tracking import tracking_client
 
 STALE_TMP_S = 3600.0  # a temporary younger than this may belong to a write or download in progress
@@ -124,6 +125,9 @@ def gc_releases(settings: Settings, *, keep: int = 3, min_age_hours: float | Non
             if now - release_created(rid) < min_age_hours * 3600:
                 result.kept.setdefault(rid, f"younger than {min_age_hours:g} h: a retrain may still promote it")
 
+        for mv in versions:  # a kept ranker-only release serves its base's files: the base stays with it
+            if mv.tags[TAG_RELEASE_ID] in result.kept and (base := mv.tags.get(TAG_BASE_RELEASE)):
+                result.kept.setdefault(base, f"base of ranker-only release {mv.tags[TAG_RELEASE_ID]}")
         doomed = [mv for mv in versions if mv.tags[TAG_RELEASE_ID] not in result.kept]
         paths = [p for d in (local, cached) for rid, p in sorted(d.items()) if rid not in result.kept]
         paths += _stale_temporaries([settings.releases_dir, cache_dir(settings)], now)

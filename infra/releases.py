@@ -32,7 +32,14 @@ The ranker's item table is THIS release's item embeddings: ``ranker_item_table(i
 release vocabulary's item indices (``Vocab.item_index``: the vocabulary's sorted ids, 1-based), which is how the
 ranking examples number items; ``LoadedRelease.ranker_rows(item_ids)`` maps FAISS item ids to them (0 for an item the
 release does not hold). ``load_ranker`` checks the table's fingerprint, so a ranker copied in from another release
-(trained over other vectors) is refused even when its ids and checksums were rewritten to match.
+(trained over other vectors) is refused even with its ids and checksums rewritten, unless the table hash recorded
+with it is rewritten too; a copy rewritten that consistently is caught by the registry's pin on release.json.
+
+A **ranker-only release** (the ``retrain-ranker`` flow) holds only ``release.json``, ``ranker/``, ``ranker.json`` and
+``config.json``; its manifest names a ``base_release`` (release id, registered version, sha256 of its release.json)
+whose user tower, embeddings, index, vocabulary and q table it serves by reference, never copied. Its ranker is bound
+to the base's item table. Loading it fetches and verifies the base as well (pinned by that sha256), so promotion and
+rollback still flip one alias: retriever and ranker together.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ FORMAT_VERSION = 1
 # Tags on the registered model version that holds a release (written by infra/promote.py).
 TAG_RELEASE_ID = "release_id"
 TAG_MANIFEST_SHA = "release_sha256"
+TAG_BASE_RELEASE = "base_release_id"  # a ranker-only release's base, whose files it serves
 CHAMPION = "champion"
 
 _RELEASE_ID = re.compile(r"^r-\d{8}T\d{6}-[0-9a-f]{6}$")
@@ -125,6 +133,7 @@ class ReleaseManifest:
     files: dict[str, str]  # relative posix path -> sha256, every file but release.json
     path: Path
     sha256: str
+    base: dict[str, Any] | None = None  # ranker-only release: {release_id, version, manifest_sha256} of its base
 
 
 def _list_files(root: Path) -> list[str]:
@@ -268,6 +277,49 @@ def write_release(
     return verify_release(final, expected_release_id=release_id)
 
 
+def write_ranker_release(releases_dir: str | Path, *, release_id: str, base: ReleaseManifest, base_version: int,
+                         ranker: Ranker, config: Mapping[str, Any] | Any, snapshot_id: str, model_version: str,
+                         ranker_metrics: Mapping[str, float] | None = None,
+                         created_at: datetime | None = None) -> ReleaseManifest:
+    """Write a ranker-only release over the verified full release ``base`` (registered as ``base_version``):
+    ``ranker`` (trained over the base's item table, else refused), its sidecar, ``config`` and a manifest naming the
+    base. The base's files are referenced, not copied. Returns the manifest, verified."""
+    from towerflow.models.ranker import save_ranker
+    from towerflow.tasks.embed_items import ItemEmbeddings
+
+    check_release_id(release_id)
+    if base.base is not None:
+        raise ReleaseIntegrityError(f"release {base.release_id} is itself ranker-only: use its base "
+                                    f"{base.base['release_id']}")
+    releases_dir = Path(releases_dir)
+    final = releases_dir / release_id
+    if final.exists():
+        raise ReleaseIntegrityError(f"{final} already exists: release ids are never reused")
+    tag = {"release_id": release_id, "model_version": model_version}
+    sidecar = _ranker_sidecar(ranker, ItemEmbeddings.load(base.path), tag, ranker_metrics)
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{release_id}-", dir=releases_dir))
+    try:
+        save_ranker(ranker, tmp / RANKER_DIR, release_id)
+        _write_json(tmp / RANKER_META, sidecar)
+        config_obj = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
+        _write_json(tmp / CONFIG, {**tag, "config": config_obj})
+        _write_json(tmp / MANIFEST, {
+            "format_version": FORMAT_VERSION, "release_id": release_id,
+            "created_at": (created_at or datetime.now(UTC)).astimezone(UTC).isoformat(),
+            "snapshot_id": snapshot_id, "model_version": model_version,
+            "base_release": {"release_id": base.release_id, "version": int(base_version),
+                             "manifest_sha256": base.sha256},
+            # the retriever's figures are the base's; the ranker's are in ranker.json
+            "metrics": base.metrics, "index": base.index,
+            "files": {rel: file_sha256(tmp / rel) for rel in _list_files(tmp)}})
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return verify_release(final, expected_release_id=release_id)
+
+
 def embed_release_items(model: Any, vocab: Any, model_version: str) -> ItemEmbeddings:
     """A trained model's item vectors for its vocabulary's items (ids 1..n), under a new release id."""
     from towerflow.tasks.embed_items import embed_items
@@ -320,15 +372,22 @@ def verify_release(
     if expected_release_id and rid != expected_release_id:
         raise ReleaseIntegrityError(f"{mpath} is release {rid}, expected {expected_release_id}")
     listed: dict[str, str] = m.get("files", {})
+    base = m.get("base_release")
     present = set(_list_files(directory)) - {MANIFEST}
     if missing := sorted(set(listed) - present):
         raise ReleaseIntegrityError(f"release {rid} is missing {', '.join(missing)} (in {directory})")
     if unlisted := sorted(present - set(listed)):
         raise ReleaseIntegrityError(f"{', '.join(unlisted)} in {directory} not listed in {MANIFEST} of release {rid}")
-    for rel in REQUIRED:
+    for rel in (RANKER_META, CONFIG) if base else REQUIRED:
         if rel not in listed:
             raise ReleaseIntegrityError(f"release {rid} has no {rel}")
-    if not any(rel.startswith(USER_TOWER_DIR + "/") for rel in listed):
+    if base:
+        check_release_id(base.get("release_id", ""))
+        if retrieval := sorted(rel for rel in listed if rel not in (RANKER_META, CONFIG)
+                               and not rel.startswith(RANKER_DIR + "/")):
+            raise ReleaseIntegrityError(f"ranker-only release {rid} holds {', '.join(retrieval)}: its retriever is "
+                                        f"its base {base['release_id']}'s, by reference")
+    elif not any(rel.startswith(USER_TOWER_DIR + "/") for rel in listed):
         raise ReleaseIntegrityError(f"release {rid} has an empty {USER_TOWER_DIR}/")
     for rel, sha in listed.items():
         if file_sha256(directory / rel) != sha:
@@ -343,6 +402,11 @@ def verify_release(
         if meta.get("model_version", model_version) != model_version:
             raise ReleaseIntegrityError(f"{directory / name} comes from model {meta.get('model_version')!r}, "
                                         f"release {rid} is model {model_version!r}")
+    _verify_ranker(directory, rid, listed, sidecars)
+    manifest = ReleaseManifest(rid, m.get("created_at", ""), m.get("snapshot_id", ""), model_version,
+                               m.get("metrics", {}), m.get("index", {}), listed, directory, msha, base)
+    if base:  # the embeddings the ranker is bound to are the base's: checked when both are loaded
+        return manifest
     idx, emb = sidecars[INDEX_META], sidecars[EMB_META]
     if idx.get("index_sha256") != listed[INDEX_FILE]:
         raise ReleaseIntegrityError(f"{directory / INDEX_META} describes another index file than {INDEX_FILE}")
@@ -352,9 +416,11 @@ def verify_release(
     if (idx.get("n_items"), idx.get("dim")) != (emb.get("n_items"), emb.get("dim")):
         raise ReleaseIntegrityError(f"{directory / INDEX_META} says {idx.get('n_items')}x{idx.get('dim')}, "
                                     f"{EMB_META} says {emb.get('n_items')}x{emb.get('dim')}")
-    _verify_ranker(directory, rid, listed, sidecars)
-    return ReleaseManifest(rid, m.get("created_at", ""), m.get("snapshot_id", ""), model_version,
-                           m.get("metrics", {}), m.get("index", {}), listed, directory, msha)
+    if RANKER_META in sidecars and (sidecars[RANKER_META].get("item_table", {}).get("embeddings_sha256")
+                                    != emb.get("content_sha256")):
+        raise ReleaseIntegrityError(f"{directory / RANKER_META}: the ranker is bound to other item embeddings than "
+                                    f"{EMB_VECTORS}")
+    return manifest
 
 
 def _verify_ranker(directory: Path, rid: str, listed: Mapping[str, str], sidecars: Mapping[str, dict]) -> None:
@@ -372,9 +438,6 @@ def _verify_ranker(directory: Path, rid: str, listed: Mapping[str, str], sidecar
         raise ReleaseIntegrityError(f"{directory / RANKER_DIR / CONFIG_FILE}: a ranker of release "
                                     f"{saved.get('release_id')}, not of release {rid}")
     table = sidecars[RANKER_META].get("item_table", {})
-    if table.get("embeddings_sha256") != sidecars[EMB_META].get("content_sha256"):
-        raise ReleaseIntegrityError(f"{directory / RANKER_META}: the ranker is bound to other item embeddings than "
-                                    f"{EMB_VECTORS}")
     if table.get("sha256") != saved.get("item_table", {}).get("sha256"):
         raise ReleaseIntegrityError(f"{directory / RANKER_META} and {RANKER_DIR}/{CONFIG_FILE} name different item "
                                     "tables")
@@ -428,8 +491,12 @@ def load_release_dir(
     expected_release_id: str | None = None,
     expected_manifest_sha256: str | None = None,
     manifest: ReleaseManifest | None = None,
+    base_dir: str | Path | None = None,
 ) -> LoadedRelease:
     """Verify (unless an already verified ``manifest`` of this directory is given) and load a release directory.
+
+    A ranker-only release loads its base from ``base_dir`` (default: the sibling directory named by the base's id),
+    verified against the sha256 its manifest pins, and serves the base's retriever under its own id with its ranker.
 
     ``load_model(path_to_user_tower_dir)`` loads the user tower (default: ``models.two_tower.load_model``). A ranker,
     when the release has one, is loaded over the release's own item table for the release's id: one of another
@@ -440,6 +507,8 @@ def load_release_dir(
     directory = Path(directory)
     manifest = manifest or verify_release(directory, expected_release_id=expected_release_id,
                                           expected_manifest_sha256=expected_manifest_sha256)
+    if manifest.base is not None:
+        return _load_ranker_only(directory, manifest, load_model, base_dir)
     # Checksums were verified just above: no need to hash the index file a second time.
     art = IndexArtifact.load(directory, verify=False)
     item_ids = np.load(directory / EMB_IDS)
@@ -458,6 +527,25 @@ def load_release_dir(
     ranker = _load_ranker(directory, manifest, vectors) if RANKER_META in manifest.files else None
     return LoadedRelease(manifest.release_id, manifest, art.index, item_ids, vectors, q_table, config, vocab_dir,
                          model, index_meta=art.metadata(), ranker=ranker)
+
+
+def _load_ranker_only(directory: Path, manifest: ReleaseManifest, load_model: Callable[[Path], Any] | None,
+                      base_dir: str | Path | None) -> LoadedRelease:
+    bid = manifest.base["release_id"]
+    base_dir = Path(base_dir) if base_dir is not None else directory.parent / bid
+    if not (base_dir / MANIFEST).is_file():
+        raise ReleaseIntegrityError(f"ranker-only release {manifest.release_id}: its base release {bid} is not at "
+                                    f"{base_dir}")
+    base = load_release_dir(base_dir, load_model, expected_release_id=bid,
+                            expected_manifest_sha256=manifest.base["manifest_sha256"])
+    if base.manifest.base is not None:
+        raise ReleaseIntegrityError(f"release {bid} is ranker-only: it cannot be a base")
+    bound = _read_json(directory / RANKER_META).get("item_table", {}).get("embeddings_sha256")
+    if bound != _read_json(base_dir / EMB_META).get("content_sha256"):
+        raise ReleaseIntegrityError(f"{directory / RANKER_META}: the ranker is bound to other item embeddings than "
+                                    f"its base {bid}'s")
+    return replace(base, release_id=manifest.release_id, manifest=manifest,
+                   ranker=_load_ranker(directory, manifest, base.item_vectors))
 
 
 def _load_ranker(directory: Path, manifest: ReleaseManifest, vectors: np.ndarray) -> Ranker:
@@ -525,6 +613,16 @@ def fetch_release(settings: Settings, version: int | str, client: MlflowClient |
     return replace(manifest, path=final)
 
 
+def fetch_base(settings: Settings, manifest: ReleaseManifest, client: MlflowClient | None = None) -> ReleaseManifest:
+    """The verified local copy of a ranker-only release's base (its registered version, pinned by sha256)."""
+    base = manifest.base
+    got = fetch_release(settings, base["version"], client)
+    if got.release_id != base["release_id"] or got.sha256 != base["manifest_sha256"]:
+        raise ReleaseIntegrityError(f"ranker-only release {manifest.release_id}: version {base['version']} holds "
+                                    f"release {got.release_id}, not its base {base['release_id']} as pinned")
+    return got
+
+
 def resolve_alias(settings: Settings, alias: str = CHAMPION, client: MlflowClient | None = None) -> int:
     """The registered model version an alias points at, read once."""
     from mlflow.exceptions import MlflowException
@@ -552,6 +650,12 @@ def load_release(
 
     client = tracking_client(settings)
     version = resolve_alias(settings, alias, client)
+    return replace(load_release_version(settings, version, load_model, client), alias=alias)
+
+
+def load_release_version(settings: Settings, version: int, load_model: Callable[[Path], Any] | None = None,
+                         client: MlflowClient | None = None) -> LoadedRelease:
+    """Fetch, verify and load registered ``version`` (and, for a ranker-only release, its base)."""
     manifest = fetch_release(settings, version, client)
-    loaded = load_release_dir(manifest.path, load_model, manifest=manifest)
-    return replace(loaded, version=version, alias=alias)
+    base_dir = fetch_base(settings, manifest, client).path if manifest.base else None
+    return replace(load_release_dir(manifest.path, load_model, manifest=manifest, base_dir=base_dir), version=version)

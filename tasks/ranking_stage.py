@@ -60,6 +60,7 @@ class RankerEvaluation:
     champion: dict[str, float] | None = None  # the champion's ranker on the rows both rankers score
     candidate_on_shared: dict[str, float] | None = None  # the candidate on those same rows
     champion_release: str | None = None
+    champion_version: int | None = None  # the registered version judged against (a promotion's compare-and-set)
     n_shared_rows: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -138,10 +139,11 @@ def evaluate_ranking_stage(model: Any, data: RankingData, events: pd.DataFrame, 
                           n_requests=ex.n_requests)
     for name, score in baseline_scores(events, vocab, item_table, ex, data.cut_us).items():
         ev.baselines[name] = evaluate_ranking(ex.labels, ex.request, ex.user_id, score)
+    if champion is not None:
+        ev.champion_release, ev.champion_version = champion.release_id, getattr(champion, "version", None)
     if champion is None or champion.ranker is None or len(ex) == 0:
         return ev
     ranker = champion.ranker
-    ev.champion_release = champion.release_id
     if ranker.dense_dim:
         ev.notes.append(f"champion {champion.release_id}'s ranker takes dense features: not compared")
         return ev

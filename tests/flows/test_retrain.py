@@ -161,3 +161,33 @@ def test_killed_after_training_resumes_without_retraining(world: Settings, champ
 
     metrics = MlflowClient(world.tracking_uri).get_run(result.mlflow_run_id).data.metrics
     assert 0.0 <= metrics["ranker.champion.auc/mean"] <= 1.0 and "ranker.candidate_shared.auc/mean" in metrics
+
+
+def test_retrain_ranker_promotes_a_ranker_only_release_over_the_champions_retriever(world: Settings, champion):
+    """The retrain-ranker flow: a new ranker against the champion's retriever, released by reference, gated against
+    the champion's ranker; rollback restores the previous release's ranker with its retriever."""
+    from towerflow.flows.retrain_ranker import retrain_ranker
+    from towerflow.infra.promote import rollback
+    from towerflow.infra.releases import load_release
+
+    before = load_release(world)
+    config = small_config()
+    config = config.model_copy(update={"ranker": config.ranker.model_copy(update={
+        "train": config.ranker.train.model_copy(update={"seed": 5})})})
+    result = retrain_ranker(as_of=AS_OF, lookback_days=LOOKBACK, config=config)
+    assert result.status == "promoted" and result.previous_champion == before.release_id
+    # serving's bundle loads it: the refresh-user-states subflow stored states under the new release id
+    assert result.user_states_error is None and result.user_states.release_id == result.release_id
+    path = world.releases_dir / result.release_id
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "ranker", "ranker.json", "release.json"]
+    base_id = (before.manifest.base or {}).get("release_id", before.release_id)
+    assert json.loads((path / "release.json").read_text())["base_release"]["release_id"] == base_id
+    served = load_release(world)
+    assert served.release_id == result.release_id and served.ranker is not None
+    assert (served.item_ids == before.item_ids).all() and served.vocab_dir.parent.name == base_id
+    assert 0.0 <= result.comparison[f"champion {before.release_id}"]["auc/mean"] <= 1.0  # judged against it
+    rollback(world)
+    back = load_release(world)
+    assert back.release_id == before.release_id
+    assert back.ranker.state_dict().keys() == before.ranker.state_dict().keys()
+    assert all((back.ranker.state_dict()[k] == v).all() for k, v in before.ranker.state_dict().items())

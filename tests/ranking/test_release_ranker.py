@@ -26,6 +26,7 @@ from towerflow.infra.releases import (
     new_release_id,
     ranker_item_table,
     verify_release,
+    write_ranker_release,
     write_release,
 )
 from towerflow.infra.tracking import ensure_store, tracking_client
@@ -207,3 +208,74 @@ def test_promotion_and_rollback_flip_retriever_and_ranker_together(settings, rel
     transplant(stored, releases[2])
     with pytest.raises(ReleaseIntegrityError, match=r"release\.json does not match the sha256 the registry"):
         load_release(settings, load_model=no_tower)
+
+
+def ranker_only(releases: dict[int, Path], k: int, seed: int, base_version: int = 1) -> Path:
+    """A ranker-only release over release k (a new ranker, seeded ``seed``, over k's item table)."""
+    base = verify_release(releases[k])
+    vectors = np.load(releases[k] / "item_embeddings.npy")
+    torch.manual_seed(seed)
+    ranker = Ranker(torch.from_numpy(ranker_item_table(vectors)), SMALL)
+    m = write_ranker_release(releases[k].parent, release_id=new_release_id(), base=base, base_version=base_version,
+                             ranker=ranker, config={"ranker": seed}, snapshot_id=f"snap-r{seed}",
+                             model_version=f"ranker-{seed}", ranker_metrics={"auc/mean": 0.6})
+    return m.path
+
+
+def test_a_ranker_only_release_serves_its_bases_files_by_reference(releases, tmp_path):
+    path = ranker_only(releases, 1, seed=7)
+    assert sorted(verify_release(path).files) == ["config.json", "ranker.json", "ranker/ranker.json",
+                                                  "ranker/ranker.pt"]  # no copy of the retriever
+    manifest = json.loads((path / "release.json").read_text())
+    assert manifest["base_release"] == {"release_id": releases[1].name, "version": 1,
+                                        "manifest_sha256": verify_release(releases[1]).sha256}
+    loaded, base = load_release_dir(path, no_tower), load_release_dir(releases[1], no_tower)
+    assert loaded.release_id == path.name and loaded.path == path
+    assert loaded.model == base.model and loaded.item_ids.tolist() == base.item_ids.tolist()
+    assert loaded.vocab_dir == releases[1] / "vocab" or loaded.vocab_dir == base.vocab_dir
+    torch.manual_seed(7)
+    twin = Ranker(torch.from_numpy(ranker_item_table(base.item_vectors)), SMALL).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ranker(batch()), twin(batch()))
+        assert not torch.allclose(loaded.ranker(batch()), base.ranker(batch()))
+
+    # a ranker over another release's table is refused at write time; a base that changed, at load time
+    other = load_release_dir(releases[2], no_tower).ranker
+    with pytest.raises(ReleaseIntegrityError, match="not release .* item embeddings"):
+        write_ranker_release(tmp_path, release_id=new_release_id(), base=verify_release(releases[1]),
+                             base_version=1, ranker=other, config={}, snapshot_id="s", model_version="m")
+    moved = tmp_path / "moved"
+    shutil.copytree(path, moved / path.name)
+    with pytest.raises(ReleaseIntegrityError, match=f"its base release {releases[1].name} is not at"):
+        load_release_dir(moved / path.name, no_tower)
+    shutil.copytree(releases[1], moved / releases[1].name)
+    edit_json(moved / releases[1].name / "release.json", snapshot_id="rewritten")
+    with pytest.raises(ReleaseIntegrityError, match=r"release\.json does not match the sha256"):
+        load_release_dir(moved / path.name, no_tower)
+    with pytest.raises(ReleaseIntegrityError, match="is itself ranker-only"):
+        write_ranker_release(tmp_path, release_id=new_release_id(), base=verify_release(path), base_version=1,
+                             ranker=loaded.ranker, config={}, snapshot_id="s", model_version="m")
+
+
+def test_ranker_only_promotion_rollback_and_gc_keep_the_base(settings, releases):
+    from towerflow.infra.release_gc import gc_releases
+
+    v1 = register_release(releases[1], None, settings)
+    path = ranker_only(releases, 1, seed=8, base_version=v1)
+    vr = register_release(path, None, settings)
+    promote(vr, settings)
+    # nothing but the ranker-only champion points at release 1: gc keeps it as its base
+    assert gc_releases(settings, keep=1, min_age_hours=0, dry_run=True).kept[releases[1].name] == (
+        f"base of ranker-only release {path.name}")
+    shutil.rmtree(settings.data_root / "release_cache", ignore_errors=True)  # load fetches both from the registry
+    served = load_release(settings, load_model=no_tower)
+    assert (served.release_id, served.version) == (path.name, vr)
+    assert served.item_ids.tolist() == (1000 + np.arange(N_ITEMS)).tolist()
+    assert served.ranker_rows(np.array([1003])).tolist() == [4]
+    promote(v1, settings)
+    assert load_release(settings, load_model=no_tower).release_id == releases[1].name
+    rollback(settings)  # back to the ranker-only release: its ranker over its base's retriever
+    back = load_release(settings, load_model=no_tower)
+    assert back.release_id == path.name and back.manifest.base["release_id"] == releases[1].name
+    with torch.no_grad():
+        torch.testing.assert_close(back.ranker(batch()), served.ranker(batch()))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.serving import _pct
+from bench.serving import _pct, _table
 
 WARMUP = 100
 TARGET_P99_RATIO = 1.10
@@ -112,10 +112,7 @@ def report(result: dict[str, Any]) -> str:
     rows = [("", "requests", "p50 ms", "p99 ms", "mean ms", "max ms"),
             *[(name, str(m["n"]), f"{m['p50_ms']:.3f}", f"{m['p99_ms']:.3f}", f"{m['mean_ms']:.3f}",
                f"{m['max_ms']:.2f}") for name, m in (("search, with a query", q), ("search, no query", n))]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths,
-                                                                                                strict=True)))
-                      for row in rows)
+    table = _table(rows)
     verdict = "met" if result["met"] else "NOT met"
     return (f"in process, one service, {result['pairs']} alternating pairs ({result['warmup_pairs']} warm-up), "
             f"{result['users']} users, {result['distinct_queries']} distinct queries\n{table}\n"

@@ -34,6 +34,14 @@ def window_end(as_of: date | datetime | None) -> datetime:
     return datetime.combine(as_of, time.min, tzinfo=UTC)
 
 
+def validated_snapshot(settings: Settings, source_uri: str | None, end: datetime, lookback_days: int,
+                       config: RetrainConfig, run: t.Tracking):
+    """The window's snapshot, through the data gate (the first two stages of every retraining flow)."""
+    snapshot = t.extract(settings, source_uri, end, lookback_days)
+    t.validate_data(settings, snapshot, config.gates, run)
+    return snapshot
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     as_of: date | None = None,
@@ -47,8 +55,7 @@ def retrain(
     run = t.start_tracking(settings, end, lookback_days, config)
 
     try:
-        snapshot = t.extract(settings, source_uri, end, lookback_days)
-        t.validate_data(settings, snapshot, config.gates, run)
+        snapshot = validated_snapshot(settings, source_uri, end, lookback_days, config, run)
         examples = t.build_examples(settings, snapshot, config.examples)
         examples = t.augment_context(examples, config.augment)
         trained = t.train(settings, examples, config.train, run)

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 
 from towerflow.config import RetrainConfig, Settings
 from towerflow.flows import retrain_tasks as t
-from towerflow.flows.retrain import window_end
+from towerflow.flows.retrain import validated_snapshot, window_end
 from towerflow.flows.retrain_tasks import RetrainResult
 
 
@@ -34,8 +34,7 @@ def retrain_ranker(
     end = window_end(as_of)
     run = t.start_tracking(settings, end, lookback_days, config)
     try:
-        snapshot = t.extract(settings, source_uri, end, lookback_days)
-        t.validate_data(settings, snapshot, config.gates, run)
+        snapshot = validated_snapshot(settings, source_uri, end, lookback_days, config, run)
         base = t.champion_retriever(settings, run)
         ranking = t.build_ranking_examples(settings, snapshot, base, config, run)
         ranker = t.train_ranker(settings, ranking, base.embeddings, config.ranker, run)

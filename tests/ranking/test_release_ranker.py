@@ -177,12 +177,18 @@ def test_a_ranker_copied_from_another_release_is_refused(tmp_path, releases):
     verify_release(path)
 
 
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One MLflow store for the module (creating one runs migrations, seconds); each test has its own model name."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    ensure_store(Settings(mlflow_tracking_uri=uri))
+    return uri
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    s = Settings(data_root=tmp_path / "root", mlflow_tracking_uri=uri, registered_model="rankers")
-    ensure_store(s)
-    return s
+def settings(tmp_path, store_uri, request) -> Settings:
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)
+    return Settings(data_root=tmp_path / "root", mlflow_tracking_uri=store_uri, registered_model=name)
 
 
 def test_promotion_and_rollback_flip_retriever_and_ranker_together(settings, releases):

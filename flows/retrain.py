@@ -8,7 +8,7 @@
 The flow body only chains stages; every stage is a thin task in flows/retrain_tasks.py over a pure function.
 The ranking stages train the TransAct + DCN v2 ranker on the same snapshot over the candidate's item embeddings, so
 it is bound to the release it ships in (infra/releases.py); with ``config.ranker.enabled`` false, or a snapshot that
-logs no impressions, they pass None along and the release has no ranker.
+holds no negatives (no impression, skip or hide rows), they pass None along and the release has no ranker.
 After a promotion (and with ``config.refresh_user_states``), the refresh-user-states flow runs as a subflow for the
 new champion, so serving has its offline user states at once; a refresh failure leaves the promotion standing and is
 reported in ``RetrainResult.user_states_error`` (see ``retrain_tasks.refresh_states`` for why it does not fail).

@@ -6,7 +6,7 @@ ranker. Rankers decay within days without retraining (TransAct); the retriever's
             -> gate_ranker -> assemble_ranker_release -> promote_ranker [-> refresh-user-states]
 
 The stages are the retrain flow's (flows/retrain_tasks.py) on the champion's vocabulary and item embeddings. A
-snapshot without impressions (or ``config.ranker.enabled`` false) trains nothing and releases nothing
+snapshot without negatives (or ``config.ranker.enabled`` false) trains nothing and releases nothing
 (status ``no_ranker``).
 """
 

@@ -314,8 +314,8 @@ def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, 
 @stage("build_ranking_examples")
 def build_ranking_examples(settings: Settings, snapshot, examples, config: RetrainConfig, tracking: Tracking):
     """The ranker's training and held-out requests (tasks/ranking_stage.py), or None when the ranking stages are
-    off or the snapshot logs no impressions (then every later ranking stage passes None along: no ranker)."""
-    from towerflow.tasks.ranking_stage import has_impressions, ranking_data
+    off or the snapshot holds no negatives (then every later ranking stage passes None along: no ranker)."""
+    from towerflow.tasks.ranking_stage import has_negatives, ranking_data
 
     log = get_run_logger()
     if not config.ranker.enabled:
@@ -323,10 +323,11 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
         tracking.set_tags({"towerflow.ranker": "disabled"})
         return None
     events = snapshot.events()
-    if not has_impressions(events):
-        log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no impression rows (what was shown "
-                    "and not engaged with), so it holds no slates to train a ranker on; the release has no ranker")
-        tracking.set_tags({"towerflow.ranker": "skipped: no impressions"})
+    if not has_negatives(events):
+        log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no impression, skip or hide rows "
+                    "(e.g. an implicit file), so nothing tells a ranker what users did not want; the release has "
+                    "no ranker")
+        tracking.set_tags({"towerflow.ranker": "skipped: no negatives"})
         return None
     end = snapshot.window[1]
     end_us = int((end if end.tzinfo else end.replace(tzinfo=UTC)).timestamp() * 1_000_000)

@@ -11,8 +11,10 @@ ranker, the baselines and the champion's ranker are scored on the same held-out 
   sequence length; both rankers are compared on the (request, item) rows both can score (items new to the candidate's
   window are unknown to the champion).
 
-A snapshot without ``impression`` rows (MovieLens ratings, implicit files) records no shown-but-ignored items, so it
-holds no slates to learn from: ``has_impressions`` is False and the flow skips the ranking stages.
+A ranker learns from what users did NOT want as much as from what they did: ``has_negatives`` asks for ``impression``
+rows (shown, not engaged with) or negative actions (``skip``, ``hide``: MovieLens' 1-2 stars). An implicit file
+(every row a click) has neither, so the flow skips the ranking stages there (retrieval candidates as the shown items,
+the issue's plan for such sources, are not built).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pandas as pd
 import torch
 
 from towerflow.config import RankerStageConfig
-from towerflow.contract import POSITIVE_ACTIONS
+from towerflow.contract import NEGATIVE_ACTIONS, POSITIVE_ACTIONS
 from towerflow.models.ranker import blended_score
 from towerflow.tasks.evaluate_ranker import evaluate_ranking
 from towerflow.tasks.ranking_examples import (
@@ -65,9 +67,9 @@ class RankerEvaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def has_impressions(events: pd.DataFrame) -> bool:
-    """Whether the events log what was shown (``impression`` rows): the ranker's negatives."""
-    return bool((events["action"] == "impression").any())
+def has_negatives(events: pd.DataFrame) -> bool:
+    """Whether the events hold negatives for the ranker: ``impression`` rows or negative actions (skip, hide)."""
+    return bool(events["action"].isin(("impression", *NEGATIVE_ACTIONS)).any())
 
 
 def _latest(ex: RankingExamples, n_requests: int | None) -> RankingExamples:

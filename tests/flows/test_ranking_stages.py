@@ -1,5 +1,5 @@
-"""The retrain's ranking stages as Prefect tasks: skipped (with a log line and an MLflow tag) when the snapshot logs no
-impressions or the stages are off, and a failing ranker gate stops the flow naming the stage.
+"""The retrain's ranking stages as Prefect tasks: skipped (with a log line and an MLflow tag) when the snapshot holds
+no negatives (impression, skip or hide rows) or the stages are off, and a failing ranker gate stops the flow naming the stage.
 
 The full chain on a world with impressions runs in test_retrain.py (the champion fixture)."""
 
@@ -67,9 +67,9 @@ def _tags(tracking: t.Tracking) -> dict[str, str]:
     return tracking.client().get_run(tracking.run_id).data.tags
 
 
-def test_a_snapshot_without_impressions_skips_the_ranking_stages(data_root, tracking):
+def test_a_snapshot_without_negatives_skips_the_ranking_stages(data_root, tracking):
     assert ranking_stages(Snapshot(["click", "save", "click"]), RetrainConfig(), tracking) == (None, None, None)
-    assert _tags(tracking)["towerflow.ranker"] == "skipped: no impressions"
+    assert _tags(tracking)["towerflow.ranker"] == "skipped: no negatives"
 
 
 def test_ranking_stages_off_leave_the_release_without_a_ranker(data_root, tracking):

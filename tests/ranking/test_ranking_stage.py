@@ -20,7 +20,7 @@ from towerflow.tasks.ranking_stage import (
     DAY_US,
     RankerEvaluation,
     evaluate_ranking_stage,
-    has_impressions,
+    has_negatives,
     popularity,
     ranking_data,
 )
@@ -68,11 +68,12 @@ def test_the_split_is_by_time_capped_to_the_latest_requests_and_renumbered():
     assert capped.holdout.item.tolist() == [2] and capped.holdout.request.tolist() == [0]  # hour 51
 
 
-def test_popularity_counts_positives_before_the_cut_and_impressions_are_detected():
+def test_popularity_counts_positives_before_the_cut_and_negatives_are_detected():
     vocab = _vocab([10, 11, 12])
     assert popularity(LOG, vocab, END_US - DAY_US).tolist() == [0, 3, 0, 0]  # 2 clicks + 1 save of item 10
     assert popularity(LOG, vocab, END_US).tolist() == [0, 4, 0, 0]
-    assert has_impressions(LOG) and not has_impressions(LOG[LOG["action"] != "impression"])
+    assert has_negatives(LOG) and has_negatives(LOG[LOG["action"] != "impression"])  # a hide is left
+    assert not has_negatives(LOG[LOG["action"].isin(["click", "save"])])
 
 
 def _ev(candidate: float, pop: float, champion: float | None = None, n_requests: int = 50) -> RankerEvaluation:

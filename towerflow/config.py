@@ -216,7 +216,7 @@ def check_history_fits_model(max_seq_len: int, gap_buckets: int, model: ModelCon
 class TrainConfig(_Config):
     model: ModelConfig = ModelConfig()
     epochs: int = Field(
-        30, ge=1, description="At most: training stops earlier when the validation split stops improving (patience); "
+        40, ge=1, description="At most: training stops earlier when the validation split stops improving (patience); "
                               "the cosine schedule decays to 0 at this cap.")
     batch_size: int = Field(512, ge=2)
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
@@ -228,7 +228,9 @@ class TrainConfig(_Config):
     temperature: float = Field(0.1, gt=0, description="Softmax temperature on cosine logits.")
     logq: bool = True
     mixed_negatives: int = Field(0, ge=0, description="Uniform corpus negatives added to the in-batch ones.")
-    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    patience: int = Field(
+        5, ge=1, description="Epochs without improvement before stopping. A validation split of ~1,000 users moves "
+                             "by about 0.01 recall@10 between epochs by chance; 3 stopped MovieLens-100K runs early.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
     q_estimator: Literal["exact", "streaming"] = Field(
         "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."

@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import timedelta
 
-from towerflow.config import Settings, WorldConfig
+from towerflow.config import Settings, TrainConfig, WorldConfig
 
 DEMO_EPOCHS = 8  # the demo world early-stops around epoch 15 for +0.02 recall@10: not worth a minute and a half here
 
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=WorldConfig().days, help="days of synthetic events")
     parser.add_argument("--events-per-day", type=int, default=WorldConfig().events_per_day)
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
-                        help=f"train.epochs cap (default {DEMO_EPOCHS}, to stay quick; a plain retrain's cap is 30, "
-                             "with early stopping on the validation split)")
+                        help=f"train.epochs cap (default {DEMO_EPOCHS}, to stay quick; a plain retrain's cap is "
+                             f"{TrainConfig().epochs}, with early stopping on the validation split)")
     args = parser.parse_args(argv)
 
     from towerflow.cli import main as cli

@@ -169,7 +169,7 @@ def test_by_default_early_stopping_watches_a_validation_split_never_the_holdout(
     # every user is active on the last day: the auto split is the time split, day 1 validates, day 2 is held out
     assert ex.meta["split"] == "time" and len(ex.valid) == len(ex.holdout) == N_USERS
     assert (ex.valid.ts < ex.holdout.ts.min()).all() and (ex.train.ts < ex.valid.ts.min()).all()
-    assert (TrainConfig().epochs, TrainConfig().patience) == (30, 3)
+    assert (TrainConfig().epochs, TrainConfig().patience) == (40, 5)
     result = train(ex, config(epochs=2))
     assert result.early_stopping_split == "valid"
 

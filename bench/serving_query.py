@@ -101,6 +101,8 @@ def measure(root: Path, info: dict[str, Any], pairs: int, seed: int = 0) -> dict
 def run(root: Path, pairs: int) -> dict[str, Any]:
     from bench.serving_floor import prepare_world
 
+    if pairs <= WARMUP:  # before minutes of setup: the warm-up pairs are not timed, nothing would be left to report
+        raise ValueError(f"--pairs must be more than the {WARMUP} warm-up pairs, got {pairs}")
     t0 = time.perf_counter()
     info = prepare_world(root, 5_000)
     print(f"release {info['champion']['release']} (setup {time.perf_counter() - t0:.0f} s)", flush=True)

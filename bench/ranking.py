@@ -24,6 +24,7 @@ score. Cost: ranking 200 candidates for one user on one torch thread, in process
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from functools import partial
@@ -220,7 +221,6 @@ def two_stage_http(args: argparse.Namespace) -> dict:
     serve`` in a subprocess (1 torch thread), one client on a keep-alive connection alternating the two endpoints
     request by request for the same users, so both share the machine's load. Client-side p50/p99 per endpoint."""
     import asyncio
-    import json
 
     from bench.common import bench_data_root
     from bench.serving import Server, _Connection, _retrain_config
@@ -287,6 +287,112 @@ def two_stage_http(args: argparse.Namespace) -> dict:
             "world": world.model_dump(mode="json")}
 
 
+def _ndcg(answer: list[int], relevant: set[int], k: int = 10) -> float:
+    """Binary-gain NDCG@k of one answer against the request's engaged items."""
+    dcg = sum(1.0 / np.log2(r + 2) for r, i in enumerate(answer[:k]) if i in relevant)
+    return dcg / sum(1.0 / np.log2(r + 2) for r in range(min(len(relevant), k)))
+
+
+def two_stage_quality(args: argparse.Namespace) -> dict:
+    """``/recommend`` vs ``/retrieve`` on a held-out day, in process: a slate world of ``days + 1`` days, the retrain
+    flow (ranking stage at S = ``args.seq_len``) on the first ``days``, then the last day's requests in time order,
+    the events before each request ingested as live events first (so sequences hold the session), each request
+    asked three ways: /retrieve, /recommend with the two-tower generator alone, /recommend with both generators.
+    NDCG@10 and HR@10 of the request's engaged items (click, save, conversion) that the release knows, requests with
+    at least one (items created after the release are left out: neither stage can return them)."""
+    from bench.common import bench_data_root
+    from towerflow.config import (
+        ExamplesConfig,
+        GateConfig,
+        RankerGateConfig,
+        RankerStageConfig,
+        RetrainConfig,
+        Settings,
+        TrainConfig,
+    )
+    from towerflow.data.source import ParquetSource
+    from towerflow.data.synthetic import generate_world
+    from towerflow.flows.retrain import retrain
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.realtime.store import SQLiteActionStore
+    from towerflow.serving.service import RetrievalService
+
+    world = WorldConfig(n_users=args.users, n_items=args.items, days=args.days + 1,
+                        events_per_day=args.requests_per_day, slate_size=args.slate, seed=0)
+    with bench_data_root(None, "towerflow-bench-two-stage-q-") as root:
+        generate_world(str(root / "source"), world)
+        as_of = pd.Timestamp(world.start, tz="UTC") + pd.Timedelta(days=args.days)
+        cfg = RetrainConfig(
+            examples=ExamplesConfig(max_seq_len=32), train=TrainConfig(epochs=args.epochs, num_threads=args.threads),
+            gates=GateConfig(min_lift_over_popularity=-1.0, max_regression=1.0),
+            ranker=RankerStageConfig(train=RankerTrainConfig(
+                model=RankerConfig(max_seq_len=args.seq_len, cross_rank=args.cross_rank,
+                                   time_window_prob=args.window_prob), epochs=args.epochs, num_threads=args.threads),
+                gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0)))
+        result = retrain(as_of=as_of.date(), lookback_days=args.days, config=cfg)
+        if result.status != "promoted":
+            raise RuntimeError(f"the retrain did not promote a release: {result.status}")
+        settings = Settings()
+        store = SQLiteActionStore(root / "realtime.sqlite")
+        # online: h from the events before the day plus the live ones (the flow's refresh stored states as of the
+        # source's end, which includes the held-out day)
+        serving = {"compact_interval_s": None, "as_of": as_of.to_pydatetime(), "events_reload_s": 1e9,
+                   "mode": "online"}
+        both = RetrievalService(settings, ServingConfig(**serving), realtime=store).start(watch=False)
+        alone = RetrievalService(settings, ServingConfig(**serving, cooccurrence_candidates=0),
+                                 realtime=store).start(watch=False)
+        day = ParquetSource(settings.source).read_events(as_of.to_pydatetime(), (as_of + pd.Timedelta(days=1))
+                                                         .to_pydatetime()).sort_values(["ts", "event_id"], kind="stable")
+        rows = json.loads(day.to_json(orient="records", date_format="iso", date_unit="us"))
+        methods = {"retrieve": [], "recommend_two_tower": [], "recommend_both": []}
+        hits = {m: [] for m in methods}
+        pending: list[dict] = []
+        vocab, skipped = both.bundle.vocab, 0
+        t0 = time.perf_counter()
+        for group in _requests_in_order(rows):
+            if pending:
+                both.ingest(pending)
+                pending = []
+            first = group[0]
+            engaged = {r["item_id"] for r in group if r["action"] in POSITIVE_ACTIONS}
+            # items the release was not trained on (created since) no release can answer, nor its ranker score
+            relevant = {i for i in engaged if vocab.item_index([i])[0] > 0}
+            skipped += bool(engaged) and not relevant
+            if relevant:
+                ctx = first.get("context_item_id")
+                ctx = int(ctx) if ctx is not None and vocab.item_index([int(ctx)])[0] > 0 else None
+                query = first.get("query") if first["surface"] == "search" else None
+                ask = (first["user_id"], ctx, first["surface"])
+                answers = {"retrieve": both.retrieve(*ask, k=10, query=query),
+                           "recommend_two_tower": alone.recommend(*ask, k=10, candidates=200, query=query),
+                           "recommend_both": both.recommend(*ask, k=10, candidates=200, query=query)}
+                for m, a in answers.items():
+                    ids = [x["item_id"] for x in a["items"]]
+                    methods[m].append(_ndcg(ids, relevant))
+                    hits[m].append(float(bool(relevant & set(ids))))
+            pending.extend(group)
+        seconds = time.perf_counter() - t0
+        both.close()
+        alone.close()
+    out = {m: {"ndcg@10": float(np.mean(v)), "hr@10": float(np.mean(hits[m])), "requests": len(v)}
+           for m, v in methods.items()}
+    base = out["retrieve"]["ndcg@10"]
+    return {"methods": out, "release": result.release_id, "replay_seconds": round(seconds, 1),
+            "requests_engaging_only_items_new_to_the_release": skipped,
+            "ndcg_ratio_recommend_both_vs_retrieve": out["recommend_both"]["ndcg@10"] / base if base else None,
+            "ndcg_ratio_recommend_two_tower_vs_retrieve": out["recommend_two_tower"]["ndcg@10"] / base if base
+            else None, "holdout_day": str(as_of.date()), "world": world.model_dump(mode="json")}
+
+
+def _requests_in_order(rows: list[dict]) -> list[list[dict]]:
+    """Each request's rows, requests in order of first appearance: a request_id, or one (user, ts, surface)."""
+    groups: dict = {}
+    for r in rows:
+        key = r.get("request_id") or (r["user_id"], r["ts"], r["surface"])
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
 def _cooccurrence_fit_seconds() -> float:
     """Seconds to fit /recommend's co-occurrence generator for the champion (what a service pays at each load)."""
     from towerflow.config import Settings
@@ -348,8 +454,21 @@ def main(argv: list[str] | None = None) -> None:
                                                        "world, the retrain flow with its ranking stage at --seq-len)")
     p.add_argument("--http-users", type=int, default=150, help="--http: users asked (the most active ones)")
     p.add_argument("--http-train-requests", type=int, default=3000, help="--http: the ranker's training requests")
+    p.add_argument("--two-stage", action="store_true", help="instead: /recommend vs /retrieve NDCG@10 on a held-out "
+                                                            "day replayed in process (one generator and both)")
     args = p.parse_args(argv)
     args.cross_rank = args.cross_rank or None
+    if args.two_stage:
+        out = two_stage_quality(args)
+        print_table([{"method": m, **v} for m, v in out["methods"].items()],
+                    [("method", "method", ""), ("requests", "requests", ""), ("NDCG@10", "ndcg@10", ".4f"),
+                     ("HR@10", "hr@10", ".4f")], title=f"held-out day {out['holdout_day']}, engaged items of each "
+                                                        f"request, S = {args.seq_len}")
+        print(f"  /recommend (both generators) vs /retrieve NDCG@10: "
+              f"{out['ndcg_ratio_recommend_both_vs_retrieve']:.3f}x (target 1.1x); two-tower alone "
+              f"{out['ndcg_ratio_recommend_two_tower_vs_retrieve']:.3f}x")
+        write_result(args.name, {"args": vars(args), **out}, command_line("bench.ranking", argv))
+        return
     if args.http:
         out = two_stage_http(args)
         print_table(out["rows"], [("endpoint", "endpoint", ""), ("requests", "requests", ""),

@@ -129,3 +129,35 @@ def test_serving_sequence_equals_training_sequence(tmp_path):
     row = int(np.flatnonzero(train.ts_us == to_us(T0 + pd.Timedelta(seconds=90)))[0])
     assert train.hist_items[row].tolist() == [4, 5, 6, 8]
     assert train.hist_age_s[row].tolist() == [49.0, 40.0, 29.0, 10.0]
+
+
+def test_serving_scores_equal_the_training_side_predictions():
+    """The evaluation's predictions (tasks/train_ranker.predict over build_ranking_examples, the batch path) and
+    serving's (ranker_sequence + rank, the shared-sequence path) agree for every shown item of every request."""
+    from towerflow.tasks.train_ranker import predict
+
+    vocab = Vocab(item_ids=np.arange(1, 9, dtype=np.int64), user_ids=np.array([1, 2], dtype=np.int64),
+                  categories=["c"], genres=[], demographic_fields=[], demographic_values=[])
+    rows = [("e00", 1, 1, "click", 10, None), ("e01", 1, 2, "save", 20, None), ("e02", 2, 3, "click", 25, None),
+            ("e04", 1, 3, "impression", 40, "r1"), ("e05", 1, 4, "impression", 40, "r1"),
+            ("e06", 1, 4, "hide", 41, "r1"), ("e07", 1, 5, "skip", 50, None),
+            ("e08", 1, 6, "impression", 60, "r2"), ("e09", 1, 7, "impression", 60, "r2"),
+            ("e10", 1, 6, "click", 61, "r2"), ("e11", 2, 7, "impression", 70, "r3"),
+            ("e12", 2, 8, "impression", 70, "r3"), ("e13", 1, 1, "impression", 90, "r4")]
+    events = _events(rows)
+    torch.manual_seed(3)
+    cfg = RankerConfig(max_seq_len=4, latest_k=2, action_dim=2, item_dim=3, mlp_hidden=(8,), dropout=0.0)
+    model = Ranker(torch.randn(9, 5), cfg).eval()
+    ex = build_ranking_examples(events, vocab, 4, 365)
+    expected = predict(model, ex)  # (n, H)
+    actions = EventArrays.from_events(events)
+    for r in np.unique(ex.request):
+        idx = np.flatnonzero(ex.request == r)
+        user, ts = int(ex.user_id[idx[0]]), int(ex.ts_us[idx[0]])
+        seq = ranker_sequence(actions, vocab, user, ts, 4, 365)
+        shown = merge_candidates({"shown": [{"item_id": int(vocab.item_ids[i - 1]), "score": 0.0}
+                                            for i in ex.item[idx]]})
+        got = {o["item_id"]: list(o["heads"].values())
+               for o in rank(model, shown, vocab.item_index(shown.item_ids), int(ex.surface[idx[0]]), seq, k=len(idx))}
+        for j in idx:
+            np.testing.assert_allclose(got[int(vocab.item_ids[ex.item[j] - 1])], expected[j], atol=1e-6)

@@ -140,9 +140,10 @@ class TransAct(nn.Module):
                 z = eb @ ea.T  # (Cb, S) softmax denominators
                 if float(z.min()) < 1e-30:  # the split exponentials underflowed: compute it the plain way
                     return self._forward_plain(actions, item_vecs, cand_vec, valid)
-                attn = attn + (eb @ m).reshape(cb, s, d) / z[:, :, None]  # (Cb, S, d)
-            tokens = torch.cat([u[None].expand(cb, -1, -1), cv[:, None, :].expand(-1, s, -1)], dim=-1)
-            x = self._feed_forward(layers[0], layers[0].norm1(tokens + attn))
+                attn = (eb @ m).reshape(cb, s, d).div_(z[:, :, None]).add_(attn)  # (Cb, S, d)
+            attn[..., :du] += u  # the residual: the tokens [u_s, c], added in place (no (Cb, S, d) tokens tensor)
+            attn[..., du:] += cv[:, None, :]
+            x = self._feed_forward(layers[0], layers[0].norm1(attn))
             for layer in layers[1:]:
                 x = self._layer(layer, x, pad)
             out.append(self._pool(x, valid))
@@ -159,7 +160,7 @@ class TransAct(nn.Module):
 
     @staticmethod
     def _feed_forward(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
-        return layer.norm2(x + layer.linear2(torch.relu_(layer.linear1(x))))
+        return layer.norm2(layer.linear2(torch.relu_(layer.linear1(x))).add_(x))
 
     def _layer(self, layer: nn.TransformerEncoderLayer, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """One post-norm encoder layer in eval mode, x (C, S, d), pad (S,) the keys nobody attends to."""
@@ -171,12 +172,14 @@ class TransAct(nn.Module):
         mask = torch.zeros(s, dtype=x.dtype).masked_fill_(pad, float("-inf"))
         out = torch.nn.functional.scaled_dot_product_attention(q, key, v, attn_mask=mask[None, :])  # (C, h, S, dh)
         out = mha.out_proj(out.transpose(1, 2).reshape(c, s, d))
-        return self._feed_forward(layer, layer.norm1(x + out))
+        return self._feed_forward(layer, layer.norm1(out.add_(x)))
 
     def _pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(C, S, d) last-layer outputs -> (C, (1 + K) * d): max over valid positions, then the latest K."""
         c, s, d = x.shape
         k = self.cfg.latest_k
+        if bool(valid.all()):  # a full sequence (the common case at serving): nothing to mask
+            return torch.cat([x.amax(dim=1), x[:, s - k:, :].reshape(c, k * d)], dim=-1)
         x = x * valid[None, :, None]
         pooled = x.masked_fill(~valid[None, :, None], float("-inf")).amax(dim=1)  # (C, d)
         return torch.cat([pooled, x[:, s - k:, :].reshape(c, k * d)], dim=-1)

@@ -380,14 +380,18 @@ def train_ranker(settings: Settings, data, emb, config: RankerStageConfig, track
 def evaluate_ranker(settings: Settings, snapshot, data, model, examples, emb, config: RetrainConfig,
                     tracking: Tracking):
     """Per-head AUC, GAUC and HIT@3 of the candidate ranker, the baselines and the champion's ranker on the held-out
-    requests, into MLflow (``ranker.<model>.<metric>``) and a Prefect markdown artifact."""
+    requests, into MLflow (``ranker.<model>.<metric>``) and a Prefect markdown artifact.
+
+    ``examples`` is the retrain's examples, or the retrain-ranker flow's ``RankerBase``: then the champion is the one
+    the ranker was bound to (``RankerBase.champion``), never re-read, so ``promote_ranker``'s compare-and-set refuses
+    the promotion if another retrain promoted a newer retriever meanwhile."""
     if model is None:
         return None
     from towerflow.infra.releases import ranker_item_table
     from towerflow.tasks.ranking_stage import evaluate_ranking_stage
     from towerflow.validation.ranker import metric_table
 
-    champion = _champion(settings)
+    champion = examples.champion if isinstance(examples, RankerBase) else _champion(settings)
     ev = evaluate_ranking_stage(model, data, snapshot.events(), examples.vocab, ranker_item_table(emb.vectors),
                                 config.examples.max_history_days, champion)
     groups = {"candidate": ev.candidate, **ev.baselines,
@@ -443,12 +447,14 @@ def gate_ranker(ev, config: RankerStageConfig, tracking: Tracking) -> None:
 @dataclass
 class RankerBase:
     """What the retrain-ranker flow binds its ranker to: the champion's full release (its base when the champion is
-    itself ranker-only), with its registered version, vocabulary and item embeddings."""
+    itself ranker-only), with its registered version, vocabulary and item embeddings, and the champion as loaded
+    (the one the new ranker is compared with and whose version the promotion expects)."""
 
     manifest: Any  # infra.releases.ReleaseManifest of the full release
     version: int
     vocab: Any  # tasks.vocabulary.Vocab
     embeddings: Any  # tasks.embed_items.ItemEmbeddings
+    champion: Any = None  # infra.releases.LoadedRelease
 
 
 @stage("champion_retriever", io_retries=2)
@@ -468,7 +474,7 @@ def champion_retriever(settings: Settings, tracking: Tracking) -> RankerBase:
     get_run_logger().info(f"ranker bound to the retriever of release {manifest.release_id} (version {version}); "
                           f"champion {champion.release_id}")
     tracking.set_tags({"towerflow.base_release_id": manifest.release_id})
-    return RankerBase(manifest, version, vocab, ItemEmbeddings.load(manifest.path))
+    return RankerBase(manifest, version, vocab, ItemEmbeddings.load(manifest.path), champion)
 
 
 @stage("assemble_ranker_release")

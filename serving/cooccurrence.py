@@ -5,8 +5,9 @@ as on Pinterest's Homefeed).
 The release does not store it (yet): ``fit_for_release`` fits it when a release is loaded, on the training split of
 the release's OWN snapshot, rebuilt with the release's examples config (``tasks/build_examples.build_examples``), so
 it counts what the evaluation counted (less the flow's pseudo-contexts, which ``augment_context`` adds to the training
-rows before evaluating) and knows nothing the release did not see. A release whose snapshot is gone from this machine,
-or whose examples come out with another vocabulary, is served by the two-tower generator alone (logged).
+rows before evaluating). A ranker-only release (its snapshot newer than the retriever it serves) is fitted on its own
+snapshot re-expressed in the retriever's vocabulary (``tasks/scoring.remap_examples``: items the retriever does not
+know drop out). A release whose snapshot is gone from this machine is served by the two-tower generator alone (logged).
 
 ``candidates``: a user's sources are their distinct positive history items (the release's history definition) and the
 context item; an item's score is the sum over sources of C[source, item] plus the baseline's popularity tie-break
@@ -23,6 +24,8 @@ import numpy as np
 from towerflow.config import ExamplesConfig, Settings
 from towerflow.tasks.build_examples import SequenceExamples
 from towerflow.tasks.evaluate import CooccurrenceBaseline
+from towerflow.tasks.history import SeenItems
+from towerflow.tasks.scoring import remap_examples
 from towerflow.tasks.vocabulary import Vocab
 
 log = logging.getLogger("towerflow.serving")
@@ -44,11 +47,14 @@ def fit_for_release(release, vocab: Vocab, settings: Settings) -> CooccurrenceBa
     except Exception as exc:  # noqa: BLE001 - the two-tower generator serves on without it
         log.warning("release %s: no co-occurrence generator (snapshot %s: %s)", release.release_id, snapshot_id, exc)
         return None
+    train = examples.train
     if not np.array_equal(examples.vocab.item_ids, vocab.item_ids):
-        log.warning("release %s: snapshot %s's examples have another item vocabulary: no co-occurrence generator",
-                    release.release_id, snapshot_id)
-        return None
-    base = CooccurrenceBaseline.fit(examples.train, vocab.n_items)
+        # e.g. a ranker-only release: its snapshot is newer than the retriever's vocabulary. Through the raw ids;
+        # items the served release does not know leave the sources, and rows with such a target go
+        empty = SeenItems(np.zeros(len(train) + 1, np.int64), np.zeros(0, np.int64))
+        train, _ = remap_examples(train, empty, examples.vocab, vocab)
+        train = train.take(train.target_items > 0)
+    base = CooccurrenceBaseline.fit(train, vocab.n_items)
     log.info("release %s: co-occurrence generator from snapshot %s (%d pairs, %.1fs)", release.release_id,
              snapshot_id, len(base.vals), time.perf_counter() - t0)
     return CooccurrenceBaseline(base.indptr, base.cols, base.vals, base.popularity, dense_max_items=0)

@@ -210,6 +210,27 @@ def test_a_release_whose_snapshot_is_gone_has_no_cooccurrence_generator(app_url,
     assert fit_for_release(b.release, b.vocab, svc.settings) is not None
 
 
+def test_a_snapshot_in_another_vocabulary_is_counted_through_the_raw_ids(app_url):
+    """As for a ranker-only release (its snapshot newer than the retriever): items the served vocabulary lacks drop
+    out of the sources and the targets; the rest count as on the snapshot's own vocabulary."""
+    from towerflow.serving.cooccurrence import fit_for_release
+    from towerflow.tasks.vocabulary import Vocab
+
+    _, svc = app_url
+    b = svc.bundle
+    own = b.cooccurrence
+    kept = b.vocab.item_ids[::2]  # every other item: indices move, half the ids are unknown
+    smaller = Vocab(kept, b.vocab.user_ids, b.vocab.categories, b.vocab.genres, b.vocab.demographic_fields,
+                    b.vocab.demographic_values)
+    got = fit_for_release(b.release, smaller, svc.settings)
+    assert got is not None and len(got.popularity) == len(kept) + 1 and got.popularity[0] == 0
+    # kept[j] is index 2j + 1 of the release's vocabulary and j + 1 of the smaller one: a pair of kept items counts
+    # the same in both
+    a_own = next(a for a in range(1, len(b.vocab.item_ids) + 1, 2) if any(c % 2 for c in own.cooccurrence(a)))
+    want = {(c + 1) // 2: v for c, v in own.cooccurrence(a_own).items() if c % 2}
+    assert got.cooccurrence((a_own + 1) // 2) == want
+
+
 @pytest.mark.parametrize(("body", "status", "detail"), [
     ({"user_id": 1, "k": 11, "candidates": 10}, 422, "k must be between 1 and candidates (10), got 11"),
     ({"user_id": 1, "candidates": 201}, 422, "candidates must be between 1 and 200, got 201"),

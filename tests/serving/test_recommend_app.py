@@ -27,6 +27,9 @@ class Ranked:
     ranked_version: int
     unranked_version: int
     ranked_id: str
+    root: object = None  # where the test's releases are written
+    ranker: object = None  # the ranked release's ranker, as trained
+    snapshot_id: str = ""
 
 
 def _set_alias(settings, alias: str, version: int) -> None:
@@ -52,7 +55,7 @@ def ranked(served, world_events, tmp_path_factory) -> Ranked:
     champ = load_release(served.settings)
     vocab = Vocab.from_json((champ.vocab_dir / "vocab.json").read_text())
     root = tmp_path_factory.mktemp("ranked-releases")
-    versions = []
+    versions, trained = [], None
     for with_ranker in (True, False):
         emb = embed_release_items(champ.model, vocab, "ranked-test")
         ranker = None
@@ -61,7 +64,7 @@ def ranked(served, world_events, tmp_path_factory) -> Ranked:
             cfg = RankerTrainConfig(model=RankerConfig(max_seq_len=RANKER_S, latest_k=2, item_dim=8, mlp_hidden=(16,)),
                                     epochs=1, batch_size=256)
             with torch.random.fork_rng(devices=[]):
-                ranker = train_ranker(examples, ranker_item_table(emb.vectors), cfg, log=False).model
+                ranker = trained = train_ranker(examples, ranker_item_table(emb.vectors), cfg, log=False).model
         m = assemble(root, model=champ.model, vocab=vocab, embeddings=emb, index=build_index(emb, IndexConfig()),
                      config=champ.config, snapshot_id=champ.manifest.snapshot_id, candidate_metrics={},
                      ranker=ranker)
@@ -69,7 +72,7 @@ def ranked(served, world_events, tmp_path_factory) -> Ranked:
     (rv, rid), (uv, _) = versions
     _set_alias(served.settings, "ranked", rv)
     _set_alias(served.settings, "unranked", uv)
-    return Ranked(rv, uv, rid)
+    return Ranked(rv, uv, rid, root, trained, champ.manifest.snapshot_id)
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +232,38 @@ def test_a_snapshot_in_another_vocabulary_is_counted_through_the_raw_ids(app_url
     a_own = next(a for a in range(1, len(b.vocab.item_ids) + 1, 2) if any(c % 2 for c in own.cooccurrence(a)))
     want = {(c + 1) // 2: v for c, v in own.cooccurrence(a_own).items() if c % 2}
     assert got.cooccurrence((a_own + 1) // 2) == want
+
+
+def test_a_ranker_only_release_recommends_with_its_base_retriever(served, ranked, world_events):
+    """A ranker-only release (retrain-ranker) serves its base's index and its own ranker: /recommend answers with
+    its id, its ranker's scores and its base's candidates."""
+    from towerflow.infra.promote import register_release
+    from towerflow.infra.releases import new_release_id, verify_release, write_ranker_release
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RetrievalService
+
+    base = verify_release(next(p for p in ranked.root.iterdir() if p.name == ranked.ranked_id))
+    m = write_ranker_release(ranked.root, release_id=new_release_id(), base=base, base_version=ranked.ranked_version,
+                             ranker=ranked.ranker, config={"ranker": "test"}, snapshot_id=ranked.snapshot_id,
+                             model_version="ranker-only-test")
+    _set_alias(served.settings, "ranker_only", register_release(m.path, None, served.settings))
+    svc = RetrievalService(served.settings, ServingConfig(alias="ranker_only", compact_interval_s=None),
+                           realtime=None, use_default_store=False).start(watch=False)
+    ranked_svc = RetrievalService(served.settings, ServingConfig(alias="ranked", compact_interval_s=None),
+                                  use_default_store=False).start(watch=False)
+    try:
+        user = _user(world_events)
+        out = svc.recommend(user, k=5, candidates=40)
+        assert out["release"] == m.release_id and svc.bundle.release.ranker is not None
+        assert svc.bundle.cooccurrence is not None
+        # the same ranker weights over the same base: the ranked release's answer, under the ranker-only id
+        same = ranked_svc.recommend(user, k=5, candidates=40)
+        assert [i["item_id"] for i in out["items"]] == [i["item_id"] for i in same["items"]]
+        np.testing.assert_allclose([i["score"] for i in out["items"]], [i["score"] for i in same["items"]],
+                                   rtol=1e-6)
+    finally:
+        svc.close()
+        ranked_svc.close()
 
 
 @pytest.mark.parametrize(("body", "status", "detail"), [

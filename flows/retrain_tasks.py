@@ -332,6 +332,12 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
     end = snapshot.window[1]
     end_us = int((end if end.tzinfo else end.replace(tzinfo=UTC)).timestamp() * 1_000_000)
     data = ranking_data(events, examples.vocab, config.ranker, end_us, config.examples.max_history_days)
+    if len(data.train) == 0:  # e.g. a window no longer than ranker.holdout_days: a configuration, not an accident
+        log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no request before its last "
+                    f"{config.ranker.holdout_days} day(s) (ranker.holdout_days, held out to judge the ranker), so "
+                    "there is nothing to train one on; widen the window (--lookback-days); the release has no ranker")
+        tracking.set_tags({"towerflow.ranker": "skipped: no training requests"})
+        return None
     log.info(f"ranking examples: {len(data.train):,} rows of {data.train.n_requests:,} requests train, "
              f"{len(data.holdout):,} rows of {data.holdout.n_requests:,} requests held out "
              f"(last {config.ranker.holdout_days} day(s)); sequences of {config.ranker.train.model.max_seq_len}")

@@ -27,11 +27,10 @@ class Snapshot:
     snapshot_id = "snap-test"
     window = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 3, tzinfo=UTC))
 
-    def __init__(self, actions: list[str]) -> None:
+    def __init__(self, actions: list[str], day: str = "2026-01-01") -> None:
         df = pd.DataFrame({"event_id": [f"e{i}" for i in range(len(actions))], "user_id": 1, "item_id": 10,
                            "action": actions, "surface": "homefeed", "context_item_id": None, "query": None,
-                           "ts": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(len(actions)),
-                                                                                       unit="h")})
+                           "ts": pd.Timestamp(day, tz="UTC") + pd.to_timedelta(np.arange(len(actions)), unit="h")})
         self._events = conform(df, "events")
 
     def events(self) -> pd.DataFrame:
@@ -70,6 +69,14 @@ def _tags(tracking: t.Tracking) -> dict[str, str]:
 def test_a_snapshot_without_negatives_skips_the_ranking_stages(data_root, tracking):
     assert ranking_stages(Snapshot(["click", "save", "click"]), RetrainConfig(), tracking) == (None, None, None)
     assert _tags(tracking)["towerflow.ranker"] == "skipped: no negatives"
+
+
+def test_a_window_with_requests_only_in_its_held_out_days_skips_the_ranking_stages(data_root, tracking):
+    # every request is on the window's last day, which ranker.holdout_days (1) holds out: nothing is left to train
+    # on (a 1-day retrain). The retriever's release goes on without a ranker instead of failing in train_ranker.
+    snapshot = Snapshot(["impression", "click", "impression", "skip"], day="2026-01-02")
+    assert ranking_stages(snapshot, RetrainConfig(), tracking) == (None, None, None)
+    assert _tags(tracking)["towerflow.ranker"] == "skipped: no training requests"
 
 
 def test_ranking_stages_off_leave_the_release_without_a_ranker(data_root, tracking):

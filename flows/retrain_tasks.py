@@ -331,7 +331,7 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
         return None
     end = snapshot.window[1]
     end_us = int((end if end.tzinfo else end.replace(tzinfo=UTC)).timestamp() * 1_000_000)
-    data = ranking_data(events, examples.vocab, config.ranker, end_us, config.examples.max_history_days)
+    data = ranking_data(events, examples.vocab, config.ranker, end_us, _history_days(examples, config))
     if len(data.train) == 0:  # e.g. a window no longer than ranker.holdout_days: a configuration, not an accident
         log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no request before its last "
                     f"{config.ranker.holdout_days} day(s) (ranker.holdout_days, held out to judge the ranker), so "
@@ -399,7 +399,7 @@ def evaluate_ranker(settings: Settings, snapshot, data, model, examples, emb, co
 
     champion = examples.champion if isinstance(examples, RankerBase) else _champion(settings)
     ev = evaluate_ranking_stage(model, data, snapshot.events(), examples.vocab, ranker_item_table(emb.vectors),
-                                config.examples.max_history_days, champion)
+                                _history_days(examples, config), champion)
     groups = {"candidate": ev.candidate, **ev.baselines,
               **({"champion": ev.champion, "candidate_shared": ev.candidate_on_shared} if ev.champion else {})}
     tracking.log_metrics({f"ranker.{name}.{k}": v for name, m in groups.items() for k, v in m.items()})
@@ -461,12 +461,23 @@ class RankerBase:
     vocab: Any  # tasks.vocabulary.Vocab
     embeddings: Any  # tasks.embed_items.ItemEmbeddings
     champion: Any = None  # infra.releases.LoadedRelease
+    max_history_days: int | None = None  # the history window serving applies with this retriever (its config.json)
+
+
+def _history_days(examples, config: RetrainConfig) -> int:
+    """The ranker sequences' history window: serving reads it from the release's config.json, which a ranker-only
+    release takes from its base (infra/releases.py); so the retrain-ranker flow uses the base's, the retrain flow its
+    own config's (the config its release records)."""
+    if isinstance(examples, RankerBase) and examples.max_history_days is not None:
+        return examples.max_history_days
+    return config.examples.max_history_days
 
 
 @stage("champion_retriever", io_retries=2)
 def champion_retriever(settings: Settings, tracking: Tracking) -> RankerBase:
     from towerflow.infra.releases import ReleaseNotFoundError, fetch_base, load_release
     from towerflow.tasks.embed_items import ItemEmbeddings
+    from towerflow.tasks.history import HistorySpec
     from towerflow.tasks.vocabulary import Vocab
 
     try:
@@ -480,7 +491,8 @@ def champion_retriever(settings: Settings, tracking: Tracking) -> RankerBase:
     get_run_logger().info(f"ranker bound to the retriever of release {manifest.release_id} (version {version}); "
                           f"champion {champion.release_id}")
     tracking.set_tags({"towerflow.base_release_id": manifest.release_id})
-    return RankerBase(manifest, version, vocab, ItemEmbeddings.load(manifest.path), champion)
+    days = HistorySpec.from_release_config(champion.release_id, champion.config).max_history_days
+    return RankerBase(manifest, version, vocab, ItemEmbeddings.load(manifest.path), champion, days)
 
 
 @stage("assemble_ranker_release")

@@ -99,3 +99,12 @@ def test_a_failing_ranker_gate_stops_the_flow_naming_the_stage(data_root, tracki
                                           r"popularity 0\.6000"):
         gate_only(ev)
     assert _tags(tracking)["towerflow.gate.ranker"] == "False"
+
+
+def test_retrain_ranker_builds_sequences_with_the_history_window_serving_applies():
+    # Serving builds a ranker-only release's sequences with its base's examples.max_history_days (the config.json the
+    # release loads with); the retrain-ranker flow's own config may say otherwise and must not win.
+    config = RetrainConfig(examples={"max_history_days": 365})
+    base = t.RankerBase(manifest=None, version=1, vocab=None, embeddings=None, champion=None, max_history_days=30)
+    assert t._history_days(base, config) == 30
+    assert t._history_days(SimpleNamespace(vocab=None), config) == 365  # the retrain flow: its own release's config

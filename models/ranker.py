@@ -5,6 +5,11 @@ unknown), projected to ``item_dim`` and optionally summed with a learned item-id
 bound to one release: ``save_ranker`` records the release id and a fingerprint of the table, and ``load_ranker``
 refuses a table that is not the one it was trained on.
 
+Affinity features (``RankerConfig.affinity_features``, with the sequence): the candidate's cosine with the mean and
+the max of the sequence's positive and negative actions' item vectors (``affinity_features``), 4 numbers beside
+TransAct in the DCN input, computed here from the batch, so training, evaluation and serving get them alike; in
+training they see the same time-window mask as TransAct. A ranker saved before the flag loads with it False.
+
 Heads: ``RANKER_HEADS`` (click, save, conversion, skip, hide), trained with weighted binary cross-entropy
 (``ranker_loss``); ``blended_score`` turns the head probabilities into one ranking score with configurable
 weights, hide and skip negative.
@@ -24,14 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerflow.config import RANKER_HEADS, RankerConfig
-from towerflow.contract import ACTIONS, SURFACES
+from towerflow.contract import ACTIONS, NEGATIVE_ACTIONS, POSITIVE_ACTIONS, SURFACES
 from towerflow.errors import TowerflowError
 from towerflow.models.dcn import DCNv2
-from towerflow.models.transact import TransAct
+from towerflow.models.transact import TransAct, window_mask
 
 FORMAT, FORMAT_VERSION = "towerflow-ranker", 1
 CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "ranker.pt"
 N_ACTIONS = len(ACTIONS)  # contract ACTIONS, coded 1..6 by tasks/history.py's ACTION_INDEX (0 = padding)
+POSITIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in POSITIVE_ACTIONS)  # ACTION_INDEX codes (click, save, conversion)
+NEGATIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in NEGATIVE_ACTIONS)  # skip, hide
+N_AFFINITY = 4
 
 
 class RankerFileError(TowerflowError):
@@ -52,6 +60,33 @@ class RankerBatch:
     def to(self, device: torch.device | str) -> RankerBatch:
         return RankerBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                               for f in fields(self)})
+
+
+def affinity_features(item_vectors: torch.Tensor, cand_items: torch.Tensor, hist_items: torch.Tensor,
+                      hist_actions: torch.Tensor) -> torch.Tensor:
+    """The candidate against the user's sequence, in numbers the DCN can use directly (the sequence module sees the
+    item vectors only through learned projections, and the flow's ranker lost to ``profile_dot`` without them).
+
+    item_vectors (n_items + 1, D) the frozen table; cand_items (B,); hist_items, hist_actions (B, S) or (1, S) (one
+    sequence for every row, broadcast), 0 = padding. Returns (B, 4) float: for the positive actions (click, save,
+    conversion), then the negative ones (skip, hide): cos(candidate, mean of their item vectors) and the max cos(candidate, one of their
+    items); 0 where the sequence has no such action. Impressions and padding take no part.
+    """
+    cand = F.normalize(item_vectors[cand_items], dim=-1)  # (B, D); normalize maps a zero row to zeros
+    hist = item_vectors[hist_items]  # (Bh, S, D), Bh = B or 1
+    if hist.shape[0] == 1:  # one sequence for every row: (B, D) @ (D, S), no (B, S, D) copy
+        cos = cand @ F.normalize(hist[0], dim=-1).T  # (B, S)
+    else:
+        cos = torch.einsum("bd,bsd->bs", cand, F.normalize(hist, dim=-1))
+    out = []
+    for codes in (POSITIVE_CODES, NEGATIVE_CODES):
+        mask = torch.isin(hist_actions, torch.tensor(codes, device=hist_actions.device))  # (B or 1, S)
+        has = mask.any(dim=1, keepdim=True)  # (B or 1, 1)
+        mean = (hist * mask[..., None]).sum(dim=1)  # (B or 1, D); the sum has the mean's direction
+        out.append((cand * F.normalize(mean, dim=-1)).sum(dim=-1, keepdim=True))  # (B, 1); 0 without actions
+        best = cos.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (B, 1)
+        out.append(torch.where(has, best, torch.zeros_like(best)))
+    return torch.cat(out, dim=-1)
 
 
 def table_fingerprint(item_vectors: torch.Tensor | np.ndarray) -> str:
@@ -76,7 +111,9 @@ class Ranker(nn.Module):
             nn.init.normal_(self.item_id.weight, std=0.01)
         self.surface = nn.Embedding(len(SURFACES), cfg.surface_dim)
         self.sequence = TransAct(N_ACTIONS, cfg.item_dim, cfg) if cfg.use_sequence else None
-        in_dim = cfg.item_dim + cfg.surface_dim + dense_dim + (self.sequence.out_dim if self.sequence else 0)
+        self.affinity = cfg.use_sequence and cfg.affinity_features  # features of the sequence: none without it
+        in_dim = (cfg.item_dim + cfg.surface_dim + dense_dim + (self.sequence.out_dim if self.sequence else 0)
+                  + (N_AFFINITY if self.affinity else 0))
         self.dcn = DCNv2(in_dim, cfg.cross_layers, cfg.cross_rank, tuple(cfg.mlp_hidden), cfg.structure,
                          cfg.dropout)
         self.heads = nn.Linear(self.dcn.out_dim, len(RANKER_HEADS))
@@ -99,17 +136,23 @@ class Ranker(nn.Module):
                 got = None if batch.dense is None else tuple(batch.dense.shape)
                 raise ValueError(f"ranker: expects dense features of width {self.dense_dim}, got {got}")
             parts.append(batch.dense)
+        actions = batch.hist_actions
         if self.sequence is not None and not self.training and batch.hist_items.shape[0] == 1:
             # one user's candidates (score_candidates): the sequence's share of the work is done once
             seq = self.item_repr(batch.hist_items[0])  # (S, di)
-            parts.append(self.sequence.forward_shared(batch.hist_actions[0], seq, cand))
+            parts.append(self.sequence.forward_shared(actions[0], seq, cand))
         elif self.sequence is not None:
             # hist_* may have batch size 1 for one user's candidates: project once, broadcast.
             b = cand.shape[0]
             seq = self.item_repr(batch.hist_items).expand(b, -1, -1)  # (B, S, di)
-            parts.append(self.sequence(batch.hist_actions.expand(b, -1), seq, cand, batch.hist_age_s.expand(b, -1)))
+            actions, age = actions.expand(b, -1), batch.hist_age_s.expand(b, -1)
+            if self.training and self.cfg.time_window_s > 0 and self.cfg.time_window_prob > 0:
+                # one window mask for TransAct and the affinity: neither may lean on the last seconds alone
+                actions = actions * window_mask(age, actions > 0, self.cfg.time_window_s, self.cfg.time_window_prob)
+            parts.append(self.sequence(actions, seq, cand, age, window=False))
+        if self.affinity:  # hist_items (1, S) broadcasts against per-row actions: same numbers as per row
+            parts.append(affinity_features(self.item_vectors, batch.cand_items, batch.hist_items, actions))
         return self.heads(self.dcn(torch.cat(parts, dim=-1)))
-
 
 def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
     """Weighted binary cross-entropy: ``sum_h w_h * mean_rows BCE(logit_h, y_h) / sum_h w_h``.
@@ -188,7 +231,9 @@ def load_ranker(directory: str | Path, item_vectors: torch.Tensor | np.ndarray,
             f"{directory}: item vectors {tuple(table.shape)} are not the table the ranker was trained on "
             f"({tuple(meta['item_table']['shape'])}, release {meta['release_id']})")
     with torch.random.fork_rng(devices=[]):  # init draws are overwritten; leave the caller's RNG alone
-        model = Ranker(table, RankerConfig.model_validate(meta["ranker_config"]), int(meta["dense_dim"]))
+        # a ranker saved before affinity_features existed was trained without them
+        cfg = RankerConfig.model_validate({"affinity_features": False, **meta["ranker_config"]})
+        model = Ranker(table, cfg, int(meta["dense_dim"]))
     try:
         model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     except RuntimeError as exc:

@@ -54,15 +54,16 @@ class TransAct(nn.Module):
     TOKEN_BLOCK = 6400
 
     def forward(self, actions: torch.Tensor, item_vecs: torch.Tensor, cand_vec: torch.Tensor,
-                age_s: torch.Tensor) -> torch.Tensor:
+                age_s: torch.Tensor, window: bool = True) -> torch.Tensor:
         """actions (B, S) int64, 0 = padding, latest last; item_vecs (B, S, di); cand_vec (B, di);
-        age_s (B, S) float seconds before the request. Returns (B, (1 + K) * d_model)."""
+        age_s (B, S) float seconds before the request. Returns (B, (1 + K) * d_model). ``window`` False: the caller
+        applied the training-time window mask already (the Ranker masks the actions once for every feature)."""
         b, s = actions.shape
         k = self.cfg.latest_k
         if s < k:
             raise ValueError(f"ranker: sequences of length {s} are shorter than latest_k {k}")
         valid = actions > 0
-        if self.training and self.cfg.time_window_s > 0 and self.cfg.time_window_prob > 0:
+        if window and self.training and self.cfg.time_window_s > 0 and self.cfg.time_window_prob > 0:
             valid = window_mask(age_s, valid, self.cfg.time_window_s, self.cfg.time_window_prob)
         # Leading columns that are padding in every row change nothing (masked keys, zeroed and unpooled outputs):
         # drop them, keeping the latest K, so short histories cost what they hold.

@@ -255,6 +255,10 @@ class RankerConfig(_Config):
     max_seq_len: int = Field(100, ge=1, description="S: the user's last S actions before the request.")
     latest_k: int = Field(10, ge=1, description="K: latest positions kept, flattened, beside the max-pool.")
     use_sequence: bool = Field(True, description="False: the same DCN v2 without the sequence (the baseline).")
+    affinity_features: bool = Field(
+        True, description="With use_sequence: the candidate's cosine with the mean and the max over the sequence's "
+                          "positive and its negative actions' item vectors, 4 numbers beside TransAct into the DCN "
+                          "(models/ranker.py affinity_features). A ranker saved before this field loads as False.")
     action_dim: int = Field(8, ge=1, description="Action-type embedding width.")
     item_dim: int = Field(16, ge=1, description="Width the frozen release item vectors are projected to.")
     item_id_embedding: bool = Field(False, description="Also learn an item-id embedding, added to the projection.")

@@ -66,8 +66,10 @@ def test_logits_too_large_for_the_split_softmax_fall_back_to_the_plain_path(monk
     torch.testing.assert_close(shared, batch, atol=1e-4, rtol=1e-4)
 
 
-def test_score_candidates_equals_scoring_the_rows_one_by_one():
-    model = _model()
+@pytest.mark.parametrize("affinity", [True, False])
+def test_score_candidates_equals_scoring_the_rows_one_by_one(affinity):
+    model = _model(affinity_features=affinity)
+    assert model.affinity is affinity  # the shared path's affinity (one (1, S) sequence) equals the per-row one
     rng = np.random.default_rng(2)
     cand = rng.integers(1, 31, 17)
     hist_items, hist_actions = rng.integers(1, 31, 12), rng.integers(1, 7, 12)

@@ -191,3 +191,42 @@ def test_retrain_ranker_promotes_a_ranker_only_release_over_the_champions_retrie
     assert back.release_id == before.release_id
     assert back.ranker.state_dict().keys() == before.ranker.state_dict().keys()
     assert all((back.ranker.state_dict()[k] == v).all() for k, v in before.ranker.state_dict().items())
+
+
+def test_retrain_ranker_refuses_to_promote_when_another_release_was_promoted_while_it_trained(world: Settings,
+                                                                                               champion):
+    """The retrain-ranker stages bind to the champion they start from and promote only if it is still champion: a
+    release promoted meanwhile (another retrain) is not silently replaced by a ranker-only release serving the
+    older retriever. The stages run as the flow chains them, with the other promotion between binding and promote."""
+    from prefect import flow
+
+    from towerflow.flows import retrain_tasks as t
+    from towerflow.flows.retrain import validated_snapshot, window_end
+    from towerflow.flows.stages import StageFailed
+    from towerflow.infra.promote import list_releases, promote
+    from towerflow.infra.releases import load_release
+
+    config = small_config()
+    bound_to = load_release(world)
+    other = next(r.version for r in list_releases(world) if r.version != bound_to.version)
+
+    @flow(name="test-retrain-ranker-race")
+    def racing():
+        end = window_end(AS_OF)
+        run = t.start_tracking(world, end, LOOKBACK, config)
+        snapshot = validated_snapshot(world, None, end, LOOKBACK, config, run)
+        base = t.champion_retriever(world, run)
+        promote(other, world)  # another retrain's promotion lands while this ranker trains
+        ranking = t.build_ranking_examples(world, snapshot, base, config, run)
+        ranker = t.train_ranker(world, ranking, base.embeddings, config.ranker, run)
+        ranker_eval = t.evaluate_ranker(world, snapshot, ranking, ranker, base, base.embeddings, config, run)
+        release = t.assemble_ranker_release(world, snapshot, base, ranker, ranker_eval, config, run)
+        return t.promote_ranker(world, release, ranker_eval, run, config.promote, config.promotion)
+
+    try:
+        with pytest.raises(StageFailed, match=rf"stage 'promote_ranker' failed: .*version {other}, not the "
+                                              rf"expected {bound_to.version}"):
+            racing()
+        assert load_release(world).version == other  # the other promotion stands
+    finally:
+        promote(bound_to.version, world)  # leave the module's champion as the other tests expect it

@@ -300,6 +300,8 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
     asked three ways: /retrieve, /recommend with the two-tower generator alone, /recommend with both generators.
     NDCG@10 and HR@10 of the request's engaged items (click, save, conversion) that the release knows, requests with
     at least one (items created after the release are left out: neither stage can return them)."""
+    from mlflow import MlflowClient
+
     from bench.common import bench_data_root
     from towerflow.config import (
         ExamplesConfig,
@@ -310,8 +312,6 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
         Settings,
         TrainConfig,
     )
-    from mlflow import MlflowClient
-
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
     from towerflow.flows.retrain import retrain

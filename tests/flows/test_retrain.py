@@ -193,6 +193,26 @@ def test_retrain_ranker_promotes_a_ranker_only_release_over_the_champions_retrie
     assert all((back.ranker.state_dict()[k] == v).all() for k, v in before.ranker.state_dict().items())
 
 
+def test_the_cli_retrains_the_ranker_alone(world: Settings, champion, tmp_path):
+    """``towerflow retrain --ranker-only`` runs the retrain-ranker flow: the champion becomes a ranker-only release
+    over the same retriever (run in process: the module's Prefect harness is the API)."""
+    from towerflow.cli import main
+    from towerflow.infra.promote import promote
+    from towerflow.infra.releases import load_release
+
+    before = load_release(world)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(small_config().model_dump_json())
+    try:
+        assert main(["retrain", "--ranker-only", "--as-of", AS_OF.isoformat(), "--lookback-days", str(LOOKBACK),
+                     "--config", str(config_file)]) == 0
+        after = load_release(world)
+        assert after.release_id != before.release_id and after.manifest.base is not None
+        assert (after.item_ids == before.item_ids).all() and after.ranker is not None
+    finally:
+        promote(before.version, world)  # leave the module's champion as the other tests expect it
+
+
 def test_retrain_ranker_refuses_to_promote_when_another_release_was_promoted_while_it_trained(world: Settings,
                                                                                                champion):
     """The retrain-ranker stages bind to the champion they start from and promote only if it is still champion: a

@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "retrain", help="extract, validate, train, gate and promote one release",
         description="Retrain on the window [as_of - lookback_days, as_of): extract -> validate_data -> "
                     "build_examples -> augment_context -> train -> evaluate -> gate_model -> embed_items -> "
-                    "build_index -> gate_release -> promote. Exits 1 naming the stage when a stage or gate fails; "
-                    "the champion release is then untouched. A rerun with the same inputs resumes after the last "
+                    "build_index -> build_ranking_examples -> train_ranker -> evaluate_ranker -> gate_ranker -> "
+                    "assemble_release -> gate_release -> promote. With --ranker-only, only the ranking stages, "
+                    "against the champion's retriever. Exits 1 naming the stage when a stage or gate fails; the "
+                    "champion release is then untouched. A rerun with the same inputs resumes after the last "
                     "finished stage.",
     )
     p.add_argument("--as-of", type=date.fromisoformat,
@@ -59,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="wait up to S seconds for another promotion's lease, logging its holder, then fail naming "
                         "it (overrides promotion.wait_s, default 300; a crashed holder frees the lease at once on "
                         "this host, after promotion.lease_s = 60 s elsewhere)")
+    p.add_argument("--ranker-only", action="store_true",
+                   help="retrain only the champion's ranker (the retrain-ranker flow, scheduled every 6 hours by "
+                        "its deployment): a ranker-only release serving the champion's retriever by reference, "
+                        "gated against the champion's ranker; status no_ranker when the window has nothing to "
+                        "train one on")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_retrain)
 
@@ -84,6 +91,7 @@ def load_config(path: str | None, epochs: int | None = None, promote: bool = Tru
 def _retrain(args: argparse.Namespace) -> int:
     from towerflow.config import Settings
     from towerflow.flows.retrain import retrain
+    from towerflow.flows.retrain_ranker import retrain_ranker
     from towerflow.report import print_result
 
     settings = Settings()
@@ -96,7 +104,8 @@ def _retrain(args: argparse.Namespace) -> int:
         as_of, lookback_days = default_window(ParquetSource(args.source or settings.source).days(), as_of,
                                               lookback_days)
     with prefect_api(settings):
-        result = retrain(as_of=as_of, lookback_days=lookback_days, config=config, source_uri=args.source)
+        flow = retrain_ranker if args.ranker_only else retrain
+        result = flow(as_of=as_of, lookback_days=lookback_days, config=config, source_uri=args.source)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:

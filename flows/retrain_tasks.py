@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,7 @@ def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, 
 def build_ranking_examples(settings: Settings, snapshot, examples, config: RetrainConfig, tracking: Tracking):
     """The ranker's training and held-out requests (tasks/ranking_stage.py), or None when the ranking stages are
     off or the snapshot holds no negatives (then every later ranking stage passes None along: no ranker)."""
+    from towerflow.tasks.history import to_us
     from towerflow.tasks.ranking_stage import has_negatives, ranking_data
 
     log = get_run_logger()
@@ -329,9 +330,8 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
                     "no ranker")
         tracking.set_tags({"towerflow.ranker": "skipped: no negatives"})
         return None
-    end = snapshot.window[1]
-    end_us = int((end if end.tzinfo else end.replace(tzinfo=UTC)).timestamp() * 1_000_000)
-    data = ranking_data(events, examples.vocab, config.ranker, end_us, _history_days(examples, config))
+    data = ranking_data(events, examples.vocab, config.ranker, to_us(snapshot.window[1]),
+                        _history_days(examples, config))
     if len(data.train) == 0:  # e.g. a window no longer than ranker.holdout_days: a configuration, not an accident
         log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no request before its last "
                     f"{config.ranker.holdout_days} day(s) (ranker.holdout_days, held out to judge the ranker), so "
@@ -460,17 +460,15 @@ class RankerBase:
     version: int
     vocab: Any  # tasks.vocabulary.Vocab
     embeddings: Any  # tasks.embed_items.ItemEmbeddings
-    champion: Any = None  # infra.releases.LoadedRelease
-    max_history_days: int | None = None  # the history window serving applies with this retriever (its config.json)
+    champion: Any  # infra.releases.LoadedRelease
+    max_history_days: int  # the history window serving applies with this retriever (its config.json)
 
 
 def _history_days(examples, config: RetrainConfig) -> int:
     """The ranker sequences' history window: serving reads it from the release's config.json, which a ranker-only
     release takes from its base (infra/releases.py); so the retrain-ranker flow uses the base's, the retrain flow its
     own config's (the config its release records)."""
-    if isinstance(examples, RankerBase) and examples.max_history_days is not None:
-        return examples.max_history_days
-    return config.examples.max_history_days
+    return examples.max_history_days if isinstance(examples, RankerBase) else config.examples.max_history_days
 
 
 @stage("champion_retriever", io_retries=2)

@@ -81,16 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="RecBole ml-100k folder (make data-ml100k)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", type=parse_set, action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                   help="a TrainConfig setting of the variant (e.g. model.n_layers=2); repeat for several")
+                   help="a setting of the variant: TrainConfig (model.n_layers=2, train.lr=0.001) or ExamplesConfig "
+                        "(examples.max_seq_len=50); repeat for several")
+    p.add_argument("--variant-only", action="store_true", help="skip the default config (already measured)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--result-name", default="public_split")
     args = p.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="towerflow-public-split-") as tmp:
-        base = split_examples(args.data, Path(tmp), ExamplesConfig(split="leave_one_out", max_holdout_users=None))
-    variants = {"default": []} | ({"variant": args.sets} if args.sets else {})
+    variants = ({} if args.variant_only and args.sets else {"default": []}) | ({"variant": args.sets} if args.sets else {})
     runs, rows = [], []
     for name, sets in variants.items():
+        example_sets = {k.removeprefix("examples."): v for k, v in sets if k.startswith("examples.")}
+        sets = [(k, v) for k, v in sets if not k.startswith("examples.")]
+        config = ExamplesConfig(split="leave_one_out", max_holdout_users=None, **example_sets)
+        if config.max_seq_len > TrainConfig().model.max_seq_len and not any(k == "model.max_seq_len" for k, _ in sets):
+            sets.append(("model.max_seq_len", config.max_seq_len))
+        with tempfile.TemporaryDirectory(prefix="towerflow-public-split-") as tmp:
+            base = split_examples(args.data, Path(tmp), config)
         per_seed = []
         for seed in args.seeds:
             # the retrain's augmentation (a new train split; base keeps the un-augmented rows)
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"(best epoch {result.best_epoch})", flush=True)
         hr = [r["hr@10"] for r in per_seed]
         nd = [r["ndcg@10"] for r in per_seed]
+        sets = [(f"examples.{k}", v) for k, v in example_sets.items()] + sets
         rows.append({"variant": name, "sets": " ".join(f"{k}={v}" for k, v in sets) or "-",
                      "hr": statistics.mean(hr), "hr_spread": max(hr) - min(hr), "ndcg": statistics.mean(nd),
                      "seconds": statistics.mean(r["seconds"] for r in per_seed)})

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -320,7 +322,7 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
     from towerflow.serving.service import RetrievalService
 
     world = WorldConfig(n_users=args.users, n_items=args.items, days=args.days + 1,
-                        events_per_day=args.requests_per_day, slate_size=args.slate, seed=0)
+                        events_per_day=args.requests_per_day, slate_size=args.slate, seed=args.world_seed or 0)
     with bench_data_root(None, "towerflow-bench-two-stage-q-") as root:
         generate_world(str(root / "source"), world)
         as_of = pd.Timestamp(world.start, tz="UTC") + pd.Timedelta(days=args.days)
@@ -329,8 +331,10 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
             gates=GateConfig(min_lift_over_popularity=-1.0, max_regression=1.0),
             ranker=RankerStageConfig(train=RankerTrainConfig(
                 model=RankerConfig(max_seq_len=args.seq_len, cross_rank=args.cross_rank,
-                                   time_window_prob=args.window_prob, affinity_features=not args.no_affinity),
+                                   time_window_prob=args.window_prob, affinity_features=not args.no_affinity,
+                                   retrieval_score=not args.no_retrieval_score),
                 epochs=args.epochs, num_threads=args.threads),
+                retrieved_negatives=args.retrieved_negatives,
                 gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0)))
         result = retrain(as_of=as_of.date(), lookback_days=args.days, config=cfg)
         if result.status != "promoted":
@@ -389,6 +393,27 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
             "ndcg_ratio_recommend_both_vs_retrieve": out["recommend_both"]["ndcg@10"] / base if base else None,
             "ndcg_ratio_recommend_two_tower_vs_retrieve": out["recommend_two_tower"]["ndcg@10"] / base if base
             else None, "holdout_day": str(as_of.date()), "world": world.model_dump(mode="json")}
+
+
+def two_stage_seeds(args: argparse.Namespace, argv: list[str]) -> dict:
+    """``two_stage_quality`` for worlds of seeds 0 .. ``args.seeds`` - 1, each in its own process (a fresh data
+    root and Prefect API per world) -> per-seed results, NDCG@10 / HR@10 means, and the /recommend vs /retrieve
+    ratio per seed and of the means."""
+    seeds = []
+    with tempfile.TemporaryDirectory(prefix="bench-two-stage-seeds-") as d:
+        for seed in range(args.seeds):
+            out = Path(d) / f"seed{seed}.json"
+            subprocess.run([sys.executable, "-m", "bench.ranking", *argv, "--world-seed", str(seed),
+                            "--child-out", str(out)], check=True)
+            seeds.append(json.loads(out.read_text()))
+    methods = {m: {k: float(np.mean([s["methods"][m][k] for s in seeds])) for k in ("ndcg@10", "hr@10", "requests")}
+               for m in seeds[0]["methods"]}
+    base = methods["retrieve"]["ndcg@10"]
+    return {"methods": methods, "seeds": seeds,
+            "ndcg_ratio_recommend_both_vs_retrieve": methods["recommend_both"]["ndcg@10"] / base,
+            "ndcg_ratio_recommend_two_tower_vs_retrieve": methods["recommend_two_tower"]["ndcg@10"] / base,
+            "ndcg_ratio_recommend_both_vs_retrieve_per_seed": [s["ndcg_ratio_recommend_both_vs_retrieve"]
+                                                               for s in seeds]}
 
 
 def _requests_in_order(rows: list[dict]) -> list[list[dict]]:
@@ -463,10 +488,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-train-requests", type=int, default=3000, help="--http: the ranker's training requests")
     p.add_argument("--no-affinity", action="store_true", help="--two-stage: the flow's ranker without the affinity "
                                                               "features (RankerConfig.affinity_features, the before)")
+    p.add_argument("--no-retrieval-score", action="store_true",
+                   help="--two-stage: the flow's ranker without the retrieval score (RankerConfig.retrieval_score)")
+    p.add_argument("--retrieved-negatives", type=int, default=0,
+                   help="--two-stage: RankerStageConfig.retrieved_negatives (retrieved, unshown items per training "
+                        "request as rows without engagement)")
     p.add_argument("--two-stage", action="store_true", help="instead: /recommend vs /retrieve NDCG@10 on a held-out "
-                                                            "day replayed in process (one generator and both)")
+                                                            "day replayed in process (one generator and both), for "
+                                                            "worlds of seeds 0 .. --seeds - 1, one process each")
+    p.add_argument("--world-seed", type=int, default=None, help="--two-stage: this world's seed alone, in process")
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)  # a --two-stage seed's result, for its parent
     args = p.parse_args(argv)
     args.cross_rank = args.cross_rank or None
+    if args.two_stage and args.world_seed is None:
+        out = two_stage_seeds(args, list(argv if argv is not None else sys.argv[1:]))
+        for m in out["methods"]:
+            print(f"  {m}: NDCG@10 " + ", ".join(f"{s['methods'][m]['ndcg@10']:.4f}" for s in out["seeds"])
+                  + f" (mean {out['methods'][m]['ndcg@10']:.4f})")
+        print("  /recommend (both generators) vs /retrieve NDCG@10 per seed: "
+              + ", ".join(f"{r:.3f}x" for r in out["ndcg_ratio_recommend_both_vs_retrieve_per_seed"])
+              + f"; of the means {out['ndcg_ratio_recommend_both_vs_retrieve']:.3f}x (target 1.1x)")
+        write_result(args.name, {"args": vars(args), **out}, command_line("bench.ranking", argv))
+        return
     if args.two_stage:
         out = two_stage_quality(args)
         print_table([{"method": m, **v} for m, v in out["methods"].items()],
@@ -478,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{out['ndcg_ratio_recommend_two_tower_vs_retrieve']:.3f}x")
         print("  the flow's held-out mean AUC over heads: " + ", ".join(
             f"{m} {v:.3f}" for m, v in sorted(out["flow_ranker_holdout_auc_mean"].items())))
+        if args.child_out:  # one seed of two_stage_seeds: the parent writes the result
+            Path(args.child_out).write_text(json.dumps(out, default=str))
+            return
         write_result(args.name, {"args": vars(args), **out}, command_line("bench.ranking", argv))
         return
     if args.http:

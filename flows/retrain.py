@@ -63,7 +63,7 @@ def retrain(
         t.gate_model(evaluation, config.gates, run)
         embeddings = t.embed_items(trained, examples, config.gates, run)
         index = t.build_index(embeddings, trained, examples, config.index, config.gates, run)
-        ranking = t.build_ranking_examples(settings, snapshot, examples, config, run)
+        ranking = t.build_ranking_examples(settings, snapshot, examples, config, run, trained, embeddings)
         ranker = t.train_ranker(settings, ranking, embeddings, config.ranker, run)
         ranker_eval = t.evaluate_ranker(settings, snapshot, ranking, ranker, examples, embeddings, config, run)
         t.gate_ranker(ranker_eval, config.ranker, run)

@@ -312,9 +312,13 @@ def build_index(emb, trained, examples, config: IndexConfig, gates: GateConfig, 
 
 
 @stage("build_ranking_examples")
-def build_ranking_examples(settings: Settings, snapshot, examples, config: RetrainConfig, tracking: Tracking):
+def build_ranking_examples(settings: Settings, snapshot, examples, config: RetrainConfig, tracking: Tracking,
+                           trained=None, emb=None):
     """The ranker's training and held-out requests (tasks/ranking_stage.py), or None when the ranking stages are
-    off or the snapshot holds no negatives (then every later ranking stage passes None along: no ranker)."""
+    off or the snapshot holds no negatives (then every later ranking stage passes None along: no ranker).
+
+    With ``ranker.train.model.retrieval_score`` each request also gets the retriever's user vector: the candidate
+    release's (``trained`` and ``emb``, the retrain flow) or the champion's (``examples`` a ``RankerBase``)."""
     from towerflow.tasks.history import to_us
     from towerflow.tasks.ranking_stage import has_negatives, ranking_data
 
@@ -331,7 +335,9 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
         tracking.set_tags({"towerflow.ranker": "skipped: no negatives"})
         return None
     data = ranking_data(events, examples.vocab, config.ranker, to_us(snapshot.window[1]),
-                        _history_days(examples, config))
+                        _history_days(examples, config),
+                        _retriever(snapshot, examples, config, trained, emb)
+                        if config.ranker.train.model.retrieval_score else None)
     if len(data.train) == 0:  # e.g. a window no longer than ranker.holdout_days: a configuration, not an accident
         log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no request before its last "
                     f"{config.ranker.holdout_days} day(s) (ranker.holdout_days, held out to judge the ranker), so "
@@ -344,6 +350,18 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
     tracking.log_metrics({"ranker.train_rows": len(data.train), "ranker.holdout_rows": len(data.holdout),
                           "ranker.holdout_requests": data.holdout.n_requests})
     return data
+
+
+def _retriever(snapshot, examples, config: RetrainConfig, trained, emb):
+    """The retriever whose user vectors the ranker's examples get (tasks/request_vectors.py): the retrain's candidate
+    (its model, item embeddings, demographics and history config), or the retrain-ranker flow's base."""
+    from towerflow.tasks.history import HistorySpec
+    from towerflow.tasks.ranking_stage import champion_retriever
+    from towerflow.tasks.request_vectors import Retriever
+
+    if isinstance(examples, RankerBase):
+        return champion_retriever(examples.champion, examples.vocab, snapshot.users())
+    return Retriever.of(trained.model, emb.vectors, examples.user_feats, HistorySpec.from_config(config.examples))
 
 
 @stage("train_ranker")
@@ -361,7 +379,8 @@ def train_ranker(settings: Settings, data, emb, config: RankerStageConfig, track
     table = ranker_item_table(emb.vectors)
     ex = data.train
     key = stage_key("train_ranker", emb.content_sha256(), len(ex), int(ex.item.sum()), float(ex.labels.sum()),
-                    int(ex.hist_items.sum()), config.train.model_dump(mode="json"))
+                    int(ex.hist_items.sum()), config.train.model_dump(mode="json"),
+                    *([] if ex.user_vector is None else [float(np.abs(ex.user_vector).sum())]))
 
     def compute(tmp: Path) -> None:
         result = fit(ex, table, config.train)
@@ -399,7 +418,7 @@ def evaluate_ranker(settings: Settings, snapshot, data, model, examples, emb, co
 
     champion = examples.champion if isinstance(examples, RankerBase) else _champion(settings)
     ev = evaluate_ranking_stage(model, data, snapshot.events(), examples.vocab, ranker_item_table(emb.vectors),
-                                _history_days(examples, config), champion)
+                                _history_days(examples, config), champion, users=snapshot.users())
     groups = {"candidate": ev.candidate, **ev.baselines,
               **({"champion": ev.champion, "candidate_shared": ev.candidate_on_shared} if ev.champion else {})}
     tracking.log_metrics({f"ranker.{name}.{k}": v for name, m in groups.items() for k, v in m.items()})

@@ -10,6 +10,14 @@ the max of the sequence's positive and negative actions' item vectors (``affinit
 TransAct in the DCN input, computed here from the batch, so training, evaluation and serving get them alike; in
 training they see the same time-window mask as TransAct. A ranker saved before the flag loads with it False.
 
+Retrieval score (``RankerConfig.retrieval_score``): ``u . v`` of the candidate, ``u`` the retriever's user vector at
+the request (the one ``/recommend``'s first stage searched the index with; tasks/request_vectors.py for training
+rows) and ``v`` the candidate's row of the frozen item table (the release's item embedding: the index's score), plus
+whether the request has a ``u`` at all (``retrieval_features``). The ranker otherwise never sees what the retriever
+thinks, and among 200 retrieved candidates, all close to the user, its own order lost to the retriever's. Computed
+here from ``RankerBatch.user_vector``, so every candidate gets it alike, whichever generator found it. A ranker
+saved before the flag loads with it False.
+
 Heads: ``RANKER_HEADS`` (click, save, conversion, skip, hide), trained with weighted binary cross-entropy
 (``ranker_loss``); ``blended_score`` turns the head probabilities into one ranking score with configurable
 weights, hide and skip negative.
@@ -40,6 +48,7 @@ N_ACTIONS = len(ACTIONS)  # contract ACTIONS, coded 1..6 by tasks/history.py's A
 POSITIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in POSITIVE_ACTIONS)  # ACTION_INDEX codes (click, save, conversion)
 NEGATIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in NEGATIVE_ACTIONS)  # skip, hide
 N_AFFINITY = 4
+N_RETRIEVAL = 2
 
 
 class RankerFileError(TowerflowError):
@@ -56,6 +65,8 @@ class RankerBatch:
     hist_actions: torch.Tensor  # (B, S) int64 ACTION_INDEX, 0 = padding
     hist_age_s: torch.Tensor  # (B, S) float32 seconds between each action and the request
     dense: torch.Tensor | None = None  # (B, dense_dim) float32 request features (e.g. a user profile vector)
+    # (B, D) or (1, D) float32 the retriever's user vector at the request (0: none), with retrieval_score
+    user_vector: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> RankerBatch:
         return RankerBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
@@ -89,6 +100,18 @@ def affinity_features(item_vectors: torch.Tensor, cand_items: torch.Tensor, hist
     return torch.cat(out, dim=-1)
 
 
+def retrieval_features(item_vectors: torch.Tensor, cand_items: torch.Tensor, user_vector: torch.Tensor) -> torch.Tensor:
+    """The retriever's opinion of each candidate: (B, 2) = [u . v, 1 if the request has a u else 0].
+
+    item_vectors (n_items + 1, D) the frozen table (the release's item embeddings, row 0 zeros: an unknown item scores
+    0); cand_items (B,); user_vector (B, D) or (1, D) (one request's u for every row, broadcast), a zero row where
+    serving had no u (a user with no history and no viewed item).
+    """
+    score = (item_vectors[cand_items] * user_vector).sum(dim=-1, keepdim=True)  # (B, 1)
+    has = (user_vector != 0).any(dim=-1, keepdim=True).to(score.dtype).expand_as(score)  # (B, 1)
+    return torch.cat([score, has], dim=-1)
+
+
 def table_fingerprint(item_vectors: torch.Tensor | np.ndarray) -> str:
     """sha256 of the item-vector table's float32 bytes and shape: what binds a ranker to its release."""
     a = np.ascontiguousarray(np.asarray(item_vectors, dtype=np.float32))
@@ -113,7 +136,7 @@ class Ranker(nn.Module):
         self.sequence = TransAct(N_ACTIONS, cfg.item_dim, cfg) if cfg.use_sequence else None
         self.affinity = cfg.use_sequence and cfg.affinity_features  # features of the sequence: none without it
         in_dim = (cfg.item_dim + cfg.surface_dim + dense_dim + (self.sequence.out_dim if self.sequence else 0)
-                  + (N_AFFINITY if self.affinity else 0))
+                  + (N_AFFINITY if self.affinity else 0) + (N_RETRIEVAL if cfg.retrieval_score else 0))
         self.dcn = DCNv2(in_dim, cfg.cross_layers, cfg.cross_rank, tuple(cfg.mlp_hidden), cfg.structure,
                          cfg.dropout)
         self.heads = nn.Linear(self.dcn.out_dim, len(RANKER_HEADS))
@@ -152,6 +175,12 @@ class Ranker(nn.Module):
             parts.append(self.sequence(actions, seq, cand, age, window=False))
         if self.affinity:  # hist_items (1, S) broadcasts against per-row actions: same numbers as per row
             parts.append(affinity_features(self.item_vectors, batch.cand_items, batch.hist_items, actions))
+        if self.cfg.retrieval_score:
+            if batch.user_vector is None or batch.user_vector.shape[-1] != self.item_vectors.shape[1]:
+                got = None if batch.user_vector is None else tuple(batch.user_vector.shape)
+                raise ValueError(f"ranker: retrieval_score needs the retriever's user vector of width "
+                                 f"{self.item_vectors.shape[1]} per request (RankerBatch.user_vector), got {got}")
+            parts.append(retrieval_features(self.item_vectors, batch.cand_items, batch.user_vector))
         return self.heads(self.dcn(torch.cat(parts, dim=-1)))
 
 def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
@@ -172,11 +201,12 @@ def blended_score(probs: torch.Tensor, weights: dict[str, float]) -> torch.Tenso
 
 @torch.no_grad()
 def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_items: np.ndarray,
-                     hist_actions: np.ndarray, hist_age_s: np.ndarray,
-                     dense: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     hist_actions: np.ndarray, hist_age_s: np.ndarray, dense: np.ndarray | None = None,
+                     user_vector: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rank one request: C candidates against one user's sequence -> (probs (C, H), blended scores (C,)).
 
-    cand_items (C,) item indices; hist_* (S,) the user's sequence as in ``RankerBatch``; dense (dense_dim,).
+    cand_items (C,) item indices; hist_* (S,) the user's sequence as in ``RankerBatch``; dense (dense_dim,);
+    user_vector (D,) the retriever's u of the request (zeros: none), for a ranker with ``retrieval_score``.
     """
     c = len(cand_items)
     batch = RankerBatch(
@@ -187,6 +217,7 @@ def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_i
         hist_actions=torch.as_tensor(np.ascontiguousarray(hist_actions), dtype=torch.int64)[None],
         hist_age_s=torch.as_tensor(np.ascontiguousarray(hist_age_s), dtype=torch.float32)[None],
         dense=None if dense is None else torch.as_tensor(dense, dtype=torch.float32)[None].expand(c, -1),
+        user_vector=None if user_vector is None else torch.as_tensor(user_vector, dtype=torch.float32)[None],
     )
     model.eval()
     probs = torch.sigmoid(model(batch))
@@ -231,8 +262,9 @@ def load_ranker(directory: str | Path, item_vectors: torch.Tensor | np.ndarray,
             f"{directory}: item vectors {tuple(table.shape)} are not the table the ranker was trained on "
             f"({tuple(meta['item_table']['shape'])}, release {meta['release_id']})")
     with torch.random.fork_rng(devices=[]):  # init draws are overwritten; leave the caller's RNG alone
-        # a ranker saved before affinity_features existed was trained without them
-        cfg = RankerConfig.model_validate({"affinity_features": False, **meta["ranker_config"]})
+        # a ranker saved before affinity_features / retrieval_score existed was trained without them
+        cfg = RankerConfig.model_validate({"affinity_features": False, "retrieval_score": False,
+                                           **meta["ranker_config"]})
         model = Ranker(table, cfg, int(meta["dense_dim"]))
     try:
         model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))

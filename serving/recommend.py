@@ -80,11 +80,13 @@ def ranker_sequence(actions: EventArrays, vocab: Vocab, user_id: int, request_us
 
 
 def rank(model: Ranker, candidates: Candidates, rows: np.ndarray, surface: int, sequence: RankerSequence, k: int,
-         dense: np.ndarray | None = None) -> list[dict[str, Any]]:
+         dense: np.ndarray | None = None, user_vector: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Score the candidates and return the top ``k`` by blended score (ties: first-found order).
 
     rows: (C,) each candidate's row of the ranker's item table (0: unknown to it); surface: SURFACE_INDEX;
-    dense: (dense_dim,) request features when the ranker takes them.
+    dense: (dense_dim,) request features when the ranker takes them; user_vector: (d,) the vector the first stage
+    searched with (zeros: none) when the ranker takes the retrieval score: every candidate, whichever generator
+    found it, is scored ``u . v`` against its own item vector.
     """
     if len(rows) != len(candidates):
         raise ValueError(f"rank: {len(rows)} ranker rows for {len(candidates)} candidates")
@@ -93,7 +95,7 @@ def rank(model: Ranker, candidates: Candidates, rows: np.ndarray, surface: int, 
     if len(candidates) == 0:
         return []
     probs, score = score_candidates(model, np.asarray(rows, dtype=np.int64), surface, sequence.items,
-                                    sequence.actions, sequence.age_s, dense)
+                                    sequence.actions, sequence.age_s, dense, user_vector)
     top = np.argsort(-score, kind="stable")[:k]
     heads = probs[top].tolist()
     return [{"item_id": int(candidates.item_ids[j]), "score": float(score[j]),

@@ -240,12 +240,14 @@ class RetrievalService:
             raise out
         return out
 
-    def retrieve_batch(self, queries: Sequence[Query],
-                       bundle: ServingBundle | None = None) -> list[dict[str, Any] | RequestError]:
+    def retrieve_batch(self, queries: Sequence[Query], bundle: ServingBundle | None = None,
+                       user_vectors_out: dict[int, np.ndarray] | None = None) -> list[dict[str, Any] | RequestError]:
         """Answer requests together with ONE release: one state-store read, one ``combine``, one index search
         (per depth, ``retrieval.search``) for the batch. -> per query its response, or the RequestError it alone
         raised; raises ServiceNotReady before any release is loaded. A query's answer is the one it gets alone.
-        ``bundle``: the release to use (``recommend`` passes the one its ranker comes from); default the current."""
+        ``bundle``: the release to use (``recommend`` passes the one its ranker comes from); default the current.
+        ``user_vectors_out``: filled with ``{query position: u (d,)}``, the vector each query searched with (none on
+        the popularity path): ``recommend``'s ranker reads the retrieval score ``u . v`` from it."""
         b = self._bundle if bundle is None else bundle  # read ONCE: every query of the batch uses this release only
         if b is None:
             raise ServiceNotReady(f"no release of alias {self.config.alias!r} is loaded yet")
@@ -309,6 +311,8 @@ class RetrievalService:
         if near:
             vectors.append(np.stack([np.asarray(v, dtype=np.float32) for _, v in near]))
         searched = [i for i, _ in model] + [i for i, _ in near]
+        if searched and user_vectors_out is not None:
+            user_vectors_out.update(zip(searched, np.concatenate(vectors), strict=True))
         if searched:
             found = search(b.release, np.concatenate(vectors), [queries[i].k for i in searched],
                            [exclude[i] for i in searched], live=live_ix)
@@ -398,7 +402,9 @@ class RetrievalService:
             raise RequestError(f"candidates must be between 1 and {self.config.max_k}, got {candidates}")
         if not 1 <= k <= candidates:
             raise RequestError(f"k must be between 1 and candidates ({candidates}), got {k}")
-        (found,) = self.retrieve_batch([Query(user_id, item_id, surface, candidates, True, query)], bundle=b)
+        u: dict[int, np.ndarray] = {}
+        (found,) = self.retrieve_batch([Query(user_id, item_id, surface, candidates, True, query)], bundle=b,
+                                       user_vectors_out=u)
         if isinstance(found, Exception):
             raise found
         live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
@@ -416,7 +422,10 @@ class RetrievalService:
         seq = ranker_sequence(actions, b.vocab, user_id, as_of_us, ranker.cfg.max_seq_len,
                               b.history.max_history_days)
         # the ranker's item rows are the vocabulary's indices (checked when the bundle was built)
-        items = rank(ranker, cands, b.item_index(cands.item_ids), SURFACE_INDEX[surface], seq, k)
+        # the retrieval score's u: the vector the index was searched with (zeros on the popularity path: none)
+        user_vector = u.get(0, np.zeros(b.item_table.shape[1], np.float32)) if ranker.cfg.retrieval_score else None
+        items = rank(ranker, cands, b.item_index(cands.item_ids), SURFACE_INDEX[surface], seq, k,
+                     user_vector=user_vector)
         return {"release": b.release_id, "version": b.release.version, "path": found["path"], "items": items}
 
     def _sync_items(self, bundle: ServingBundle) -> None:

@@ -144,6 +144,47 @@ def history_tokens(item: np.ndarray, action: np.ndarray, ts_us: np.ndarray, star
             np.where(real, gaps, 0).astype(np.int64))
 
 
+def history_ranges(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_us: np.ndarray,
+                   max_history_days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's history at its own request time, as ranges into one layout of the actions -> (item, action,
+    ts_us, start, end): the known items' actions grouped by user (each user's in time order) and, per row,
+    ``[start, end)`` = its user's actions strictly before ``request_us`` and at most ``max_history_days`` old
+    (empty for a user without any). ``history_tokens`` over them gives the tokens.
+
+    hist: history actions (``EventArrays.from_events``, time ordered); user_id, request_us: (n,).
+    """
+    item = vocab.item_index(hist.item_id)
+    keep = item > 0  # as build_histories: actions on items the release does not know are not in the history
+    by_user = np.argsort(hist.user_id[keep], kind="stable")  # stable: time order kept inside each user
+    user, item = hist.user_id[keep][by_user], item[keep][by_user]
+    action, ts = hist.action[keep][by_user], hist.ts_us[keep][by_user]
+    n = len(user_id)
+    if len(user) == 0:  # no history action at all (e.g. a log of impressions only)
+        zero = np.zeros(n, dtype=np.int64)
+        return item, action, ts, zero, zero.copy()
+    users, group = np.unique(user, return_inverse=True)
+    # key = (user group, rank of ts among all times): "before request t" is one binary search per row
+    times = np.unique(np.concatenate([ts, request_us]))
+    width = np.int64(len(times) + 1)
+    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
+    row_group = np.searchsorted(users, user_id)
+    known = (row_group < len(users)) & (users[np.minimum(row_group, len(users) - 1)] == user_id)
+    row_group = np.where(known, row_group, 0)
+    start = np.searchsorted(key, row_group * width, side="left")
+    end = np.searchsorted(key, row_group * width + np.searchsorted(times, request_us), side="left")  # strict
+    start, end = np.where(known, start, 0), np.where(known, end, 0)
+    start = history_window(group, ts, start, end, row_group, request_us, max_history_days)
+    return item, action, ts, start, end
+
+
+def histories_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_us: np.ndarray,
+                 spec: HistorySpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, L) hist_items, hist_actions, hist_gaps of each row's user strictly before its own ``request_us``: what
+    ``build_histories`` gives that user at ``as_of_us = request_us`` (a row without history: all padding)."""
+    item, action, ts, start, end = history_ranges(hist, vocab, user_id, request_us, spec.max_history_days)
+    return history_tokens(item, action, ts, start, end, spec.max_seq_len, spec.gap_buckets)
+
+
 # --------------------------------------------------------------------------------------------------- seen items
 
 

@@ -32,9 +32,10 @@ from towerflow.tasks.history import (
     ACTION_INDEX,
     EventArrays,
     action_codes,
+    history_ranges,
     history_tokens,
-    history_window,
 )
+from towerflow.tasks.request_vectors import Retriever, request_user_vectors
 from towerflow.tasks.vocabulary import Vocab, value_codes
 
 HEAD_CODES = np.array([ACTION_INDEX[h] for h in RANKER_HEADS], dtype=np.int64)  # label column h <- this action
@@ -54,6 +55,9 @@ class RankingExamples:
     hist_items: np.ndarray  # (n, S) int64 item indices, 0 = padding, latest last
     hist_actions: np.ndarray  # (n, S) int64 ACTION_INDEX codes, 0 = padding
     hist_age_s: np.ndarray  # (n, S) float32 seconds from each action to the request, 0 on padding
+    # (n, d) float32 the retriever's user vector at the request (tasks/request_vectors.py), zeros where serving has
+    # none; None: built without a retriever (a ranker with RankerConfig.retrieval_score cannot train on them)
+    user_vector: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.request)
@@ -63,15 +67,16 @@ class RankingExamples:
         return len(np.unique(self.request))
 
     def take(self, idx) -> RankingExamples:
-        return RankingExamples(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return RankingExamples(**{f.name: None if (a := getattr(self, f.name)) is None else a[idx]
+                                  for f in fields(self)})
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+        np.savez(path, **{f.name: a for f in fields(self) if (a := getattr(self, f.name)) is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> RankingExamples:
         with np.load(path) as z:
-            return cls(**{f.name: z[f.name] for f in fields(cls)})
+            return cls(**{f.name: z[f.name] for f in fields(cls) if f.name in z})
 
 
 def _request_keys(events: pd.DataFrame) -> np.ndarray:
@@ -93,26 +98,7 @@ def sequences_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_u
     hist: history actions (``EventArrays.from_events``, time ordered); user_id, request_us: (n,).
     Returns hist_items, hist_actions (n, S) int64 and hist_age_s (n, S) float32 (module docstring).
     """
-    item = vocab.item_index(hist.item_id)
-    keep = item > 0  # as build_histories: actions on items the release does not know are not in the history
-    by_user = np.argsort(hist.user_id[keep], kind="stable")  # stable: time order kept inside each user
-    user, item = hist.user_id[keep][by_user], item[keep][by_user]
-    action, ts = hist.action[keep][by_user], hist.ts_us[keep][by_user]
-    if len(user) == 0:  # no history action at all (e.g. a log of impressions only)
-        return (np.zeros((len(user_id), max_seq_len), np.int64), np.zeros((len(user_id), max_seq_len), np.int64),
-                np.zeros((len(user_id), max_seq_len), np.float32))
-    users, group = np.unique(user, return_inverse=True)
-    # key = (user group, rank of ts among all times): "before request t" is one binary search per row
-    times = np.unique(np.concatenate([ts, request_us]))
-    width = np.int64(len(times) + 1)
-    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
-    row_group = np.searchsorted(users, user_id)
-    known = (row_group < len(users)) & (users[np.minimum(row_group, len(users) - 1)] == user_id)
-    row_group = np.where(known, row_group, 0)
-    start = np.searchsorted(key, row_group * width, side="left")
-    end = np.searchsorted(key, row_group * width + np.searchsorted(times, request_us), side="left")  # strict
-    start, end = np.where(known, start, 0), np.where(known, end, 0)
-    start = history_window(group, ts, start, end, row_group, request_us, max_history_days)
+    item, action, ts, start, end = history_ranges(hist, vocab, user_id, request_us, max_history_days)
     items, actions, _ = history_tokens(item, action, ts, start, end, max_seq_len, 2)
     # The same layout over the action times gives each slot's time (0 on padding): its age at the request.
     when, _, _ = history_tokens(ts, action, ts, start, end, max_seq_len, 2)
@@ -121,11 +107,14 @@ def sequences_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_u
 
 
 def build_ranking_examples(events: pd.DataFrame, vocab: Vocab, max_seq_len: int, max_history_days: int = 365,
-                           start_us: int | None = None, end_us: int | None = None) -> RankingExamples:
+                           start_us: int | None = None, end_us: int | None = None,
+                           retriever: Retriever | None = None) -> RankingExamples:
     """Examples of the requests made in ``[start_us, end_us)`` (None: unbounded) of contract ``events``.
 
-    Histories come from all of ``events`` (before each request). Raises ContractError on missing columns, unknown
-    actions or surfaces, or a request_id shared by several users.
+    Histories come from all of ``events`` (before each request). ``retriever``: also each request's user vector
+    (``user_vector``) from that release's user tower and the request's viewed item, surface and query (its earliest
+    row's). Raises ContractError on missing columns, unknown actions or surfaces, or a request_id shared by several
+    users.
     """
     if max_seq_len < 1:
         raise ValueError(f"build_ranking_examples: max_seq_len must be at least 1, got {max_seq_len}")
@@ -166,11 +155,64 @@ def build_ranking_examples(events: pd.DataFrame, vocab: Vocab, max_seq_len: int,
     r, it, labels = r[order], it[order], labels[order]
     number = np.cumsum(np.r_[True, r[1:] != r[:-1]]) - 1 if len(r) else r
 
-    hist_items, hist_actions, hist_age = sequences_at(EventArrays.from_events(events), vocab, req_user[r],
-                                                      req_ts[r], max_seq_len, max_history_days)
+    hist = EventArrays.from_events(events)
+    hist_items, hist_actions, hist_age = sequences_at(hist, vocab, req_user[r], req_ts[r], max_seq_len,
+                                                      max_history_days)
+    user_vector = None
+    if retriever is not None:  # one u per request, then one row per shown item
+        req_head = np.empty(n_req, np.int64)
+        req_head[req[head]] = head
+        rq = np.unique(r)  # the requests with rows
+        h = req_head[rq]
+        ctx = vocab.item_index(events["context_item_id"].to_numpy()[h])
+        query = np.where(surface[h] == SURFACES.index("search"), events["query"].to_numpy(dtype=object)[h], None)
+        u = request_user_vectors(retriever, hist, vocab, req_user[rq], req_ts[rq], ctx, req_surface[rq], query)
+        user_vector = u[np.searchsorted(rq, r)]
     return RankingExamples(request=number.astype(np.int64), user_id=req_user[r], ts_us=req_ts[r],
                            surface=req_surface[r], item=it.astype(np.int64), labels=labels, hist_items=hist_items,
-                           hist_actions=hist_actions, hist_age_s=hist_age)
+                           hist_actions=hist_actions, hist_age_s=hist_age, user_vector=user_vector)
+
+
+def with_retrieved_candidates(ex: RankingExamples, item_table: np.ndarray, per_request: int, depth: int,
+                              seed: int = 0) -> RankingExamples:
+    """``ex`` plus, for each request with a user vector, ``per_request`` items drawn from the retriever's top ``depth``
+    for it (``u . v`` over ``item_table``, the items it showed and its sequence's items left out) as rows with no
+    engagement: a negative for every head, as an impression is.
+
+    Why: the ranker otherwise learns from the slates the source showed, while /recommend asks it to order the
+    retriever's candidates, all close to the user (the issue's "retrieval candidates as the shown items"). Rows are
+    appended to their request (requests stay contiguous and in time order). item_table: (n_items + 1, D), row 0 out.
+    """
+    if ex.user_vector is None or per_request < 1 or len(ex) == 0:
+        return ex
+    rng = np.random.default_rng(seed)
+    first = np.flatnonzero(np.r_[True, ex.request[1:] != ex.request[:-1]])  # each request's first row
+    u = ex.user_vector[first]  # (R, D)
+    has = np.abs(u).sum(axis=1) > 0
+    items = np.asarray(item_table[1:], dtype=np.float32)  # (n_items, D)
+    depth = min(depth, len(items))
+    # (R, depth) item indices of each request's top depth, unordered; in blocks: R x n_items scores can be large
+    top = np.concatenate([np.argpartition(-(u[a : a + 1024] @ items.T), depth - 1, axis=1)[:, :depth] + 1
+                          for a in range(0, len(u), 1024)])
+    bounds = np.r_[first, len(ex)]
+    add_rows, add_items = [], []
+    for r in np.flatnonzero(has).tolist():
+        rows = np.arange(bounds[r], bounds[r + 1])
+        out = np.union1d(ex.item[rows], ex.hist_items[rows[0]])
+        pool = top[r][~np.isin(top[r], out)]
+        pick = rng.choice(pool, size=min(per_request, len(pool)), replace=False)
+        add_rows.append(np.full(len(pick), rows[0]))
+        add_items.append(pick)
+    if not add_rows:
+        return ex
+    src = np.concatenate(add_rows)
+    extra = ex.take(src)
+    extra.item = np.concatenate(add_items).astype(np.int64)
+    extra.labels = np.zeros_like(extra.labels)
+    both = RankingExamples(**{f.name: None if getattr(ex, f.name) is None else
+                              np.concatenate([getattr(ex, f.name), getattr(extra, f.name)]) for f in fields(ex)})
+    order = np.argsort(both.request, kind="stable")
+    return both.take(order)
 
 
 def user_profiles(events: pd.DataFrame, vocab: Vocab, item_vectors: np.ndarray, user_id: np.ndarray,

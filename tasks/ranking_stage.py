@@ -30,14 +30,17 @@ from towerflow.config import RankerStageConfig
 from towerflow.contract import NEGATIVE_ACTIONS, POSITIVE_ACTIONS
 from towerflow.models.ranker import blended_score
 from towerflow.tasks.evaluate_ranker import evaluate_ranking
+from towerflow.tasks.history import HistorySpec
 from towerflow.tasks.ranking_examples import (
     RankingExamples,
     _request_keys,
     build_ranking_examples,
     user_profiles,
+    with_retrieved_candidates,
 )
+from towerflow.tasks.request_vectors import Retriever
 from towerflow.tasks.train_ranker import evaluate_ranker, predict
-from towerflow.tasks.vocabulary import Vocab
+from towerflow.tasks.vocabulary import Vocab, user_features
 
 DAY_US = 86_400_000_000
 
@@ -95,14 +98,25 @@ def _start_of_latest(events: pd.DataFrame, before_us: int, n_requests: int | Non
 
 
 def ranking_data(events: pd.DataFrame, vocab: Vocab, config: RankerStageConfig, window_end_us: int,
-                 max_history_days: int) -> RankingData:
-    """Training and held-out ranking examples of a snapshot's ``events`` (module docstring, "Split")."""
+                 max_history_days: int, retriever: Retriever | None = None) -> RankingData:
+    """Training and held-out ranking examples of a snapshot's ``events`` (module docstring, "Split").
+
+    ``retriever``: the candidate release's, for each request's user vector (the ranker's retrieval score); required
+    when ``config.train.model.retrieval_score``."""
+    if config.train.model.retrieval_score and retriever is None:
+        raise ValueError("ranking_data: the ranker takes the retrieval score (ranker.train.model.retrieval_score) "
+                         "but no retriever was given to compute each request's user vector")
     cut = int(window_end_us) - config.holdout_days * DAY_US
     s = config.train.model.max_seq_len
+    r = retriever if config.train.model.retrieval_score else None
     train = build_ranking_examples(events, vocab, s, max_history_days, end_us=cut,
-                                   start_us=_start_of_latest(events, cut, config.max_train_requests))
-    holdout = build_ranking_examples(events, vocab, s, max_history_days, start_us=cut)
-    return RankingData(_latest(train, config.max_train_requests), _latest(holdout, config.max_holdout_requests), cut)
+                                   start_us=_start_of_latest(events, cut, config.max_train_requests), retriever=r)
+    holdout = build_ranking_examples(events, vocab, s, max_history_days, start_us=cut, retriever=r)
+    train = _latest(train, config.max_train_requests)
+    if r is not None and config.retrieved_negatives:  # training only: the gate judges the shown slates
+        train = with_retrieved_candidates(train, r.item_table.numpy(), config.retrieved_negatives,
+                                          config.retrieved_depth, seed=config.train.seed)
+    return RankingData(train, _latest(holdout, config.max_holdout_requests), cut)
 
 
 def popularity(events: pd.DataFrame, vocab: Vocab, before_us: int) -> np.ndarray:
@@ -123,6 +137,18 @@ def baseline_scores(events: pd.DataFrame, vocab: Vocab, item_table: np.ndarray, 
             "profile_dot": np.einsum("nd,nd->n", profile, np.asarray(item_table)[ex.item])}
 
 
+def champion_retriever(release: Any, vocab: Vocab, users: pd.DataFrame | None) -> Retriever:
+    """A loaded release's retriever (``infra.releases.LoadedRelease``: its model, item vectors, config.json) over its
+    vocabulary, with the demographics of ``users`` (None: every user unknown, as serving without a users table)."""
+    rows = release.ranker_rows(vocab.item_ids)
+    if (rows == 0).any():
+        raise ValueError(f"release {release.release_id}: {int((rows == 0).sum())} vocabulary items have no vector")
+    feats = (user_features(users, vocab) if users is not None
+             else np.zeros((vocab.n_users + 1, len(vocab.demographic_fields)), np.int64))
+    return Retriever.of(release.model, np.asarray(release.item_vectors)[rows - 1], feats,
+                        HistorySpec.from_release_config(release.release_id, release.config))
+
+
 def _row_keys(ex: RankingExamples, vocab: Vocab) -> pd.DataFrame:
     return pd.DataFrame({"user_id": ex.user_id, "ts_us": ex.ts_us, "surface": ex.surface,
                          "item_id": vocab.item_ids[ex.item - 1], "row": np.arange(len(ex))})
@@ -130,11 +156,13 @@ def _row_keys(ex: RankingExamples, vocab: Vocab) -> pd.DataFrame:
 
 def evaluate_ranking_stage(model: Any, data: RankingData, events: pd.DataFrame, vocab: Vocab,
                            item_table: np.ndarray, max_history_days: int,
-                           champion: Any | None = None) -> RankerEvaluation:
+                           champion: Any | None = None, users: pd.DataFrame | None = None) -> RankerEvaluation:
     """Score the candidate ``model``, the baselines and (when given) the champion release's ranker on the holdout.
 
     ``champion``: a loaded release (``infra.releases.LoadedRelease``) whose ``ranker`` is not None; its vocabulary is
     read from its ``vocab_dir``. A champion ranker that takes dense features (none of this flow's do) is skipped.
+    One with the retrieval score gets its user vectors from the champion's own retriever (``champion_retriever``,
+    demographics from ``users``).
     """
     ex = data.holdout
     ev = RankerEvaluation(candidate=evaluate_ranker(model, ex), baselines={}, n_rows=len(ex),
@@ -151,7 +179,9 @@ def evaluate_ranking_stage(model: Any, data: RankingData, events: pd.DataFrame, 
         return ev
     champ_vocab = Vocab.from_json((champion.vocab_dir / "vocab.json").read_text())
     champ_ex = build_ranking_examples(events, champ_vocab, ranker.cfg.max_seq_len, max_history_days,
-                                      start_us=int(ex.ts_us.min()), end_us=int(ex.ts_us.max()) + 1)
+                                      start_us=int(ex.ts_us.min()), end_us=int(ex.ts_us.max()) + 1,
+                                      retriever=champion_retriever(champion, champ_vocab, users)
+                                      if ranker.cfg.retrieval_score else None)
     shared = _row_keys(ex, vocab).merge(_row_keys(champ_ex, champ_vocab), on=["user_id", "ts_us", "surface",
                                                                              "item_id"], suffixes=("", "_champ"))
     ev.n_shared_rows = len(shared)

@@ -37,7 +37,8 @@ def to_batch(ex: RankingExamples, idx: np.ndarray, dense: np.ndarray | None = No
         cand_items=torch.from_numpy(ex.item[idx]), surface=torch.from_numpy(ex.surface[idx]),
         hist_items=torch.from_numpy(ex.hist_items[idx]), hist_actions=torch.from_numpy(ex.hist_actions[idx]),
         hist_age_s=torch.from_numpy(ex.hist_age_s[idx]),
-        dense=None if dense is None else torch.from_numpy(np.ascontiguousarray(dense[idx], dtype=np.float32)))
+        dense=None if dense is None else torch.from_numpy(np.ascontiguousarray(dense[idx], dtype=np.float32)),
+        user_vector=None if ex.user_vector is None else torch.from_numpy(ex.user_vector[idx]))
 
 
 @torch.no_grad()
@@ -69,6 +70,9 @@ def train_ranker(examples: RankingExamples, item_vectors: np.ndarray, config: Ra
     if examples.hist_items.shape[1] != config.model.max_seq_len:
         raise TrainError(f"train_ranker: examples hold sequences of {examples.hist_items.shape[1]} actions, the "
                          f"ranker config says max_seq_len {config.model.max_seq_len}; build them with the same S")
+    if config.model.retrieval_score and examples.user_vector is None:
+        raise TrainError("train_ranker: the ranker config asks for the retrieval score (retrieval_score), but the "
+                         "examples hold no user vectors: build them with a retriever (build_ranking_examples)")
     if dense is not None and len(dense) != len(examples):
         raise TrainError(f"train_ranker: {len(dense)} dense rows for {len(examples)} examples")
     if examples.item.max() >= len(item_vectors):

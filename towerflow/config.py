@@ -259,6 +259,11 @@ class RankerConfig(_Config):
         True, description="With use_sequence: the candidate's cosine with the mean and the max over the sequence's "
                           "positive and its negative actions' item vectors, 4 numbers beside TransAct into the DCN "
                           "(models/ranker.py affinity_features). A ranker saved before this field loads as False.")
+    retrieval_score: bool = Field(
+        False, description="The retriever's score u . v of the candidate (u: the release's user vector at the request, "
+                           "as /recommend's first stage computes it) and whether the request has a u, 2 numbers into "
+                           "the DCN (models/ranker.py retrieval_features); its examples need a retriever "
+                           "(tasks/request_vectors.py). A ranker saved before this field loads as False.")
     action_dim: int = Field(8, ge=1, description="Action-type embedding width.")
     item_dim: int = Field(16, ge=1, description="Width the frozen release item vectors are projected to.")
     item_id_embedding: bool = Field(False, description="Also learn an item-id embedding, added to the projection.")
@@ -341,6 +346,12 @@ class RankerStageConfig(_Config):
         20_000, ge=1, description="Train on the latest this many requests before the holdout (None: all of them).")
     max_holdout_requests: int | None = Field(10_000, ge=1, description="Judge on the latest this many held-out "
                                                                        "requests (None: all).")
+    retrieved_negatives: int = Field(
+        0, ge=0, description="With train.model.retrieval_score: add this many items per training request, drawn "
+                             "from the retriever's top retrieved_depth for it (not shown, not in its sequence), as "
+                             "rows with no engagement, so the ranker also learns to order what /recommend gives it "
+                             "(tasks/ranking_examples.py with_retrieved_candidates). 0: the shown slates alone.")
+    retrieved_depth: int = Field(200, ge=1, description="How deep in the retriever's list those items are drawn.")
     gate: RankerGateConfig = RankerGateConfig()
 
 

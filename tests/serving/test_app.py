@@ -149,6 +149,57 @@ def test_bad_requests_get_a_4xx_naming_the_problem(client, body, status, message
     assert client.get("/healthz").status_code == 200  # and the service goes on
 
 
+def test_the_direct_route_answers_valid_bodies_and_hands_everything_else_to_the_app():
+    """DirectRoute (the /retrieve hot path past FastAPI's routing): the handler's bytes for a body it answers; the
+    app, with the body replayed whole, for a body it raises on, another path or another method."""
+    import asyncio
+
+    from towerflow.serving.app import DirectRoute
+
+    reached = []
+
+    async def app(scope, receive, send):  # the FastAPI app's stand-in: records what reached it, answers 418
+        message = await receive()
+        reached.append((scope["method"], scope["path"], message.get("body", b"")))
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    async def handler(body: bytes) -> bytes:
+        if body != b'{"ok": 1}':
+            raise ValueError("not mine")
+        return b'{"answer": 42}'
+
+    route = DirectRoute(app, path="/retrieve", handler=handler)
+
+    def call(method: str, path: str, chunks: list[bytes]) -> tuple[int, dict, bytes]:
+        pieces, sent = list(chunks), []
+
+        async def receive():
+            body = pieces.pop(0) if pieces else b""
+            return {"type": "http.request", "body": body, "more_body": bool(pieces)}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(route({"type": "http", "method": method, "path": path, "headers": []}, receive, send))
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    assert call("POST", "/retrieve", [b'{"ok"', b': 1}']) == (
+        200, {b"content-length": b"14", b"content-type": b"application/json"}, b'{"answer": 42}')
+    assert reached == []  # answered without the app
+    assert call("POST", "/retrieve", [b'{"ok"', b': 2}'])[::2] == (418, b"app")
+    assert call("POST", "/release", [b"{}"])[::2] == (418, b"app")
+    assert call("GET", "/retrieve", [b""])[::2] == (418, b"app")
+    assert reached == [("POST", "/retrieve", b'{"ok": 2}'), ("POST", "/release", b"{}"), ("GET", "/retrieve", b"")]
+
+
+def test_a_retrieve_answered_on_the_direct_route_is_the_services_answer(client, hybrid, users, items):
+    r = client.post("/retrieve", json={"user_id": users[1], "context": {"item_id": items[0], "surface": "related"},
+                                       "k": 5})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json() == hybrid.retrieve(users[1], items[0], "related", 5)
+
+
 def _garbage(user: int, release: str, dim: int) -> UserState:
     return UserState(user, release, np.full(dim, 7.0, dtype=np.float32), HORIZON, HORIZON, np.zeros(0))
 

@@ -87,6 +87,9 @@ def test_excluded_ids_short_and_long_lists():
     assert short.tolist() == [[True, False, True, False], [False, False, False, False]]
     long = excluded(ids, [np.arange(100, 10_000), np.array([4, 2] + list(range(100, 10_000)))])
     assert long.tolist() == [[False, False, False, False], [False, True, False, True]]
+    # a long list beside an empty one, unsorted, with an id past every other (searchsorted's end)
+    mixed = excluded(ids, [np.zeros(0, dtype=np.int64), np.array([10_000, 3, *range(100, 10_000), 3])])
+    assert mixed.tolist() == [[False, False, False, False], [False, False, True, False]]
     assert not excluded(ids, [np.zeros(0, dtype=np.int64)] * 2).any()
 
 

@@ -43,6 +43,7 @@ from towerflow.tasks.train import (
     Progress,
     TrainError,
     TrainResult,
+    averaged,
     batch_loss,
     finish,
     init_model,
@@ -53,6 +54,7 @@ from towerflow.tasks.train import (
     stopping_metrics,
     stopping_split,
     torch_threads,
+    weight_average,
 )
 
 
@@ -193,6 +195,7 @@ def _train_ddp(
     ckpt, state = resume(checkpoint_dir, device, model, opt, sched, progress, on_epoch, "DDP training",
                          main=env.is_main)
     start_epoch = state["epoch"] + 1 if state is not None else 1
+    average = weight_average(model, config, n_batches, state)  # on every rank: all ranks hold the same weights after a step
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
@@ -203,17 +206,20 @@ def _train_ddp(
         sampler.set_epoch(epoch)
         shard = np.fromiter(iter(sampler), dtype=np.int64)  # this rank's positions, equal length on every rank
         total = run_epoch(examples, shard, local_b, n_batches, ddp, loss_fn, opt, sched, device,
-                          f"epoch {epoch} on rank {env.rank}")
+                          f"epoch {epoch} on rank {env.rank}", average)
         train_s = time.perf_counter() - t0
         dist.all_reduce(total)  # sum over ranks of each rank's summed loss; ranks differ only by dropout/negatives
-        metrics = _broadcast(stopping_metrics(model, examples) if env.is_main else {})
-        stats = EpochStats(epoch=epoch, loss=float(total) / (n_batches * world), seconds=time.perf_counter() - t0,
-                           examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
-        value, improved = progress.record(stats, model)
+        with averaged(average):
+            metrics = _broadcast(stopping_metrics(model, examples) if env.is_main else {})
+            stats = EpochStats(epoch=epoch, loss=float(total) / (n_batches * world),
+                               seconds=time.perf_counter() - t0,
+                               examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
+            value, improved = progress.record(stats, model)
         if env.is_main:
             say(progress.line(stats, config.epochs, value, improved, f" ({world} ranks)"))
             if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
-                save_checkpoint(ckpt, model, opt, sched, progress, epoch)
+                save_checkpoint(ckpt, model, opt, sched, progress, epoch,
+                                average=average.state_dict() if average else None)
             if on_epoch:
                 on_epoch(stats)
         dist.barrier()  # nobody starts the next epoch (or reads the checkpoint) before rank 0 is done

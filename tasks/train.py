@@ -4,7 +4,7 @@ The caller gets per-epoch stats through ``on_epoch`` (the Prefect task logs them
 ``checkpoint_dir`` every epoch is checkpointed and a restarted call resumes after the last finished epoch.
 
 The pieces of the loop (``init_model``, ``make_optimizer``, ``run_epoch`` / ``train_step``, ``Progress``,
-``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
+``weight_average`` / ``averaged``, ``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
 change to the loss, the step, the schedule or early stopping lands in both.
 """
 
@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 
 from towerflow.config import ModelConfig, TrainConfig, check_history_fits_model
 from towerflow.errors import TowerflowError
+from towerflow.models.averaging import WeightAverage
 from towerflow.models.batch import Batch, ItemFeatures
 from towerflow.models.frequency import StreamingFrequencyEstimator, exact_log_q
 from towerflow.models.loss import in_batch_softmax_loss, mixed_negatives_log_q
@@ -210,6 +211,24 @@ def stopping_split(examples: Examples) -> tuple[str, SequenceExamples, SeenItems
     return "holdout", examples.holdout, examples.holdout_seen
 
 
+def weight_average(
+    model: TwoTower, config: TrainConfig, steps_per_epoch: int, state: dict | None
+) -> WeightAverage | None:
+    """The run's average of ``model``'s weights over ``config.average_epochs`` epochs (None when that is 0), restored
+    from a checkpoint's ``state`` when it holds one (a checkpoint written without it starts at the restored weights)."""
+    if not config.average_epochs:
+        return None
+    average = WeightAverage(model, max(1.0, config.average_epochs * steps_per_epoch))
+    if state is not None and state.get("average") is not None:
+        average.load_state_dict(state["average"])
+    return average
+
+
+def averaged(average: WeightAverage | None) -> AbstractContextManager:
+    """The block in which an epoch is judged and its weights kept: the averaged weights when there is an average."""
+    return average.applied() if average is not None else nullcontext()
+
+
 def stopping_metrics(model: TwoTower, examples: Examples) -> dict[str, float]:
     """recall / ndcg at 10 and 50 on the early-stopping split ({} when it is empty)."""
     _, rows, seen = stopping_split(examples)
@@ -356,12 +375,14 @@ def run_epoch(
     sched: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     where: str,
+    average: WeightAverage | None = None,
 ) -> torch.Tensor:
     """``n_batches`` steps over ``examples.train`` rows ``order[i * batch_size : (i + 1) * batch_size]``.
 
     ``forward`` maps a batch to u (b, d), v (b, d) (the model, or its DDP wrapper); ``loss_fn(u, v, target_items)``
-    gives the scalar loss (``batch_loss``, or the global-batch loss under DDP). Returns the sum of the steps' losses
-    as a float64 scalar on ``device``, so a GPU run needs no host round trip per step to keep it.
+    gives the scalar loss (``batch_loss``, or the global-batch loss under DDP); ``average`` (when given) is updated
+    after every step. Returns the sum of the steps' losses as a float64 scalar on ``device``, so a GPU run needs no
+    host round trip per step to keep it.
     """
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(n_batches):
@@ -370,6 +391,8 @@ def run_epoch(
         u, v = forward(batch)
         loss = loss_fn(u, v, batch.target_items)
         train_step(loss, opt, sched, f"{where}, batch {i}")
+        if average is not None:
+            average.update()
         total += loss.detach().double()
     return total
 
@@ -402,6 +425,7 @@ def _train(
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
+    average = weight_average(model, config, n_batches, state)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
@@ -410,15 +434,17 @@ def _train(
         model.train()
         t0 = time.perf_counter()
         total = run_epoch(examples, rng.permutation(n_train), config.batch_size, n_batches, model, loss_fn, opt,
-                          sched, device, f"epoch {epoch}")
+                          sched, device, f"epoch {epoch}", average)
         train_s = time.perf_counter() - t0
-        metrics = stopping_metrics(model, examples)
-        stats = EpochStats(epoch=epoch, loss=float(total) / n_batches, seconds=time.perf_counter() - t0,
-                           examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
-        value, improved = progress.record(stats, model)
+        with averaged(average):
+            metrics = stopping_metrics(model, examples)
+            stats = EpochStats(epoch=epoch, loss=float(total) / n_batches, seconds=time.perf_counter() - t0,
+                               examples_per_s=n_batches * config.batch_size / train_s, metrics=metrics)
+            value, improved = progress.record(stats, model)
         say(progress.line(stats, config.epochs, value, improved))
         if ckpt:  # before on_epoch: a failure there (e.g. logging) must not lose the epoch
-            save_checkpoint(ckpt, model, opt, sched, progress, epoch, numpy_rng=rng,
+            save_checkpoint(ckpt, model, opt, sched, progress, epoch,
+                            average=average.state_dict() if average else None, numpy_rng=rng,
                             torch_rng=torch.get_rng_state(),
                             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         if on_epoch:

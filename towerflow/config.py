@@ -231,6 +231,10 @@ class TrainConfig(_Config):
     patience: int = Field(
         5, ge=1, description="Epochs without improvement before stopping. A validation split of ~1,000 users moves "
                              "by about 0.01 recall@10 between epochs by chance; 3 stopped MovieLens-100K runs early.")
+    average_epochs: float = Field(
+        2.5, ge=0, description="Evaluate and keep a moving average of the weights over about this many epochs' steps "
+                               "(models/averaging.py) instead of the live weights; 0 turns it off. It smooths the "
+                               "epoch-to-epoch noise early stopping sees (README, public path).")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
     q_estimator: Literal["exact", "streaming"] = Field(
         "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."
@@ -340,7 +344,8 @@ class RankerStageConfig(_Config):
     one thread; Pinterest's S = 100 is ``train.model.max_seq_len: 100``)."""
 
     enabled: bool = Field(True, description="False: no ranking stages; the release has no ranker.")
-    train: RankerTrainConfig = RankerTrainConfig(model=RankerConfig(max_seq_len=32), epochs=3)
+    # the flow always has a retriever (the candidate release's, or the champion's): its ranker reads its score
+    train: RankerTrainConfig = RankerTrainConfig(model=RankerConfig(max_seq_len=32, retrieval_score=True), epochs=3)
     holdout_days: int = Field(1, ge=1, description="The last N days of the window are the held-out requests.")
     max_train_requests: int | None = Field(
         20_000, ge=1, description="Train on the latest this many requests before the holdout (None: all of them).")

@@ -1,0 +1,56 @@
+"""models/averaging.py: the weight average, with numbers worked out by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from towerflow.models.averaging import WeightAverage
+
+
+def _model(w: float) -> nn.Module:
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(w)
+    m.register_buffer("ids", torch.tensor([7]))  # an integer buffer: not averaged
+    return m
+
+
+def _step(m: nn.Module, avg: WeightAverage, w: float) -> float:
+    with torch.no_grad():
+        m.weight.fill_(w)
+    avg.update()
+    return avg.weights["weight"].item()
+
+
+def test_a_plain_mean_for_the_first_span_steps_then_exponential():
+    m = _model(100.0)  # the initial weights carry no weight once a step is taken
+    avg = WeightAverage(m, span=2)
+    assert _step(m, avg, 4.0) == 4.0  # share 1/1
+    assert _step(m, avg, 0.0) == 2.0  # share 1/2: mean of 4 and 0
+    assert _step(m, avg, 1.0) == 1.5  # share 1/min(3, 2): 2 + (1 - 2) / 2
+    assert "ids" not in avg.weights
+    with avg.applied():
+        assert m.weight.item() == 1.5
+    assert m.weight.item() == 1.0  # the live weight is back
+
+
+def test_live_weights_come_back_when_the_block_raises():
+    m = _model(1.0)
+    avg = WeightAverage(m, span=10)
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    with pytest.raises(RuntimeError), avg.applied():
+        assert m.weight.item() == 1.0
+        raise RuntimeError("evaluation failed")
+    assert m.weight.item() == 3.0
+
+
+def test_restore_from_a_checkpoint_and_refuse_a_foreign_one():
+    m = _model(1.0)
+    avg = WeightAverage(m, span=2)
+    avg.load_state_dict({"steps": 5, "weights": {"weight": torch.tensor([[5.0]])}})
+    assert _step(m, avg, 1.0) == 3.0  # step 6: share 1/2, not 1/1
+    with pytest.raises(KeyError, match="weight"):
+        avg.load_state_dict({"steps": 1, "weights": {"bias": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="span"):
+        WeightAverage(m, span=0.5)

@@ -336,8 +336,7 @@ def build_ranking_examples(settings: Settings, snapshot, examples, config: Retra
         return None
     data = ranking_data(events, examples.vocab, config.ranker, to_us(snapshot.window[1]),
                         _history_days(examples, config),
-                        _retriever(snapshot, examples, config, trained, emb)
-                        if config.ranker.train.model.retrieval_score else None)
+                        lambda: _retriever(snapshot, examples, config, trained, emb))
     if len(data.train) == 0:  # e.g. a window no longer than ranker.holdout_days: a configuration, not an accident
         log.warning(f"ranking stages skipped: snapshot {snapshot.snapshot_id} has no request before its last "
                     f"{config.ranker.holdout_days} day(s) (ranker.holdout_days, held out to judge the ranker), so "

@@ -19,6 +19,7 @@ the issue's plan for such sources, are not built).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,28 +88,36 @@ def _latest(ex: RankingExamples, n_requests: int | None) -> RankingExamples:
     return ex
 
 
+def _event_us(events: pd.DataFrame) -> np.ndarray:
+    return pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+
+
 def _start_of_latest(events: pd.DataFrame, before_us: int, n_requests: int | None) -> int | None:
     """The time of the ``n_requests``-th latest request before ``before_us`` (None: all), so only those are built."""
     if n_requests is None:
         return None
-    ts = pd.DatetimeIndex(pd.to_datetime(events["ts"], utc=True)).as_unit("us").asi8
+    ts = _event_us(events)
     first = pd.Series(ts).groupby(_request_keys(events)).min().to_numpy()  # a request's time: its earliest row
     first = np.sort(first[first < before_us])
     return int(first[-n_requests]) if len(first) > n_requests else None
 
 
 def ranking_data(events: pd.DataFrame, vocab: Vocab, config: RankerStageConfig, window_end_us: int,
-                 max_history_days: int, retriever: Retriever | None = None) -> RankingData:
+                 max_history_days: int, retriever: Retriever | Callable[[], Retriever] | None = None) -> RankingData:
     """Training and held-out ranking examples of a snapshot's ``events`` (module docstring, "Split").
 
-    ``retriever``: the candidate release's, for each request's user vector (the ranker's retrieval score); required
-    when ``config.train.model.retrieval_score``."""
-    if config.train.model.retrieval_score and retriever is None:
-        raise ValueError("ranking_data: the ranker takes the retrieval score (ranker.train.model.retrieval_score) "
-                         "but no retriever was given to compute each request's user vector")
+    ``retriever``: the candidate release's (or a function returning it, called only when there is something to
+    train on), for each request's user vector (the ranker's retrieval score); required when
+    ``config.train.model.retrieval_score``."""
     cut = int(window_end_us) - config.holdout_days * DAY_US
     s = config.train.model.max_seq_len
-    r = retriever if config.train.model.retrieval_score else None
+    r = None
+    # no event before the held-out days: no training request, no ranker (the stage skips), no vectors needed
+    if config.train.model.retrieval_score and (_event_us(events) < cut).any():
+        r = retriever() if callable(retriever) else retriever
+        if r is None:
+            raise ValueError("ranking_data: the ranker takes the retrieval score (ranker.train.model.retrieval_score) "
+                             "but no retriever was given to compute each request's user vector")
     train = build_ranking_examples(events, vocab, s, max_history_days, end_us=cut,
                                    start_us=_start_of_latest(events, cut, config.max_train_requests), retriever=r)
     holdout = build_ranking_examples(events, vocab, s, max_history_days, start_us=cut, retriever=r)

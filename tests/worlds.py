@@ -66,7 +66,8 @@ def tiny_world(root: Path) -> Iterator[Settings]:
 # The ranking stages sized for TINY_WORLD: short sequences, one epoch, small widths; the ranker gate relaxed as the
 # model gate is (a one-epoch toy ranker need not beat popularity: these tests check orchestration).
 TINY_RANKER = RankerStageConfig(
-    train=RankerTrainConfig(model=RankerConfig(max_seq_len=8, latest_k=2, item_dim=8, mlp_hidden=(16,)), epochs=1,
+    train=RankerTrainConfig(model=RankerConfig(max_seq_len=8, latest_k=2, item_dim=8, mlp_hidden=(16,),
+                                               retrieval_score=True), epochs=1,
                             batch_size=256),
     gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0))
 

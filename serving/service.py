@@ -275,10 +275,12 @@ class RetrievalService:
         states = None
         if self.config.mode == "hybrid" and self.store is not None and ok:
             states = self.store.get(list({int(queries[i].user_id) for i in ok}), b.release_id)
+        # the batch's live actions in one read (one query per request cost a tenth of the batch in process)
+        live = self.live.actions_many([int(queries[i].user_id) for i in ok]) if self.live is not None and ok else {}
         model, near, paths, exclude = [], [], {}, {}  # model: (i, h); near: (i, the viewed item's vector)
         for i in ok:
             q = queries[i]
-            h, seen, paths[i] = self._history(b, int(q.user_id), states)
+            h, seen, paths[i] = self._history(b, int(q.user_id), states, live.get(int(q.user_id)))
             exclude[i] = seen if q.exclude_seen else seen[:0]
             if q.item_id is not None:  # never answer "related to X" with X itself
                 exclude[i] = np.append(exclude[i], np.int64(q.item_id))
@@ -331,12 +333,14 @@ class RetrievalService:
         return {"release": b.release_id, "items": [{"item_id": i, "score": s} for i, s in zip(
             top[keep].tolist(), b.popular_scores[:depth][keep].tolist(), strict=True)]}
 
-    def _history(self, b: ServingBundle, user_id: int,
-                 states: dict[int, UserState] | None = None) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+    def _history(self, b: ServingBundle, user_id: int, states: dict[int, UserState] | None = None,
+                 live: EventArrays | None = None) -> tuple[np.ndarray | None, np.ndarray, str | None]:
         """(h (history_dim,) or None, seen item ids, path) for the release of ``b`` only. ``states``: the store's
-        answer for a batch's users and ``b``'s release, already read (read here when None)."""
+        answer for a batch's users and ``b``'s release, already read (read here when None); ``live``: the user's
+        live actions, already read (read here when None)."""
         none = np.zeros(0, dtype=np.int64)
-        live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
+        if live is None:
+            live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
         if self.config.mode == "hybrid" and self.store is not None:
             state = (self.store.get([user_id], b.release_id) if states is None else states).get(user_id)
             if state is not None:

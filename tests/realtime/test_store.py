@@ -49,6 +49,17 @@ def test_recent_is_the_users_last_actions_oldest_first(store):
     assert rec == ("o", 2, 50, "click", since, "homefeed", None, None, None)
     frame = to_frame(store.recent(1))
     assert frame.event_id.tolist() == ["a", "b", "c", "d"] and str(frame.ts.dtype) == "datetime64[us, UTC]"
+    # several users at once (a batch of requests): each user's recent(), users without events empty
+    assert store.recent_many([2, 1, 3, 1]) == {1: store.recent(1), 2: [rec], 3: []}
+    many = store.recent_many([1, 2], since_us=since, limit=2)
+    assert [[r[0] for r in many[u]] for u in (1, 2)] == [["c", "d"], ["o"]]
+    assert store.recent_many([]) == {}
+
+
+def test_recent_many_reads_more_users_than_one_statement_joins(store):
+    store.append(batch(*[(f"e{u}", u, 1000 + u, u % 60) for u in range(1, 201)]))  # 200 users > 150 a statement
+    many = store.recent_many(range(201))
+    assert len(many) == 201 and many[0] == [] and all([r[0] for r in many[u]] == [f"e{u}"] for u in range(1, 201))
 
 
 def test_all_fields_round_trip(store):

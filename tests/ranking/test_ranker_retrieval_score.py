@@ -73,17 +73,17 @@ def test_one_requests_candidates_score_as_rows_do():
 
 def test_a_ranker_saved_before_the_flag_loads_without_the_score(tmp_path):
     torch.manual_seed(0)
-    old = Ranker(TABLE, SMALL.model_copy(update={"retrieval_score": False})).eval()
-    save_ranker(old, tmp_path / "r", release_id="rel-1")
-    meta = json.loads((tmp_path / "r" / "ranker.json").read_text())
+    old, new = (Ranker(TABLE, SMALL.model_copy(update={"retrieval_score": on})).eval() for on in (False, True))
+    for model, name in ((old, "old"), (new, "new")):
+        save_ranker(model, tmp_path / name, release_id="rel-1")
+    written = tmp_path / "old" / "ranker.json"
+    meta = json.loads(written.read_text())
     del meta["ranker_config"]["retrieval_score"]  # as written before the field existed
-    (tmp_path / "r" / "ranker.json").write_text(json.dumps(meta))
-    back = load_ranker(tmp_path / "r", TABLE, release_id="rel-1")
+    written.write_text(json.dumps(meta))
+    back = load_ranker(tmp_path / "old", TABLE, release_id="rel-1")
     assert back.cfg.retrieval_score is False
     torch.testing.assert_close(back(_batch([1, 3], None)), old(_batch([1, 3], None)))
-    new = Ranker(TABLE, SMALL).eval()
-    save_ranker(new, tmp_path / "n", release_id="rel-1")
-    assert load_ranker(tmp_path / "n", TABLE).cfg.retrieval_score is True
+    assert load_ranker(tmp_path / "new", TABLE).cfg.retrieval_score is True
 
 
 def test_training_refuses_examples_without_user_vectors():

@@ -150,9 +150,10 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError(f"server not healthy after {timeout}s; see {self.log.name}")
 
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) the server process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_s(self, main_thread: bool = False) -> float:
+        """CPU seconds (user + system) the server process has used so far; ``main_thread``: its event loop's only."""
+        stat = f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat" if main_thread else f"/proc/{self.proc.pid}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:

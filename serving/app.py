@@ -288,8 +288,13 @@ class DirectRoute:
     dependency solving, Request and Response objects: on ``/retrieve`` under load they cost the event loop more
     than the parsing, validation and batching of the request itself (bench.serving --floor, README). A request
     the handler does not answer (it raises: malformed JSON, bad fields, a RequestError, no release yet) goes on to
-    the app unchanged, whose route and exception handlers answer it as they always do: every error status and body
-    stays theirs, and the route stays in the OpenAPI schema. Sits inside BodyGuard (content type and size checked)."""
+    the app with the exception in ``scope[DirectRoute.ERROR]``; the route raises it (``raise_direct_error``) for the
+    app's exception handlers to answer as they always do: every error status and body stays theirs, the route stays
+    in the OpenAPI schema, and the request is not answered a second time (an error is not computed twice, and a
+    failure that would not recur is answered, and logged, as the failure it was). Sits inside BodyGuard (content
+    type and size checked)."""
+
+    ERROR = "towerflow.direct_route.error"
 
     def __init__(self, app, path: str, handler: Callable[[bytes], Awaitable[bytes]]):
         self.app, self.path, self.handler = app, path, handler
@@ -309,12 +314,19 @@ class DirectRoute:
         body = b"".join(chunks)
         try:
             out = await self.handler(body)
-        except Exception:  # noqa: BLE001 - the app answers it again, with its own error handling
-            await self.app(scope, _replay(body, receive), send)
+        except Exception as exc:  # noqa: BLE001 - the app's route raises it again, for the app's error handlers
+            await self.app({**scope, self.ERROR: exc}, _replay(body, receive), send)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"%d" % len(out)), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": out})
+
+
+def raise_direct_error(request: Request) -> None:
+    """In the route behind a ``DirectRoute``: raise the exception its handler met on this request, if any."""
+    exc = request.scope.get(DirectRoute.ERROR)
+    if exc is not None:
+        raise exc
 
 
 async def _send_json(send, status: int, detail: str) -> None:
@@ -414,7 +426,9 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": _inline_refs(RetrieveRequest.model_json_schema())}}}})
     async def retrieve(request: Request) -> Response:
-        # what DirectRoute passed on (an error to answer, mostly); already the response's shape: no re-validation
+        # what DirectRoute passed on: the error it met, answered by the handlers above (not retrieved again)
+        raise_direct_error(request)
+        # already the response's shape: no re-validation
         return Response(await retrieve_body(await request.body()), media_type="application/json")
 
     @app.post("/recommend", response_model=RecommendResponse,

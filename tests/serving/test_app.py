@@ -193,6 +193,41 @@ def test_the_direct_route_answers_valid_bodies_and_hands_everything_else_to_the_
     assert reached == [("POST", "/retrieve", b'{"ok": 2}'), ("POST", "/release", b"{}"), ("GET", "/retrieve", b"")]
 
 
+def test_a_request_the_direct_route_fails_is_answered_with_its_error_not_retrieved_again(tmp_path):
+    """The route answers DirectRoute's error through the app's handlers; it does not run the request a second time
+    (a 4xx computed twice, or a failure masked by a retry that happened to work, unlogged)."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from towerflow.serving.app import create_app
+    from towerflow.serving.config import ServingConfig
+    from towerflow.serving.service import RequestError
+
+    batches: list[list[int]] = []
+
+    def retrieve_batch(queries):
+        batches.append([q.user_id for q in queries])
+        if len(batches) == 1:  # a failure that would not recur on a second try
+            raise RuntimeError("state store read failed")
+        return [RequestError(f"k {q.k} refused") if q.k == 13 else
+                {"release": "r-1", "version": 1, "path": "state", "items": []} for q in queries]
+
+    service = SimpleNamespace(config=ServingConfig(), settings=SimpleNamespace(data_root=tmp_path),
+                              retrieve_batch=retrieve_batch)
+    with TestClient(create_app(service=service), raise_server_exceptions=False) as c:
+        r = c.post("/retrieve", json={"user_id": 1, "k": 3})
+        assert (r.status_code, r.json()) == (500, {"detail": "internal error: RuntimeError: state store read failed"})
+        assert batches == [[1]]
+        r = c.post("/retrieve", json={"user_id": 2, "k": 13})
+        assert (r.status_code, r.json()) == (422, {"detail": "k 13 refused"})
+        assert batches == [[1], [2]]
+        r = c.post("/retrieve", json={"user_id": 3, "k": 3})
+        assert r.status_code == 200 and r.json()["release"] == "r-1" and batches[-1] == [3]
+        assert c.post("/retrieve", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+        assert len(batches) == 3
+
+
 def test_a_retrieve_answered_on_the_direct_route_is_the_services_answer(client, hybrid, users, items):
     r = client.post("/retrieve", json={"user_id": users[1], "context": {"item_id": items[0], "surface": "related"},
                                        "k": 5})

@@ -74,8 +74,9 @@ def _cut(seq, length: int):
                    hist_gaps=seq.hist_gaps[:, -length:])
 
 
-def _step(model, opt, sched, cfg, seq, user_feats, rng, batch_size: int) -> float:
-    """One training step exactly as ``tasks.train.run_epoch`` takes it; returns its wall time in seconds."""
+def _step(model, opt, sched, cfg, seq, user_feats, rng, batch_size: int, average=None) -> float:
+    """One training step exactly as ``tasks.train.run_epoch`` takes it (the weight average's update included, when
+    the code has one); returns its wall time in seconds."""
     from towerflow.tasks.train import batch_loss, train_step
 
     idx = rng.choice(len(seq), size=batch_size, replace=False)
@@ -83,22 +84,27 @@ def _step(model, opt, sched, cfg, seq, user_feats, rng, batch_size: int) -> floa
     batch = seq.to_batch(idx, user_feats)
     u, v = model(batch)
     train_step(batch_loss(model, u, v, batch.target_items, cfg, batch_size), opt, sched, "bench")
+    if average is not None:
+        average.update()
     return time.perf_counter() - t0
 
 
 def _setup(ex, cfg, seed: int, steps: int):
-    """A fresh model (seeded), its optimizer and schedule, as ``tasks.train`` builds them."""
+    """A fresh model (seeded), its optimizer and schedule, and its weight average (None in code before
+    ``tasks.train.weight_average``, a --compare revision, or with ``cfg.average_epochs`` 0), as ``tasks.train``
+    builds them -> (model, opt, sched, average)."""
     import torch
 
+    import towerflow.tasks.train as train
     from towerflow.models.two_tower import TwoTower
-    from towerflow.tasks.train import item_log_q, make_optimizer
 
     torch.manual_seed(seed)
     model = TwoTower(ex.sizes, ex.item_feats, cfg.model)
-    model.set_log_q(item_log_q(ex, cfg))
+    model.set_log_q(train.item_log_q(ex, cfg))
     model.train()
-    opt, sched = make_optimizer(model, cfg, steps)
-    return model, opt, sched
+    opt, sched = train.make_optimizer(model, cfg, steps)
+    average = train.weight_average(model, cfg, steps, None) if hasattr(train, "weight_average") else None
+    return model, opt, sched, average
 
 
 def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_len: int, default_batch: int,
@@ -118,8 +124,8 @@ def _measure(threads: int, lengths: list[int], batch_sizes: list[int], default_l
     rows = []
     for length, batch_size in points:
         seq = _cut(ex.train, length)
-        model, opt, sched = _setup(ex, cfg, seed, len(seq) // batch_size)
-        args = (model, opt, sched, cfg, seq, ex.user_feats, rng, batch_size)
+        model, opt, sched, average = _setup(ex, cfg, seed, len(seq) // batch_size)
+        args = (model, opt, sched, cfg, seq, ex.user_feats, rng, batch_size, average)
         with FlopCounterMode(display=False) as counter:
             _step(*args)
         m = cfg.model
@@ -186,8 +192,8 @@ def _compare_chunk(length: int, batch_size: int, seconds: float, seed: int) -> d
     if key not in _CHILD:
         ex = _child_examples(length, seed)
         cfg = TrainConfig(model=ModelConfig(max_seq_len=max(64, length)))
-        model, opt, sched = _setup(ex, cfg, seed, len(ex.train) // batch_size)
-        args = (model, opt, sched, cfg, ex.train, ex.user_feats, np.random.default_rng(seed), batch_size)
+        model, opt, sched, average = _setup(ex, cfg, seed, len(ex.train) // batch_size)
+        args = (model, opt, sched, cfg, ex.train, ex.user_feats, np.random.default_rng(seed), batch_size, average)
         _step(*args)
         _step(*args)  # warm-up
         _CHILD[key] = args

@@ -6,7 +6,7 @@ average over about ``span`` steps (``avg <- (1 - 1/span) * avg + w / span``). Sp
 the step-to-step noise of a small-batch softmax: the epoch-end metric early stopping watches moves less by chance, and
 the averaged weights usually score above the live ones they average (bench/public_split.py, README).
 
-Only floating-point tensors are averaged; integer buffers (feature tables) are the live ones. ``applied`` swaps the
+Only the parameters are averaged; buffers (feature tables, log q: constants in training) are the live ones. ``applied`` swaps the
 average into the model for a block (evaluation, copying the best state) and puts the live weights back after it.
 """
 
@@ -20,15 +20,16 @@ from torch import nn
 
 
 class WeightAverage:
-    """The running average of ``model``'s floating-point parameters and buffers over about ``span`` steps."""
+    """The running average of ``model``'s parameters over about ``span`` steps."""
 
     def __init__(self, model: nn.Module, span: float):
         if not span >= 1:
             raise ValueError(f"weight average span must be at least 1 step, got {span}")
         self.span, self.steps = float(span), 0
-        # state_dict tensors share storage with the parameters, so ``live`` follows the optimizer's in-place updates
-        live = {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
-        self.weights = {k: v.detach().clone() for k, v in live.items()}
+        # the parameters themselves (updated in place by the optimizer), each once even when modules share it (the
+        # towers' item tower); buffers (feature tables, log q) are constants in training and stay the live ones
+        live = {k: v.detach() for k, v in model.named_parameters() if v.dtype.is_floating_point}
+        self.weights = {k: v.clone() for k, v in live.items()}
         self._pairs = (list(self.weights.values()), list(live.values()))
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ def _model(w: float) -> nn.Module:
     m = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         m.weight.fill_(w)
-    m.register_buffer("ids", torch.tensor([7]))  # an integer buffer: not averaged
+    m.register_buffer("scale", torch.tensor([7.0]))  # a buffer: a constant in training, not averaged
     return m
 
 
@@ -28,7 +28,7 @@ def test_a_plain_mean_for_the_first_span_steps_then_exponential():
     assert _step(m, avg, 4.0) == 4.0  # share 1/1
     assert _step(m, avg, 0.0) == 2.0  # share 1/2: mean of 4 and 0
     assert _step(m, avg, 1.0) == 1.5  # share 1/min(3, 2): 2 + (1 - 2) / 2
-    assert "ids" not in avg.weights
+    assert list(avg.weights) == ["weight"]
     with avg.applied():
         assert m.weight.item() == 1.5
     assert m.weight.item() == 1.0  # the live weight is back

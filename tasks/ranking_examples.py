@@ -13,6 +13,10 @@ ordered by ``event_id``, actions older than ``max_history_days`` cut, the last S
 request time, strictly before it: nothing at or after the request time enters, not even the request's own rows.
 Beside it, each action's age at the request (seconds) feeds the training-time window mask (models/transact.py).
 
+With a ``retriever`` (tasks/request_vectors.py) each request also gets the retriever's user vector at its time, the
+``u`` /recommend's first stage searches with, for the ranker's retrieval score; ``with_retrieved_candidates`` adds
+retrieved items the request did not show as rows without engagement.
+
 Sources without impressions (MovieLens ratings, implicit files) hold no slates. The plan for them (not built yet):
 the shown items of a request are the retrieval candidates of the same release at that time, labelled by what the
 user did with them later in the window; the ratings' 4-5 stars positive and 1-2 negative.

@@ -91,8 +91,8 @@ def _step(model, opt, sched, cfg, seq, user_feats, rng, batch_size: int, average
 
 def _setup(ex, cfg, seed: int, steps: int):
     """A fresh model (seeded), its optimizer and schedule, and its weight average (None in code before
-    ``tasks.train.weight_average``, a --compare revision, or with ``cfg.average_epochs`` 0), as ``tasks.train``
-    builds them -> (model, opt, sched, average)."""
+    ``tasks.train.averaging_epochs``, a --compare revision, or when ``cfg.average_epochs`` resolves to 0 for the
+    examples' split), as ``tasks.train`` builds them -> (model, opt, sched, average)."""
     import torch
 
     import towerflow.tasks.train as train
@@ -103,7 +103,9 @@ def _setup(ex, cfg, seed: int, steps: int):
     model.set_log_q(train.item_log_q(ex, cfg))
     model.train()
     opt, sched = train.make_optimizer(model, cfg, steps)
-    average = train.weight_average(model, cfg, steps, None) if hasattr(train, "weight_average") else None
+    # as run_average resolves it; None in a --compare revision from before averaging_epochs
+    average = (train.weight_average(model, train.averaging_epochs(cfg, ex.meta.get("split"))[0], steps, None)
+               if hasattr(train, "averaging_epochs") else None)
     return model, opt, sched, average
 
 

@@ -49,12 +49,12 @@ from towerflow.tasks.train import (
     init_model,
     make_optimizer,
     resume,
+    run_average,
     run_epoch,
     save_checkpoint,
     stopping_metrics,
     stopping_split,
     torch_threads,
-    weight_average,
 )
 
 
@@ -195,7 +195,8 @@ def _train_ddp(
     ckpt, state = resume(checkpoint_dir, device, model, opt, sched, progress, on_epoch, "DDP training",
                          main=env.is_main)
     start_epoch = state["epoch"] + 1 if state is not None else 1
-    average = weight_average(model, config, n_batches, state)  # on every rank: all ranks hold the same weights after a step
+    # on every rank: all ranks hold the same weights after a step
+    average = run_average(model, examples, config, n_batches, state, main=env.is_main)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):

@@ -4,7 +4,7 @@ The caller gets per-epoch stats through ``on_epoch`` (the Prefect task logs them
 ``checkpoint_dir`` every epoch is checkpointed and a restarted call resumes after the last finished epoch.
 
 The pieces of the loop (``init_model``, ``make_optimizer``, ``run_epoch`` / ``train_step``, ``Progress``,
-``weight_average`` / ``averaged``, ``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
+``run_average`` / ``averaged``, ``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
 change to the loss, the step, the schedule or early stopping lands in both.
 """
 
@@ -211,17 +211,45 @@ def stopping_split(examples: Examples) -> tuple[str, SequenceExamples, SeenItems
     return "holdout", examples.holdout, examples.holdout_seen
 
 
+AVERAGE_EPOCHS = 2.5  # what average_epochs "auto" means where it averages
+
+
+def averaging_epochs(config: TrainConfig, split: str | None) -> tuple[float, str | None]:
+    """``config.average_epochs`` resolved for examples cut by ``split`` -> (epochs, why, when "auto" chose).
+
+    auto averages on a leave-one-out split (data spread over months, a validation split of one target per user whose
+    noise the average smooths) and not on a time split (a daily cadence, where the average's lag costs fresh items).
+    """
+    if config.average_epochs != "auto":
+        return float(config.average_epochs), None
+    if split == "leave_one_out":
+        return AVERAGE_EPOCHS, (f"average_epochs auto -> {AVERAGE_EPOCHS} (leave-one-out split: epochs judged with a "
+                                f"moving average of the weights)")
+    return 0.0, f"average_epochs auto -> 0 ({split or 'unknown'} split: epochs judged with the live weights)"
+
+
 def weight_average(
-    model: TwoTower, config: TrainConfig, steps_per_epoch: int, state: dict | None
+    model: TwoTower, epochs: float, steps_per_epoch: int, state: dict | None
 ) -> WeightAverage | None:
-    """The run's average of ``model``'s weights over ``config.average_epochs`` epochs (None when that is 0), restored
-    from a checkpoint's ``state`` when it holds one (a checkpoint written without it starts at the restored weights)."""
-    if not config.average_epochs:
+    """The run's average of ``model``'s weights over ``epochs`` epochs of steps (None when that is 0), restored from
+    a checkpoint's ``state`` when it holds one (a checkpoint written without it starts at the restored weights)."""
+    if not epochs:
         return None
-    average = WeightAverage(model, max(1.0, config.average_epochs * steps_per_epoch))
+    average = WeightAverage(model, max(1.0, epochs * steps_per_epoch))
     if state is not None and state.get("average") is not None:
         average.load_state_dict(state["average"])
     return average
+
+
+def run_average(
+    model: TwoTower, examples: Examples, config: TrainConfig, steps_per_epoch: int, state: dict | None, main: bool
+) -> WeightAverage | None:
+    """``weight_average`` for a training run on ``examples``: ``averaging_epochs`` of their split, said (by the
+    ``main`` process) when auto chose."""
+    epochs, why = averaging_epochs(config, examples.meta.get("split"))
+    if why and main:
+        say(why)
+    return weight_average(model, epochs, steps_per_epoch, state)
 
 
 def averaged(average: WeightAverage | None) -> AbstractContextManager:
@@ -425,7 +453,7 @@ def _train(
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
-    average = weight_average(model, config, n_batches, state)
+    average = run_average(model, examples, config, n_batches, state, main=True)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):

@@ -231,10 +231,12 @@ class TrainConfig(_Config):
     patience: int = Field(
         5, ge=1, description="Epochs without improvement before stopping. A validation split of ~1,000 users moves "
                              "by about 0.01 recall@10 between epochs by chance; 3 stopped MovieLens-100K runs early.")
-    average_epochs: float = Field(
-        2.5, ge=0, description="Evaluate and keep a moving average of the weights over about this many epochs' steps "
-                               "(models/averaging.py) instead of the live weights; 0 turns it off. It smooths the "
-                               "epoch-to-epoch noise early stopping sees (README, public path).")
+    average_epochs: Literal["auto"] | float = Field(
+        "auto", description="Judge each epoch, and keep the best, with a moving average of the weights over about this "
+                            "many epochs' steps (models/averaging.py) instead of the live weights; 0 turns it off. auto: "
+                            "2.5 on a leave-one-out split (static data, a small validation split whose noise the average "
+                            "smooths: MovieLens-100K +0.01 HR@10), 0 on a time split (drifting daily data, where the "
+                            "average lags behind fresh items: the synthetic world's related slice -0.023). README.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
     q_estimator: Literal["exact", "streaming"] = Field(
         "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."
@@ -247,6 +249,13 @@ class TrainConfig(_Config):
     num_threads: int | None = Field(
         1, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
     )
+
+    @field_validator("average_epochs")
+    @classmethod
+    def _average_epochs(cls, value: str | float) -> str | float:
+        if value != "auto" and value < 0:
+            raise ValueError(f"must be auto or a number of epochs >= 0, got {value}")
+        return value
 
 
 RANKER_HEADS: tuple[str, ...] = ("click", "save", "conversion", "skip", "hide")

@@ -54,3 +54,23 @@ def test_restore_from_a_checkpoint_and_refuse_a_foreign_one():
         avg.load_state_dict({"steps": 1, "weights": {"bias": torch.zeros(1)}})
     with pytest.raises(ValueError, match="span"):
         WeightAverage(m, span=0.5)
+
+
+def test_auto_averages_on_a_leave_one_out_split_only_and_a_number_wins():
+    from pydantic import ValidationError
+
+    from towerflow.config import TrainConfig
+    from towerflow.tasks.train import averaging_epochs
+
+    auto = TrainConfig()
+    assert auto.average_epochs == "auto"
+    epochs, why = averaging_epochs(auto, "leave_one_out")
+    assert epochs == 2.5 and why.startswith("average_epochs auto -> 2.5 (leave-one-out split")
+    assert averaging_epochs(auto, "time") == (
+        0.0, "average_epochs auto -> 0 (time split: epochs judged with the live weights)")
+    assert averaging_epochs(TrainConfig(average_epochs=1), "time") == (1.0, None)
+    assert averaging_epochs(TrainConfig(average_epochs=0), "leave_one_out") == (0.0, None)
+    with pytest.raises(ValidationError, match="auto or a number of epochs >= 0"):
+        TrainConfig(average_epochs=-1)
+    with pytest.raises(ValidationError, match="average_epochs"):
+        TrainConfig(average_epochs="sometimes")

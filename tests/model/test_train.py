@@ -83,7 +83,8 @@ def test_training_beats_popularity_on_the_holdout(examples):
     assert result.best_epoch == best.epoch
 
 
-def test_resume_from_checkpoint_gives_the_same_weights(examples, tmp_path):
+@pytest.mark.parametrize("average_epochs", [0, 1.5])  # 1.5: the weight average goes through the checkpoint too
+def test_resume_from_checkpoint_gives_the_same_weights(examples, tmp_path, average_epochs):
     class Crash(Exception):
         pass
 
@@ -91,11 +92,12 @@ def test_resume_from_checkpoint_gives_the_same_weights(examples, tmp_path):
         if stats.epoch == 2:
             raise Crash
 
+    cfg = config(average_epochs=average_epochs)
     with pytest.raises(Crash):
-        train(examples, config(), checkpoint_dir=tmp_path, on_epoch=crash_after_two)
+        train(examples, cfg, checkpoint_dir=tmp_path, on_epoch=crash_after_two)
     seen: list[int] = []
-    resumed = train(examples, config(), checkpoint_dir=tmp_path, on_epoch=lambda s: seen.append(s.epoch))
-    straight = train(examples, config())
+    resumed = train(examples, cfg, checkpoint_dir=tmp_path, on_epoch=lambda s: seen.append(s.epoch))
+    straight = train(examples, cfg)
 
     # the epochs done before the crash are replayed to on_epoch, then training continues at epoch 3
     assert seen == [1, 2, 3, 4]
@@ -106,6 +108,8 @@ def test_resume_from_checkpoint_gives_the_same_weights(examples, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [e.loss for e in resumed.history] == pytest.approx([e.loss for e in straight.history], rel=0, abs=0)
+    # the epochs after the restart are judged alike (with the average, the one restored from the checkpoint)
+    assert [e.metrics for e in resumed.history] == [e.metrics for e in straight.history]
 
 
 def test_a_finished_checkpoint_is_not_trained_again(examples, tmp_path):

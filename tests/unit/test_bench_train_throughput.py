@@ -13,7 +13,7 @@ from towerflow.tasks.build_examples import build_examples
 def test_a_timed_step_updates_the_weight_average_as_run_epoch_does():
     events, users, items = planted_world()
     ex = build_examples(events, users, items, START + pd.Timedelta(days=3), ExamplesConfig(max_seq_len=8))
-    cfg = TrainConfig(model=TINY_MODEL, batch_size=64)
+    cfg = TrainConfig(model=TINY_MODEL, batch_size=64, average_epochs=2.5)  # auto: none on this time split
     model, opt, sched, average = _setup(ex, cfg, seed=0, steps=len(ex.train) // 64)
     assert average is not None and average.steps == 0
     _step(model, opt, sched, cfg, ex.train, ex.user_feats, np.random.default_rng(0), 64, average)

@@ -302,6 +302,7 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
     asked three ways: /retrieve, /recommend with the two-tower generator alone, /recommend with both generators.
     NDCG@10 and HR@10 of the request's engaged items (click, save, conversion) that the release knows, requests with
     at least one (items created after the release are left out: neither stage can return them)."""
+    import torch
     from mlflow import MlflowClient
 
     from bench.common import bench_data_root
@@ -343,6 +344,9 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
         # the flow's own held-out ranking evaluation (mean AUC over heads), candidate beside its baselines
         flow_auc = {k.split(".")[1]: v for k, v in MlflowClient(settings.tracking_uri).get_run(
             result.mlflow_run_id).data.metrics.items() if k.startswith("ranker.") and k.endswith(".auc/mean")}
+        # serve in process on --threads too: torch's default (every core) spins on a loaded 2-core machine, where
+        # one request then took ~15x longer (replays of 600 s instead of 40 s at load average 5-6)
+        torch.set_num_threads(args.threads)
         store = SQLiteActionStore(root / "realtime.sqlite")
         # online: h from the events before the day plus the live ones (the flow's refresh stored states as of the
         # source's end, which includes the held-out day)

@@ -503,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world-seed", type=int, default=None, help="--two-stage: this world's seed alone, in process")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)  # a --two-stage seed's result, for its parent
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1 (worlds to run), got {args.seeds}")
     args.cross_rank = args.cross_rank or None
     if args.two_stage and args.world_seed is None:
         out = two_stage_seeds(args, list(argv if argv is not None else sys.argv[1:]))

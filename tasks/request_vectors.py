@@ -36,6 +36,7 @@ class Retriever:
     def of(cls, model: Any, item_vectors: np.ndarray, user_feats: np.ndarray, spec: HistorySpec) -> Retriever:
         """``item_vectors`` (n_items, d): the release's item embeddings in vocabulary order (``item_embeddings.npy``).
         Row 0 of the table is the item tower's padding vector, as serving's (serving/bundle.py ``_item_table``)."""
+        model.eval()  # the padding row as serving computes it (no id dropout), whatever mode the caller left
         with torch.inference_mode():
             pad = model.item_tower(torch.zeros(1, dtype=torch.long))  # (1, d)
         table = torch.cat([pad, torch.from_numpy(np.asarray(item_vectors, dtype=np.float32))])

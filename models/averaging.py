@@ -6,8 +6,9 @@ average over about ``span`` steps (``avg <- (1 - 1/span) * avg + w / span``). Sp
 the step-to-step noise of a small-batch softmax: the epoch-end metric early stopping watches moves less by chance, and
 the averaged weights usually score above the live ones they average (bench/public_split.py, README).
 
-Only the parameters are averaged; buffers (feature tables, log q: constants in training) are the live ones. ``applied`` swaps the
-average into the model for a block (evaluation, copying the best state) and puts the live weights back after it.
+Only the parameters are averaged; buffers (feature tables, log q: constants in training) are the live ones.
+``applied`` swaps the average into the model for a block (evaluation, copying the best state) and puts the live
+weights back after it.
 """
 
 from __future__ import annotations

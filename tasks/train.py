@@ -4,8 +4,9 @@ The caller gets per-epoch stats through ``on_epoch`` (the Prefect task logs them
 ``checkpoint_dir`` every epoch is checkpointed and a restarted call resumes after the last finished epoch.
 
 The pieces of the loop (``init_model``, ``make_optimizer``, ``run_epoch`` / ``train_step``, ``Progress``,
-``run_average`` / ``averaged``, ``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path (``tasks.distributed``), so a
-change to the loss, the step, the schedule or early stopping lands in both.
+``run_average`` / ``averaged``, ``save_checkpoint`` / ``load_checkpoint``, ``finish``) are shared with the DDP path
+(``tasks.distributed``), so a change to the loss, the step, the schedule, the weight average or early stopping lands
+in both.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ AVERAGE_EPOCHS = 2.5  # what average_epochs "auto" means where it averages
 
 
 def averaging_epochs(config: TrainConfig, split: str | None) -> tuple[float, str | None]:
-    """``config.average_epochs`` resolved for examples cut by ``split`` -> (epochs, why, when "auto" chose).
+    """``config.average_epochs`` resolved for examples cut by ``split`` -> (epochs, why auto chose them or None).
 
     auto averages on a leave-one-out split (data spread over months, a validation split of one target per user whose
     noise the average smooths) and not on a time split (a daily cadence, where the average's lag costs fresh items).

@@ -55,6 +55,7 @@ from towerflow.tasks.train import (
     stopping_metrics,
     stopping_split,
     torch_threads,
+    training_rows,
 )
 
 
@@ -171,6 +172,7 @@ def _train_ddp(
     if config.batch_size % world:
         raise TrainError(f"batch_size {config.batch_size} (the global batch) must divide by world_size {world}")
     local_b = config.batch_size // world
+    examples = training_rows(examples, config, main=env.is_main)
     n_train = len(examples.train)
     if n_train < 2 * world:
         raise TrainError(f"need at least {2 * world} training examples for {world} ranks, got {n_train}")

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from towerflow.models.query import texts_differ
 from towerflow.models.two_tower import TwoTower, load_model, save_model
 from towerflow.progress import say
 from towerflow.tasks.build_examples import Examples, SequenceExamples
+from towerflow.tasks.future_targets import future_window, with_future_targets
 from towerflow.tasks.history import SeenItems
 from towerflow.tasks.scoring import model_metrics
 
@@ -210,6 +211,15 @@ def stopping_split(examples: Examples) -> tuple[str, SequenceExamples, SeenItems
     if examples.valid is not None:
         return "valid", examples.valid, examples.valid_seen
     return "holdout", examples.holdout, examples.holdout_seen
+
+
+def training_rows(examples: Examples, config: TrainConfig, main: bool = True) -> Examples:
+    """``examples`` whose ``train`` rows also carry each history's next targets (``config.future_targets``,
+    tasks/future_targets.py; what auto chose is said on the ``main`` process). The other splits are unchanged."""
+    n, why = future_window(config.future_targets, examples.meta.get("split"))
+    if why and main:
+        say(why)
+    return examples if n == 1 else replace(examples, train=with_future_targets(examples.train, n))
 
 
 AVERAGE_EPOCHS = 2.5  # what average_epochs "auto" means where it averages
@@ -432,6 +442,7 @@ def _train(
     checkpoint_dir: str | Path | None,
     on_epoch: Callable[[EpochStats], None] | None,
 ) -> TrainResult:
+    examples = training_rows(examples, config)
     n_train = len(examples.train)
     if n_train < 2:
         raise TrainError(f"need at least 2 training examples, got {n_train}")

@@ -239,6 +239,12 @@ class TrainConfig(_Config):
                             "served run through the public path was level), 0 on a time split (drifting daily data, "
                             "where the "
                             "average lags behind fresh items: the synthetic world's related slice -0.023). README.")
+    future_targets: Literal["auto"] | int = Field(
+        "auto", description="Each training history also predicts the user's next N - 1 engagements after its own "
+                            "target (PinnerFormer's dense all-action loss over the next N engagements; "
+                            "tasks/future_targets.py): up to N times the training rows per epoch. auto: 3 on a "
+                            "leave-one-out split (MovieLens-style sittings, whose order says little), 1 on a time "
+                            "split; the retrain says which. README.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
     q_estimator: Literal["exact", "streaming"] = Field(
         "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."
@@ -251,6 +257,13 @@ class TrainConfig(_Config):
     num_threads: int | None = Field(
         1, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
     )
+
+    @field_validator("future_targets")
+    @classmethod
+    def _future_targets(cls, value: str | int) -> str | int:
+        if value != "auto" and value < 1:
+            raise ValueError(f"must be auto or a number of targets >= 1, got {value}")
+        return value
 
     @field_validator("average_epochs")
     @classmethod

@@ -168,9 +168,25 @@ class UserTower(nn.Module):
             raise UserTowerInputError(f"h must be (b, {self.history_dim}), got shape {tuple(h.shape)}")
         for i, card in enumerate(self.sizes.demographic_cardinalities):
             _check_range(f"user_feats[:, {i}]", user_feats[:, i], card + 1)
-        parts = [h]
         if self.cfg.use_context:
             _check_range("surface", surface, N_SURFACES)
+        if self.cfg.use_query and query is not None and (query.dim() != 2 or query.shape[0] != h.shape[0]):
+            raise UserTowerInputError(f"query must be (b={h.shape[0]}, T), got shape {tuple(query.shape)}")
+        return self.context_layer(h, context_items, surface, user_feats, context_vecs, query)
+
+    def context_layer(
+        self,
+        h: torch.Tensor,
+        context_items: torch.Tensor,
+        surface: torch.Tensor,
+        user_feats: torch.Tensor,
+        context_vecs: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``combine`` without its input checks (shapes and id ranges as ``combine`` checks them): what serving
+        traces into one graph (serving/retrieval.py ``trace_combine``), whose inputs are the release's own codes."""
+        parts = [h]
+        if self.cfg.use_context:
             if context_vecs is None:
                 context_vecs = _unique_item_vectors(self.item_tower, context_items)
             use = context_items > 0
@@ -181,8 +197,6 @@ class UserTower(nn.Module):
         if self.cfg.use_query:
             if query is None:
                 query = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
-            if query.dim() != 2 or query.shape[0] != h.shape[0]:
-                raise UserTowerInputError(f"query must be (b={h.shape[0]}, T), got shape {tuple(query.shape)}")
             has_query = (query > 0).any(dim=1)  # (b,)
             if self.training and self.cfg.query_dropout > 0:
                 has_query = has_query & (torch.rand(has_query.shape, device=h.device) >= self.cfg.query_dropout)

@@ -28,11 +28,14 @@ Answer = Callable[[list[Q]], Sequence[Any]]
 class MicroBatcher(Generic[Q]):
     """Gathers queries submitted on one event loop into batches answered by ``answer`` on worker threads."""
 
-    def __init__(self, answer: Answer, *, max_batch: int = 32, max_wait_s: float = 0.0, threads: int = 1):
+    def __init__(self, answer: Answer, *, max_batch: int = 32, max_wait_s: float = 0.0, threads: int = 1,
+                 initializer: Callable[[], None] | None = None):
+        """``initializer``: run once in each worker thread before its first batch (per-thread settings)."""
         if max_batch < 1 or threads < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch and threads must be >= 1 and max_wait_s >= 0, got {max_batch}, {threads}, "
                              f"{max_wait_s}")
         self.answer, self.max_batch, self.max_wait_s, self.threads = answer, max_batch, max_wait_s, threads
+        self.initializer = initializer
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[Q, asyncio.Future, float]] = []
         self._busy = 0
@@ -61,7 +64,8 @@ class MicroBatcher(Generic[Q]):
             if not batch:
                 continue
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="retrieve-batch")
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="retrieve-batch",
+                                                initializer=self.initializer)
             self._busy += 1
             work = loop.run_in_executor(self._pool, self.answer, [q for q, _, _ in batch])
             work.add_done_callback(lambda w, batch=batch: self._done(loop, batch, w))

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from towerflow.infra.releases import LoadedRelease, ReleaseIntegrityError
-from towerflow.serving.retrieval import answer, context_batch
+from towerflow.serving.retrieval import Combine, answer, context_batch, trace_combine
 from towerflow.tasks.history import HistoryFormatError, HistorySpec
 from towerflow.tasks.vocabulary import Vocab, user_features
 
@@ -60,6 +60,7 @@ class ServingBundle:
     history: HistorySpec  # how the release's histories are built (tasks/history.py), from its config.json
     loaded_at: datetime
     cooccurrence: Any = None  # tasks.evaluate.CooccurrenceBaseline fitted for this release (serving/cooccurrence.py)
+    combine: Combine | None = None  # the user tower's context layer traced (retrieval.trace_combine); None: eager
 
     @property
     def release_id(self) -> str:
@@ -117,7 +118,7 @@ def build_bundle(release: LoadedRelease, users: pd.DataFrame | None) -> ServingB
         release=release, vocab=vocab, profiles=UserProfiles.build(users, vocab),
         item_order=np.argsort(release.item_ids, kind="stable"), item_table=item_table,
         popular_ids=vocab.item_ids[order], popular_scores=np.exp(np.asarray(log_q[1:], dtype=np.float64))[order],
-        history=history, loaded_at=datetime.now(UTC),
+        history=history, loaded_at=datetime.now(UTC), combine=trace_combine(model.user_tower, item_table),
     )
     b = context_batch(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                       torch.from_numpy(bundle.profiles.of(np.zeros(1, dtype=np.int64))))

@@ -309,7 +309,7 @@ class RetrievalService:
                                   torch.from_numpy(b.profiles.of(users)),
                                   torch.from_numpy(encode_texts([queries[i].query for i in rows])))
             h = torch.from_numpy(np.stack([np.asarray(h, dtype=np.float32) for _, h in model]))  # (m, history_dim)
-            vectors.append(user_vectors(b.release, batch, h, b.item_table, ctx_vecs))
+            vectors.append(user_vectors(b.release, batch, h, b.item_table, ctx_vecs, b.combine))
         if near:
             vectors.append(np.stack([np.asarray(v, dtype=np.float32) for _, v in near]))
         searched = [i for i, _ in model] + [i for i, _ in near]
@@ -479,6 +479,7 @@ class RetrievalService:
                     "index": b.release.index_meta.get("kind", m.index.get("kind")),
                     "history_dim": b.history_dim, "max_seq_len": b.max_seq_len,
                     "ranker": b.release.ranker is not None, "cooccurrence_generator": b.cooccurrence is not None,
+                    "combine": "eager" if b.combine is None else "traced",
                     "live_items": None if self.items is None else self.items.count(b.release_id),
                     "path": str(Path(b.release.path))}
         else:

@@ -100,13 +100,16 @@ class _Config(BaseModel):
         kinds = _field_kinds(cls.model_fields[info.field_name].annotation)
         if value is None or (isinstance(value, bool) and bool in kinds):
             return value  # None where it is not allowed: pydantic says so
+        names = [a for k in kinds if typing.get_origin(k) is typing.Literal for a in typing.get_args(k)]
+        if isinstance(value, str) and value in names:
+            return value  # a named choice beside a number, e.g. "auto"
         if bool in kinds:
             raise ValueError(f"must be true or false, got {value!r}")
         whole = int in kinds and float not in kinds and str not in kinds
         if isinstance(value, bool) and (int in kinds or float in kinds):
             raise ValueError(f"must be a {'whole number' if whole else 'number'}, got {value!r}")
         if whole and not isinstance(value, numbers.Integral):
-            raise ValueError(f"must be a whole number, got {value!r}")
+            raise ValueError(f"must be {''.join(f'{n} or ' for n in names)}a whole number, got {value!r}")
         return value
 
 
@@ -292,6 +295,12 @@ class RankerConfig(_Config):
                            "as /recommend's first stage computes it) and whether the request has a u, 2 numbers into "
                            "the DCN (models/ranker.py retrieval_features); its examples need a retriever "
                            "(tasks/request_vectors.py). A ranker saved before this field loads as False.")
+    retrieval_weight: float = Field(
+        0.0, ge=0, description="With retrieval_score: the blended score also adds this weight x u . v, the retriever's "
+                               "own score (models/ranker.py Ranker.ranking_score). The heads learn P(engaged | shown); "
+                               "among /recommend's 200 retrieved candidates, which a user would have been shown is what "
+                               "the retriever knows and a ranker trained on shown slates cannot. 0: the heads alone "
+                               "(and a ranker saved before this field).")
     action_dim: int = Field(8, ge=1, description="Action-type embedding width.")
     item_dim: int = Field(16, ge=1, description="Width the frozen release item vectors are projected to.")
     item_id_embedding: bool = Field(False, description="Also learn an item-id embedding, added to the projection.")
@@ -327,6 +336,9 @@ class RankerConfig(_Config):
     def _k_fits(self) -> RankerConfig:
         if self.latest_k > self.max_seq_len:
             raise ValueError(f"latest_k ({self.latest_k}) exceeds max_seq_len ({self.max_seq_len})")
+        if self.retrieval_weight and not self.retrieval_score:
+            raise ValueError(f"retrieval_weight ({self.retrieval_weight}) needs retrieval_score: the ranker gets u . v "
+                             "only with it")
         return self
 
 

@@ -49,6 +49,10 @@ def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path, data_root):
     [
         ("c.yaml", "train:\n  epochs: true\n", r"train\.epochs: must be a whole number, got True$"),
         ("c.yaml", "train:\n  epochs: '3'\n", r"train\.epochs: must be a whole number, got '3'$"),
+        ("c.yaml", "train:\n  future_targets: aut\n", r"train\.future_targets: must be auto or a whole number, "
+                                                      r"got 'aut'$"),
+        ("c.yaml", "train:\n  future_targets: 0\n", r"train\.future_targets: must be auto or a number "
+                                                    r"of targets >= 1, got 0$"),
         ("c.yaml", "train:\n  model:\n    use_context: 1\n", r"train\.model\.use_context: must be true or false, got 1$"),
         ("c.yaml", "promote: yes please\n", r"promote: must be true or false, got 'yes please'$"),
         ("c.yaml", "gates:\n  max_regression: false\n", r"gates\.max_regression: must be a number, got False$"),
@@ -133,6 +137,11 @@ def test_good_config_loads_and_strictness_keeps_what_is_meant(tmp_path):
                  "gates:\n  positive_rate_range: [0.0, 1.0]\n  max_regression: 0\n")
     config = RetrainConfig.from_file(f)
     assert (config.train.epochs, config.train.lr, config.train.num_threads) == (3, 0.003, None)
+    assert config.train.future_targets == "auto"  # a named choice beside a whole number survives the strict check
+    assert RetrainConfig.model_validate({"train": {"future_targets": 2}}).train.future_targets == 2
+    from towerflow.commands.retrain import load_config
+
+    assert load_config(None).train.future_targets == "auto"  # the CLI's defaults, dumped and validated again
     assert config.train.model.use_context is False and config.gates.max_regression == 0.0
     assert config.gates.positive_rate_range == (0.0, 1.0)
     import numpy as np

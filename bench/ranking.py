@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from bench.common import command_line, print_table, write_result
-from towerflow.config import RANKER_HEADS, RankerConfig, RankerTrainConfig, WorldConfig
+from towerflow.config import RANKER_HEADS, RankerConfig, RankerStageConfig, RankerTrainConfig, WorldConfig
 from towerflow.contract import NEGATIVE_ACTIONS, POSITIVE_ACTIONS
 
 DAY_US = 86_400_000_000
@@ -226,7 +226,7 @@ def two_stage_http(args: argparse.Namespace) -> dict:
 
     from bench.common import bench_data_root
     from bench.serving import Server, _Connection, _retrain_config
-    from towerflow.config import RankerGateConfig, RankerStageConfig
+    from towerflow.config import RankerGateConfig
     from towerflow.data.synthetic import generate_world
     from towerflow.flows.retrain import retrain
 
@@ -310,7 +310,6 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
         ExamplesConfig,
         GateConfig,
         RankerGateConfig,
-        RankerStageConfig,
         RetrainConfig,
         Settings,
         TrainConfig,
@@ -333,7 +332,8 @@ def two_stage_quality(args: argparse.Namespace) -> dict:
             ranker=RankerStageConfig(train=RankerTrainConfig(
                 model=RankerConfig(max_seq_len=args.seq_len, cross_rank=args.cross_rank,
                                    time_window_prob=args.window_prob, affinity_features=not args.no_affinity,
-                                   retrieval_score=not args.no_retrieval_score),
+                                   retrieval_score=not args.no_retrieval_score,
+                                   retrieval_weight=0.0 if args.no_retrieval_score else args.retrieval_weight),
                 epochs=args.epochs, num_threads=args.threads),
                 retrieved_negatives=args.retrieved_negatives,
                 gate=RankerGateConfig(min_lift_over_baselines=-1.0, max_regression=1.0)))
@@ -494,9 +494,13 @@ def main(argv: list[str] | None = None) -> None:
                                                               "features (RankerConfig.affinity_features, the before)")
     p.add_argument("--no-retrieval-score", action="store_true",
                    help="--two-stage: the flow's ranker without the retrieval score (RankerConfig.retrieval_score)")
-    p.add_argument("--retrieved-negatives", type=int, default=0,
+    stage = RankerStageConfig()  # --two-stage: the retrain flow's defaults unless told otherwise
+    p.add_argument("--retrieved-negatives", type=int, default=stage.retrieved_negatives,
                    help="--two-stage: RankerStageConfig.retrieved_negatives (retrieved, unshown items per training "
-                        "request as rows without engagement)")
+                        "request as rows without engagement; default: the flow's)")
+    p.add_argument("--retrieval-weight", type=float, default=stage.train.model.retrieval_weight,
+                   help="--two-stage: RankerConfig.retrieval_weight (u . v's weight in the blended score; default: "
+                        "the flow's)")
     p.add_argument("--two-stage", action="store_true", help="instead: /recommend vs /retrieve NDCG@10 on a held-out "
                                                             "day replayed in process (one generator and both), for "
                                                             "worlds of seeds 0 .. --seeds - 1, one process each")

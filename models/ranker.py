@@ -183,6 +183,18 @@ class Ranker(nn.Module):
             parts.append(retrieval_features(self.item_vectors, batch.cand_items, batch.user_vector))
         return self.heads(self.dcn(torch.cat(parts, dim=-1)))
 
+    def ranking_score(self, probs: torch.Tensor, cand_items: torch.Tensor,
+                      user_vector: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) what requests are ranked by: ``blended_score`` of the head probabilities ``probs`` (B, H) with
+        ``cfg.score_weights``, plus ``cfg.retrieval_weight`` x the retriever's ``u . v`` of each candidate
+        (cand_items (B,), user_vector (B, D) or (1, D), as in ``RankerBatch``; needed only with that weight)."""
+        uv = None
+        if self.cfg.retrieval_weight:
+            if user_vector is None:
+                raise ValueError("ranker: retrieval_weight needs the retriever's user vector of each request")
+            uv = retrieval_features(self.item_vectors, cand_items, user_vector)[:, 0]
+        return blended_score(probs, self.cfg.score_weights, uv, self.cfg.retrieval_weight)
+
 def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
     """Weighted binary cross-entropy: ``sum_h w_h * mean_rows BCE(logit_h, y_h) / sum_h w_h``.
 
@@ -193,10 +205,17 @@ def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, f
     return (per_head * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def blended_score(probs: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
-    """(B, H) head probabilities -> (B,) ``sum_h weights[h] * p_h`` (hide and skip take negative weights)."""
+def blended_score(probs: torch.Tensor, weights: dict[str, float], retrieval: torch.Tensor | None = None,
+                  retrieval_weight: float = 0.0) -> torch.Tensor:
+    """(B, H) head probabilities -> (B,) ``sum_h weights[h] * p_h`` (hide and skip take negative weights), plus
+    ``retrieval_weight * retrieval`` where ``retrieval`` (B,) is each row's retrieval score ``u . v``."""
     w = torch.tensor([weights.get(h, 0.0) for h in RANKER_HEADS], dtype=probs.dtype, device=probs.device)
-    return probs @ w
+    score = probs @ w
+    if retrieval_weight:
+        if retrieval is None:
+            raise ValueError("blended_score: a retrieval_weight needs each row's retrieval score u . v")
+        score = score + retrieval_weight * retrieval.to(score.dtype)
+    return score
 
 
 @torch.no_grad()
@@ -221,7 +240,7 @@ def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_i
     )
     model.eval()
     probs = torch.sigmoid(model(batch))
-    return probs.numpy(), blended_score(probs, model.cfg.score_weights).numpy()
+    return probs.numpy(), model.ranking_score(probs, batch.cand_items, batch.user_vector).numpy()
 
 
 def save_ranker(model: Ranker, directory: str | Path, release_id: str) -> Path:

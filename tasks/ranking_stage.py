@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from towerflow.config import RankerStageConfig
 from towerflow.contract import NEGATIVE_ACTIONS, POSITIVE_ACTIONS
-from towerflow.models.ranker import blended_score
 from towerflow.tasks.evaluate_ranker import evaluate_ranking
 from towerflow.tasks.history import HistorySpec
 from towerflow.tasks.ranking_examples import (
@@ -40,7 +38,7 @@ from towerflow.tasks.ranking_examples import (
     with_retrieved_candidates,
 )
 from towerflow.tasks.request_vectors import Retriever
-from towerflow.tasks.train_ranker import evaluate_ranker, predict
+from towerflow.tasks.train_ranker import evaluate_ranker, predict, ranking_score
 from towerflow.tasks.vocabulary import Vocab, user_features
 
 DAY_US = 86_400_000_000
@@ -200,6 +198,6 @@ def evaluate_ranking_stage(model: Any, data: RankingData, events: pd.DataFrame, 
     mine, theirs = ex.take(shared["row"].to_numpy()), champ_ex.take(shared["row_champ"].to_numpy())
     ev.candidate_on_shared = evaluate_ranker(model, mine)
     probs = predict(ranker, theirs)
-    score = blended_score(torch.from_numpy(probs), ranker.cfg.score_weights).numpy()
+    score = ranking_score(ranker, theirs, probs)
     ev.champion = evaluate_ranking(mine.labels, mine.request, mine.user_id, score, probs)
     return ev

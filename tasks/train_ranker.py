@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from towerflow.config import RankerTrainConfig
-from towerflow.models.ranker import Ranker, RankerBatch, blended_score, ranker_loss
+from towerflow.models.ranker import Ranker, RankerBatch, ranker_loss
 from towerflow.progress import say
 from towerflow.tasks.evaluate_ranker import evaluate_ranking
 from towerflow.tasks.ranking_examples import RankingExamples, latest_requests
@@ -54,10 +54,16 @@ def predict(model: Ranker, ex: RankingExamples, dense: np.ndarray | None = None,
     return np.concatenate(out) if out else np.zeros((0, model.heads.out_features), dtype=np.float32)
 
 
+def ranking_score(model: Ranker, ex: RankingExamples, probs: np.ndarray) -> np.ndarray:
+    """(n,) the score each request's rows are ranked by (``Ranker.ranking_score``) from their (n, H) ``probs``."""
+    uv = None if ex.user_vector is None else torch.from_numpy(ex.user_vector)
+    return model.ranking_score(torch.from_numpy(probs), torch.from_numpy(ex.item), uv).numpy()
+
+
 def evaluate_ranker(model: Ranker, ex: RankingExamples, dense: np.ndarray | None = None) -> dict[str, float]:
     """tasks/evaluate_ranker.py's metrics of the model on ``ex``, ranking each request by the blended score."""
     probs = predict(model, ex, dense)
-    score = blended_score(torch.from_numpy(probs), model.cfg.score_weights).numpy()
+    score = ranking_score(model, ex, probs)
     return evaluate_ranking(ex.labels, ex.request, ex.user_id, score, probs)
 
 

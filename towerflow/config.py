@@ -380,8 +380,10 @@ class RankerStageConfig(_Config):
     one thread; Pinterest's S = 100 is ``train.model.max_seq_len: 100``)."""
 
     enabled: bool = Field(True, description="False: no ranking stages; the release has no ranker.")
-    # the flow always has a retriever (the candidate release's, or the champion's): its ranker reads its score
-    train: RankerTrainConfig = RankerTrainConfig(model=RankerConfig(max_seq_len=32, retrieval_score=True), epochs=3)
+    # the flow always has a retriever (the candidate release's, or the champion's): its ranker reads its score, and
+    # ranks by it too (retrieval_weight 2: the best of 0.5-3 on bench.ranking's two-stage worlds, README "Ranking")
+    train: RankerTrainConfig = RankerTrainConfig(
+        model=RankerConfig(max_seq_len=32, retrieval_score=True, retrieval_weight=2.0), epochs=3)
     holdout_days: int = Field(1, ge=1, description="The last N days of the window are the held-out requests.")
     max_train_requests: int | None = Field(
         20_000, ge=1, description="Train on the latest this many requests before the holdout (None: all of them).")

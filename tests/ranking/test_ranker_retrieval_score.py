@@ -1,6 +1,7 @@
 """The ranker's retrieval score (models/ranker.py retrieval_features): u . v of the candidate and whether the request
 has a u, by hand; in the DCN input only when configured; the shared (serving) path equals the per-row one; a ranker
-saved before the flag loads without it; a missing u is refused."""
+saved before the flag loads without it; a missing u is refused; the blended score adds it with
+``retrieval_weight``, by hand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from towerflow.models.ranker import (
     N_RETRIEVAL,
     Ranker,
     RankerBatch,
+    blended_score,
     load_ranker,
     retrieval_features,
     save_ranker,
@@ -117,3 +119,34 @@ def test_retrieved_candidates_join_their_request_as_rows_without_engagement():
     np.testing.assert_array_equal(got.hist_items[1], ex.hist_items[0])
     np.testing.assert_array_equal(got.user_vector[1], [1, 0])
     assert with_retrieved_candidates(ex, table, per_request=0, depth=3) is ex
+
+
+def test_the_blended_score_adds_the_weighted_retrieval_score_by_hand():
+    from towerflow.tasks.ranking_examples import RankingExamples
+    from towerflow.tasks.train_ranker import ranking_score
+
+    probs = torch.tensor([[0.5, 0.2, 0.1, 0.4, 0.3]] * 2)
+    heads = RankerConfig().score_weights  # 1 x 0.5 + 2 x 0.2 + 3 x 0.1 - 0.5 x 0.4 - 3 x 0.3 = 0.1 per row
+    assert blended_score(probs, heads).tolist() == pytest.approx([0.1, 0.1])
+    assert blended_score(probs, heads, torch.tensor([8.0, 3.5]), 2.0).tolist() == pytest.approx([16.1, 7.1])
+    with pytest.raises(ValueError, match="needs each row's retrieval score"):
+        blended_score(probs, heads, None, 2.0)
+    # the ranker computes u . v itself: u = (3, 4) -> item 2 (0, 2): 8, item 3 (0.5, 0.5): 3.5
+    weighted = Ranker(TABLE, SMALL.model_copy(update={"retrieval_weight": 2.0})).eval()
+    u = torch.tensor([[3.0, 4.0]])
+    assert weighted.ranking_score(probs, torch.tensor([2, 3]), u).tolist() == pytest.approx([16.1, 7.1])
+    assert Ranker(TABLE, SMALL).ranking_score(probs, torch.tensor([2, 3]), u).tolist() == pytest.approx([0.1, 0.1])
+    # serving's path ranks by it: 2 x u . v over the heads' blend of the probabilities it returns
+    p, score = score_candidates(weighted, np.array([2, 3]), 0, np.array([0, 0, 1, 2]), np.array([0, 0, CLICK, HIDE]),
+                                np.zeros(4, np.float32), user_vector=u[0].numpy())
+    np.testing.assert_allclose(score, blended_score(torch.from_numpy(p), heads).numpy() + [16.0, 7.0], rtol=1e-6)
+    # and the evaluation's (per row, each row's own u)
+    ex = RankingExamples(request=np.array([0, 0]), user_id=np.ones(2, np.int64), ts_us=np.zeros(2, np.int64),
+                         surface=np.zeros(2, np.int64), item=np.array([2, 3]), labels=np.zeros((2, 5), np.float32),
+                         hist_items=np.zeros((2, 4), np.int64), hist_actions=np.zeros((2, 4), np.int64),
+                         hist_age_s=np.zeros((2, 4), np.float32), user_vector=np.array([[3.0, 4.0], [1.0, 0.0]],
+                                                                                       np.float32))
+    # item 3 against u = (1, 0): 0.5 -> 0.1 + 2 x 0.5
+    assert ranking_score(weighted, ex, probs.numpy()).tolist() == pytest.approx([16.1, 1.1])
+    with pytest.raises(ValueError, match="retrieval_weight .* needs retrieval_score"):
+        RankerConfig(retrieval_weight=1.0)

@@ -65,6 +65,11 @@ def test_stage_key_follows_the_code_of_the_real_stages(monkeypatch):
     monkeypatch.setattr(stages, "module_source", edited("towerflow.tasks.build_examples"))
     assert stages.stage_key("build_examples", {"snapshot": "x"}) != keys["build_examples"]
     assert stages.stage_key("train", {"snapshot": "x"}) != keys["train"]
+    # the ranker's model is code its training stage runs (tasks.train_ranker -> models.ranker)
+    ranker_key = stages.stage_key("train_ranker", {"snapshot": "x"})
+    monkeypatch.setattr(stages, "module_source", edited("towerflow.models.ranker"))
+    assert stages.stage_key("train_ranker", {"snapshot": "x"}) != ranker_key
+    assert stages.stage_key("build_examples", {"snapshot": "x"}) == keys["build_examples"]
     # and the inputs still count
     monkeypatch.setattr(stages, "module_source", real)
     assert stages.stage_key("train", {"snapshot": "y"}) != keys["train"]

@@ -174,15 +174,9 @@ class UserTower(nn.Module):
             raise UserTowerInputError(f"query must be (b={h.shape[0]}, T), got shape {tuple(query.shape)}")
         return self.context_layer(h, context_items, surface, user_feats, context_vecs, query)
 
-    def context_layer(
-        self,
-        h: torch.Tensor,
-        context_items: torch.Tensor,
-        surface: torch.Tensor,
-        user_feats: torch.Tensor,
-        context_vecs: torch.Tensor | None = None,
-        query: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def context_layer(self, h: torch.Tensor, context_items: torch.Tensor, surface: torch.Tensor,
+                      user_feats: torch.Tensor, context_vecs: torch.Tensor | None = None,
+                      query: torch.Tensor | None = None) -> torch.Tensor:
         """``combine`` without its input checks (shapes and id ranges as ``combine`` checks them): what serving
         traces into one graph (serving/retrieval.py ``trace_combine``), whose inputs are the release's own codes."""
         parts = [h]

@@ -356,7 +356,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     # OpenMP's thread count is per thread: a new worker starts at one OpenMP thread per core, whatever `towerflow
     # serve --torch-threads` set here, and a FAISS search from it then spins those on the cores the loop needs
-    # (measured: 10-60x the CPU of a 14-query search on 2 busy cores)
+    # (measured: 8-60x the CPU of a 14-query search on 2 busy cores)
     batcher = MicroBatcher(answer, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1e3,
                            threads=config.batch_threads,
                            initializer=functools.partial(faiss.omp_set_num_threads, faiss.omp_get_max_threads()))

@@ -261,18 +261,12 @@ class TrainConfig(_Config):
         1, ge=1, description="torch intra-op threads while training (None: torch's default, one per core)."
     )
 
-    @field_validator("future_targets")
+    @field_validator("future_targets", "average_epochs")
     @classmethod
-    def _future_targets(cls, value: str | int) -> str | int:
-        if value != "auto" and value < 1:
-            raise ValueError(f"must be auto or a number of targets >= 1, got {value}")
-        return value
-
-    @field_validator("average_epochs")
-    @classmethod
-    def _average_epochs(cls, value: str | float) -> str | float:
-        if value != "auto" and value < 0:
-            raise ValueError(f"must be auto or a number of epochs >= 0, got {value}")
+    def _auto_or_at_least(cls, value: str | float, info: ValidationInfo) -> str | float:
+        least, unit = {"future_targets": (1, "targets"), "average_epochs": (0, "epochs")}[info.field_name]
+        if value != "auto" and value < least:
+            raise ValueError(f"must be auto or a number of {unit} >= {least}, got {value}")
         return value
 
 

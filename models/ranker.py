@@ -20,7 +20,10 @@ saved before the flag loads with it False.
 
 Heads: ``RANKER_HEADS`` (click, save, conversion, skip, hide), trained with weighted binary cross-entropy
 (``ranker_loss``); ``blended_score`` turns the head probabilities into one ranking score with configurable
-weights, hide and skip negative.
+weights, hide and skip negative. ``Ranker.ranking_score``, what requests are ranked by, adds
+``RankerConfig.retrieval_weight`` x the retrieval score ``u . v``: the heads learn P(engaged | shown) from the
+slates users were shown, which says nothing of which of /recommend's 200 retrieved candidates a user would have been
+shown and engaged with; the retriever, trained on engagements, does (README "Ranking", two-stage quality).
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def blended_score(probs: torch.Tensor, weights: dict[str, float], retrieval: tor
 def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_items: np.ndarray,
                      hist_actions: np.ndarray, hist_age_s: np.ndarray, dense: np.ndarray | None = None,
                      user_vector: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rank one request: C candidates against one user's sequence -> (probs (C, H), blended scores (C,)).
+    """Rank one request: C candidates against one user's sequence -> (probs (C, H), ranking scores (C,)).
 
     cand_items (C,) item indices; hist_* (S,) the user's sequence as in ``RankerBatch``; dense (dense_dim,);
     user_vector (D,) the retriever's u of the request (zeros: none), for a ranker with ``retrieval_score``.

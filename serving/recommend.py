@@ -9,7 +9,7 @@ Pure functions over one request (the service reads the release and the user's ac
   (``tasks/ranking_examples.sequences_at``) over the actions serving holds (the source's recent actions plus the
   live ones, as ``/retrieve`` assembles them);
 - ``rank``: the release's ranker scores every candidate against that sequence (``models.ranker.score_candidates``)
-  and the top k by blended score come back as ``{item_id, score, heads: {click: p, ...}, sources: {generator:
+  and the top k by ranking score (``Ranker.ranking_score``) come back as ``{item_id, score, heads: {click: p, ...}, sources: {generator:
   retrieval score}}``.
 
 A candidate the ranker's item table lacks (a live item added after the release was built: ranker row 0) is scored
@@ -81,7 +81,7 @@ def ranker_sequence(actions: EventArrays, vocab: Vocab, user_id: int, request_us
 
 def rank(model: Ranker, candidates: Candidates, rows: np.ndarray, surface: int, sequence: RankerSequence, k: int,
          dense: np.ndarray | None = None, user_vector: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Score the candidates and return the top ``k`` by blended score (ties: first-found order).
+    """Score the candidates and return the top ``k`` by ranking score (ties: first-found order).
 
     rows: (C,) each candidate's row of the ranker's item table (0: unknown to it); surface: SURFACE_INDEX;
     dense: (dense_dim,) request features when the ranker takes them; user_vector: (d,) the vector the first stage

@@ -7,9 +7,10 @@ Definitions (n rows = (request, shown item) pairs, labels (n, H) in RANKER_HEADS
 - **GAUC of head h** (Zhou et al., DIN): the AUC of h within each user's rows, averaged over the users whose rows
   hold both classes, each weighted by their number of rows.
 - **HIT@3 of head h** (TransAct, section 4): each request's shown items are ranked by the request score (the
-  blended score for a ranker: the order serving shows); ``HIT@3_h = (h-positive rows ranked in the top 3 of their
-  request) / (all h-positive rows)``. Higher is better for click, save and conversion; lower is better for skip and
-  hide (a ranker that pushes what users hide out of the top slots). Ties in score keep the rows' order.
+  ranking score for a ranker, ``Ranker.ranking_score``: the order serving shows); ``HIT@3_h = (h-positive rows
+  ranked in the top 3 of their request) / (all h-positive rows)``. Higher is better for click, save and
+  conversion; lower is better for skip and hide (a ranker that pushes what users hide out of the top slots). Ties
+  in score keep the rows' order.
 
 A head's AUC and GAUC read that head's own score when one is given (a ranker's head probabilities), else the
 request score, negated for the negative heads (skip, hide), so a single-score baseline is judged on each head.

@@ -61,7 +61,7 @@ def ranking_score(model: Ranker, ex: RankingExamples, probs: np.ndarray) -> np.n
 
 
 def evaluate_ranker(model: Ranker, ex: RankingExamples, dense: np.ndarray | None = None) -> dict[str, float]:
-    """tasks/evaluate_ranker.py's metrics of the model on ``ex``, ranking each request by the blended score."""
+    """tasks/evaluate_ranker.py's metrics of the model on ``ex``, ranking each request by ``ranking_score``."""
     probs = predict(model, ex, dense)
     score = ranking_score(model, ex, probs)
     return evaluate_ranking(ex.labels, ex.request, ex.user_id, score, probs)

@@ -52,6 +52,7 @@ POSITIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in POSITIVE_ACTIONS)  # ACTION
 NEGATIVE_CODES = tuple(ACTIONS.index(a) + 1 for a in NEGATIVE_ACTIONS)  # skip, hide
 N_AFFINITY = 4
 N_RETRIEVAL = 2
+N_RECENCY = 2
 
 
 class RankerFileError(TowerflowError):
@@ -115,6 +116,19 @@ def retrieval_features(item_vectors: torch.Tensor, cand_items: torch.Tensor, use
     return torch.cat([score, has], dim=-1)
 
 
+def recency_features(actions: torch.Tensor, age_s: torch.Tensor) -> torch.Tensor:
+    """How long ago the user last acted: (B, 2) = [log(1 + age of the latest action in seconds) / 10, 1 if the
+    sequence has an action else 0] (0, 0 without one). actions, age_s (B, S) or (1, S), 0 = padding (in training,
+    after the time-window mask: a hidden action is not the latest). Why: TransAct has no positions or times, so
+    without it the ranker cannot tell an ongoing session (seconds) from a new one (hours), whose topic the last
+    actions do not tell."""
+    valid = actions > 0
+    has = valid.any(dim=1, keepdim=True)  # (B, 1)
+    latest = age_s.masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)  # (B, 1)
+    scaled = torch.where(has, torch.log1p(latest.clamp_min(0.0)) / 10, torch.zeros_like(latest))
+    return torch.cat([scaled, has.to(scaled.dtype)], dim=-1)
+
+
 def table_fingerprint(item_vectors: torch.Tensor | np.ndarray) -> str:
     """sha256 of the item-vector table's float32 bytes and shape: what binds a ranker to its release."""
     a = np.ascontiguousarray(np.asarray(item_vectors, dtype=np.float32))
@@ -138,8 +152,10 @@ class Ranker(nn.Module):
         self.surface = nn.Embedding(len(SURFACES), cfg.surface_dim)
         self.sequence = TransAct(N_ACTIONS, cfg.item_dim, cfg) if cfg.use_sequence else None
         self.affinity = cfg.use_sequence and cfg.affinity_features  # features of the sequence: none without it
+        self.recency = cfg.use_sequence and cfg.recency_feature
         in_dim = (cfg.item_dim + cfg.surface_dim + dense_dim + (self.sequence.out_dim if self.sequence else 0)
-                  + (N_AFFINITY if self.affinity else 0) + (N_RETRIEVAL if cfg.retrieval_score else 0))
+                  + (N_AFFINITY if self.affinity else 0) + (N_RETRIEVAL if cfg.retrieval_score else 0)
+                  + (N_RECENCY if self.recency else 0))
         self.dcn = DCNv2(in_dim, cfg.cross_layers, cfg.cross_rank, tuple(cfg.mlp_hidden), cfg.structure,
                          cfg.dropout)
         self.heads = nn.Linear(self.dcn.out_dim, len(RANKER_HEADS))
@@ -162,7 +178,7 @@ class Ranker(nn.Module):
                 got = None if batch.dense is None else tuple(batch.dense.shape)
                 raise ValueError(f"ranker: expects dense features of width {self.dense_dim}, got {got}")
             parts.append(batch.dense)
-        actions = batch.hist_actions
+        actions, age = batch.hist_actions, batch.hist_age_s
         if self.sequence is not None and not self.training and batch.hist_items.shape[0] == 1:
             # one user's candidates (score_candidates): the sequence's share of the work is done once
             seq = self.item_repr(batch.hist_items[0])  # (S, di)
@@ -178,6 +194,8 @@ class Ranker(nn.Module):
             parts.append(self.sequence(actions, seq, cand, age, window=False))
         if self.affinity:  # hist_items (1, S) broadcasts against per-row actions: same numbers as per row
             parts.append(affinity_features(self.item_vectors, batch.cand_items, batch.hist_items, actions))
+        if self.recency:  # (1, S) on the shared path: one request, the same numbers for every candidate
+            parts.append(recency_features(actions, age).expand(cand.shape[0], -1))
         if self.cfg.retrieval_score:
             if batch.user_vector is None or batch.user_vector.shape[-1] != self.item_vectors.shape[1]:
                 got = None if batch.user_vector is None else tuple(batch.user_vector.shape)
@@ -286,7 +304,7 @@ def load_ranker(directory: str | Path, item_vectors: torch.Tensor | np.ndarray,
     with torch.random.fork_rng(devices=[]):  # init draws are overwritten; leave the caller's RNG alone
         # a ranker saved before affinity_features / retrieval_score existed was trained without them
         cfg = RankerConfig.model_validate({"affinity_features": False, "retrieval_score": False,
-                                           **meta["ranker_config"]})
+                                           "recency_feature": False, **meta["ranker_config"]})
         model = Ranker(table, cfg, int(meta["dense_dim"]))
     try:
         model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))

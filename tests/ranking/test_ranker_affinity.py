@@ -1,6 +1,7 @@
 """The ranker's affinity features (models/ranker.py affinity_features): the candidate's cosine with the mean and the
 max of the sequence's positive and negative actions' item vectors, by hand on a 3-item table; in the DCN input only
-when configured; a ranker saved before the flag loads without them."""
+when configured; a ranker saved before the flag loads without them. The recency features (recency_features) alike.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from towerflow.tasks.history import ACTION_INDEX
 # row 0 padding; item 1 = x, item 2 = y, item 3 = (3, 4) (norm 5)
 TABLE = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 4.0]])
 CLICK, SAVE, SKIP, HIDE, IMP = (ACTION_INDEX[a] for a in ("click", "save", "skip", "hide", "impression"))
-SMALL = RankerConfig(max_seq_len=5, latest_k=2, action_dim=2, item_dim=3, mlp_hidden=(8,), dropout=0.0)
+SMALL = RankerConfig(max_seq_len=5, latest_k=2, action_dim=2, item_dim=3, mlp_hidden=(8,), dropout=0.0,
+                     recency_feature=False)
 
 
 def test_affinity_by_hand_on_a_three_item_table():
@@ -91,3 +93,32 @@ def test_a_ranker_saved_before_the_flag_loads_without_affinity(tmp_path):
     save_ranker(new, tmp_path / "n", release_id="rel-1")
     assert load_ranker(tmp_path / "n", TABLE).affinity
 
+
+
+def test_recency_features_by_hand_and_in_the_dcn_only_with_the_sequence(tmp_path):
+    from towerflow.models.ranker import N_RECENCY, recency_features
+
+    actions = torch.tensor([[0, 0, CLICK, HIDE], [0, 0, 0, 0], [CLICK, 0, 0, 0]])
+    age = torch.tensor([[0.0, 0.0, 99.0, 9.0], [0.0, 0.0, 0.0, 0.0], [math.e ** 20 - 1, 0.0, 0.0, 0.0]])
+    # the latest action: 9 s ago -> log(10) / 10; none -> (0, 0); a padding slot's age 0 never counts
+    torch.testing.assert_close(recency_features(actions, age),
+                               torch.tensor([[math.log(10.0) / 10, 1.0], [0.0, 0.0], [2.0, 1.0]]))
+    on, off = (Ranker(TABLE, SMALL.model_copy(update={"recency_feature": r})) for r in (True, False))
+    assert on.dcn.cross[0].w.in_features == off.dcn.cross[0].w.in_features + N_RECENCY
+    no_seq = SMALL.model_copy(update={"use_sequence": False})
+    assert not Ranker(TABLE, no_seq).recency
+    # the DCN's input ends with them: the latest action (a save) 30 s before the request
+    torch.manual_seed(0)
+    model = on.eval()
+    batch = RankerBatch(torch.tensor([2]), torch.tensor([0]), torch.tensor([[0, 0, 0, 1, 3]]),
+                        torch.tensor([[0, 0, 0, CLICK, SAVE]]), torch.tensor([[0.0, 0.0, 0.0, 90.0, 30.0]]))
+    seen = []
+    model.dcn.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model(batch)
+    torch.testing.assert_close(seen[0][0, -N_RECENCY:], torch.tensor([math.log(31.0) / 10, 1.0]))
+    # a ranker saved before the flag existed loads without it
+    save_ranker(off.eval(), tmp_path / "r", release_id="rel-1")
+    meta = json.loads((tmp_path / "r" / "ranker.json").read_text())
+    del meta["ranker_config"]["recency_feature"]
+    (tmp_path / "r" / "ranker.json").write_text(json.dumps(meta))
+    assert not load_ranker(tmp_path / "r", TABLE, release_id="rel-1").recency

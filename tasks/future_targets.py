@@ -9,7 +9,7 @@ history ``j`` engagements stale, which is also what hybrid serving does between 
 
 Why it helps on data such as MovieLens: a user rates dozens of films in one sitting, and the order inside the sitting
 says little, so "the very next rating" is a noisy label; the next few are a steadier one (MovieLens-100K, the public
-path's split, 3 seeds: README "Figures"). On the daily synthetic world the next action is sharply defined by the
+path's split, 3 seeds: README "The command line" and "Figures"). On the daily synthetic world the next action is sharply defined by the
 viewed item, so ``auto`` leaves it off there (``future_window``).
 """
 
@@ -36,10 +36,12 @@ def future_window(setting: str | int, split: str | None) -> tuple[int, str | Non
 
 
 def with_future_targets(train: SequenceExamples, n: int) -> SequenceExamples:
-    """``train`` followed by, for j = 1 .. n - 1, each row ``i + j`` of a user's sequence with row ``i``'s history.
+    """``train`` with, for j = 1 .. n - 1, each row ``i + j`` of a user's sequence copied with row ``i``'s history.
 
     A user's sequence is their rows ordered by ``ts`` (ties keep the row order, as build_examples writes them).
-    Rows of unknown users (``user_idx == 0``, every such user pooled) get no copies. n = 1 returns ``train`` itself.
+    Each copy follows the row whose request it keeps (the row, then its copies by growing j), so the rows stay in
+    ``train``'s time order for whatever reads them in order (the streaming log q estimator). Rows of unknown users
+    (``user_idx == 0``, every such user pooled) get no copies. n = 1 returns ``train`` itself.
     """
     if n < 1:
         raise ValueError(f"future_targets must be >= 1, got {n}")
@@ -47,7 +49,7 @@ def with_future_targets(train: SequenceExamples, n: int) -> SequenceExamples:
         return train
     order = np.lexsort((np.arange(len(train)), train.ts, train.user_idx))  # (m,) user, then time, then row
     user = train.user_idx[order]
-    parts = [train]
+    parts, requests = [train], [np.arange(len(train))]
     for j in range(1, n):
         same = (user[:-j] == user[j:]) & (user[j:] > 0)
         source, dest = order[:-j][same], order[j:][same]  # history of source, request of dest
@@ -57,7 +59,10 @@ def with_future_targets(train: SequenceExamples, n: int) -> SequenceExamples:
         for name in _HISTORY_FIELDS:
             setattr(copy, name, getattr(train, name)[source])
         parts.append(copy)
-    return concat_examples(parts)
+        requests.append(dest)
+    if len(parts) == 1:
+        return train
+    return concat_examples(parts).take(np.argsort(np.concatenate(requests), kind="stable"))
 
 
 def concat_examples(parts: list[SequenceExamples]) -> SequenceExamples:

@@ -8,6 +8,7 @@ Nothing here touches the disk or a server at import time.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import types
 import typing
@@ -244,7 +245,7 @@ class TrainConfig(_Config):
                             "average lags behind fresh items: the synthetic world's related slice -0.023). README.")
     future_targets: Literal["auto"] | int = Field(
         "auto", description="Each training history also predicts the user's next N - 1 engagements after its own "
-                            "target (PinnerFormer's dense all-action loss over the next N engagements; "
+                            "target (PinnerFormer's dense all-action loss over the next N engagements, N <= 16; "
                             "tasks/future_targets.py): up to N times the training rows per epoch. auto: 3 on a "
                             "leave-one-out split (MovieLens-style sittings, whose order says little), 1 on a time "
                             "split; the retrain says which. README.")
@@ -264,9 +265,11 @@ class TrainConfig(_Config):
     @field_validator("future_targets", "average_epochs")
     @classmethod
     def _auto_or_at_least(cls, value: str | float, info: ValidationInfo) -> str | float:
-        least, unit = {"future_targets": (1, "targets"), "average_epochs": (0, "epochs")}[info.field_name]
-        if value != "auto" and value < least:
-            raise ValueError(f"must be auto or a number of {unit} >= {least}, got {value}")
+        least, most, unit = {"future_targets": (1, 16, "targets"), "average_epochs": (0, math.inf, "epochs")}[
+            info.field_name]
+        if value != "auto" and not least <= value <= most:
+            raise ValueError(f"must be auto or a number of {unit} in [{least}, {most}], got {value}"
+                             if most < math.inf else f"must be auto or a number of {unit} >= {least}, got {value}")
         return value
 
 

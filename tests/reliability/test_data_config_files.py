@@ -52,7 +52,9 @@ def test_a_yaml_alias_bomb_fails_fast_naming_the_file(tmp_path, data_root):
         ("c.yaml", "train:\n  future_targets: aut\n", r"train\.future_targets: must be auto or a whole number, "
                                                       r"got 'aut'$"),
         ("c.yaml", "train:\n  future_targets: 0\n", r"train\.future_targets: must be auto or a number "
-                                                    r"of targets >= 1, got 0$"),
+                                                    r"of targets in \[1, 16\], got 0$"),
+        ("c.yaml", "train:\n  average_epochs: -1\n", r"train\.average_epochs: must be auto or a number "
+                                                    r"of epochs >= 0, got -1.0$"),
         ("c.yaml", "train:\n  model:\n    use_context: 1\n", r"train\.model\.use_context: must be true or false, got 1$"),
         ("c.yaml", "promote: yes please\n", r"promote: must be true or false, got 'yes please'$"),
         ("c.yaml", "gates:\n  max_regression: false\n", r"gates\.max_regression: must be a number, got False$"),

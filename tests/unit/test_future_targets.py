@@ -37,7 +37,12 @@ def test_each_later_row_of_the_user_is_copied_with_an_earlier_history():
     # j = 1 pairs (history row -> request row): 0->2, 2->3, 3->7, 1->4; j = 2: 0->3, 2->7.
     out = with_future_targets(_train(), 3)
     assert len(out) == 8 + 4 + 2
-    copies = out.take(np.arange(8, 14))
+    # each copy right after the row whose request it keeps, so the rows stay in time order
+    assert out.target_items.tolist() == [101, 201, 102, 102, 103, 103, 103, 202, 202, 901, 902, 104, 104, 104]
+    assert (np.diff(out.ts) >= 0).all()
+    is_copy = out.hist_items[:, -1] - 10 != np.array([0, 1, 2, 2, 3, 3, 3, 4, 4, 5, 6, 7, 7, 7])
+    assert is_copy.sum() == 6
+    copies = out.take(is_copy)
     history_row = copies.hist_items[:, -1] - 10
     pairs = sorted(zip(history_row.tolist(), copies.target_items.tolist(), strict=True))
     assert pairs == [(0, 102), (0, 103), (1, 202), (2, 103), (2, 104), (3, 104)]
@@ -69,5 +74,6 @@ def test_auto_is_three_on_leave_one_out_and_one_on_the_time_split():
     assert future_window(2, "time") == (2, None)
     with pytest.raises(ValueError, match="future_targets must be >= 1"):
         with_future_targets(_train(), 0)
-    with pytest.raises(ValueError, match="number of targets >= 1"):
-        TrainConfig(future_targets=0)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=rf"number of targets in \[1, 16\], got {bad}"):
+            TrainConfig(future_targets=bad)

@@ -356,10 +356,10 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     # OpenMP's thread count is per thread: a new worker starts at one OpenMP thread per core, whatever `towerflow
     # serve --torch-threads` set here, and a FAISS search from it then spins those on the cores the loop needs
-    # (measured: 8-60x the CPU of a 14-query search on 2 busy cores)
+    # (measured: 8-60x the CPU of a 14-query search on 2 busy cores). Every thread that searches sets it first.
+    pin_omp_threads = functools.partial(faiss.omp_set_num_threads, faiss.omp_get_max_threads())
     batcher = MicroBatcher(answer, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1e3,
-                           threads=config.batch_threads,
-                           initializer=functools.partial(faiss.omp_set_num_threads, faiss.omp_get_max_threads()))
+                           threads=config.batch_threads, initializer=pin_omp_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -443,8 +443,12 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     async def recommend(request: Request) -> Response:
         req = parse_body(RecommendRequest, await request.body())
         # retrieval and ranking on a worker thread (torch releases the GIL), off the event loop
-        out = await run_in_threadpool(service.recommend, req.user_id, req.context.item_id, req.context.surface,
-                                      req.k, req.candidates, req.context.query)
+        def rank() -> dict:
+            pin_omp_threads()  # a thread of Starlette's pool, not the batcher's: see pin_omp_threads
+            return service.recommend(req.user_id, req.context.item_id, req.context.surface, req.k, req.candidates,
+                                     req.context.query)
+
+        out = await run_in_threadpool(rank)
         return Response(json.dumps(out), media_type="application/json")
 
     @app.post("/events", response_model=EventsResponse)

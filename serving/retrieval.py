@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from towerflow.serving.realtime.live_items import LiveIndex
 
 log = logging.getLogger("towerflow.serving")
+# trace_combine's TracerWarnings (shapes taken as constants) are checked on probe batches instead; set once here, as
+# warnings.catch_warnings() around each trace would swap the process-wide filters under serving threads
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
 
 def context_batch(context_items: torch.Tensor, surface: torch.Tensor, user_feats: torch.Tensor,
@@ -104,10 +107,8 @@ def trace_combine(user_tower: torch.nn.Module, item_table: torch.Tensor, tol: fl
     try:
         user_tower.eval()
         layer = _ContextLayer(user_tower).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings about shapes taken as constants: checked below
-            graph = torch.jit.freeze(torch.jit.trace(layer, _probe(user_tower, item_table, 4, "kalo venmi"),
-                                                     check_trace=False))
+        graph = torch.jit.freeze(torch.jit.trace(layer, _probe(user_tower, item_table, 4, "kalo venmi"),
+                                                 check_trace=False))
         for n, text in ((3, "a b c d e f g"), (1, None), (5, "x")):
             probe = _probe(user_tower, item_table, n, text)
             for _ in range(2):  # the graph executor profiles its first runs, then optimises: check both

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or f"sqlite:///{(self.data_root / 'mlflow.db').resolve()}"
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys put in, nested dicts merged key by key rather than replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class ConfigError(TowerflowError, ValueError):
     """A config file that cannot be used; the message names the file and, where there is one, the key."""
 
@@ -398,6 +406,16 @@ class RankerStageConfig(_Config):
                              "(tasks/ranking_examples.py with_retrieved_candidates). 0: the shown slates alone.")
     retrieved_depth: int = Field(200, ge=1, description="How deep in the retriever's list those items are drawn.")
     gate: RankerGateConfig = RankerGateConfig()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_stage_defaults(cls, value: object) -> object:
+        """A partial ``train`` (``{epochs: 5}``) keeps this stage's defaults (S = 32, the retrieval score and its
+        weight) for every key it does not name, not RankerTrainConfig's: they differ, and a silent swap would drop
+        the retrieval score from a ranker whose config only meant to change its epochs."""
+        if isinstance(value, dict):
+            return _merged(cls.model_fields["train"].default.model_dump(), value)
+        return value
 
 
 class EvalConfig(_Config):

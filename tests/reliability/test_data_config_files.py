@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from towerflow.config import MAX_CONFIG_BYTES, ConfigError, RetrainConfig, WorldConfig
 
@@ -149,3 +150,15 @@ def test_good_config_loads_and_strictness_keeps_what_is_meant(tmp_path):
     import numpy as np
 
     assert WorldConfig(n_users=np.int64(5)).n_users == 5  # numpy whole numbers are whole numbers
+
+
+def test_a_partial_ranker_train_keeps_the_stages_own_defaults():
+    # RankerStageConfig.train's default differs from RankerTrainConfig() (S = 32, the retrieval score, weight 2):
+    # naming one key must not reset the others to the class defaults (S = 100, no retrieval score, weight 0)
+    stage = RetrainConfig.model_validate({"ranker": {"train": {"epochs": 5}}}).ranker.train
+    assert stage.epochs == 5
+    assert (stage.model.max_seq_len, stage.model.retrieval_score, stage.model.retrieval_weight) == (32, True, 2.0)
+    stage = RetrainConfig.model_validate({"ranker": {"train": {"model": {"max_seq_len": 100}}}}).ranker.train
+    assert (stage.epochs, stage.model.max_seq_len, stage.model.retrieval_weight) == (3, 100, 2.0)
+    with pytest.raises(ValidationError, match="ranker.train.model.max_seq_lenn"):
+        RetrainConfig.model_validate({"ranker": {"train": {"model": {"max_seq_lenn": 100}}}})

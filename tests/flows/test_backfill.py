@@ -133,3 +133,27 @@ def test_backfill_with_retrain_promotes_through_the_retrain_subflow_once(data_ro
     again = backfill(start=day, end=day, lookback_days=4, retrain=True, promote=False, config=config)
     assert again.skipped == [day] and again.days[0].release_id == outcome.release_id
     assert _ledger(data_root).entries() == [entry]
+
+
+@pytest.mark.flow
+@pytest.mark.usefixtures("prefect_harness")
+def test_deployment_run_no_worker_takes_gives_up_with_a_message_instead_of_waiting_forever():
+    # a real deployment of the backfill flow on a pool no worker polls: the run stays Scheduled
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from towerflow.commands.backfill import _via_deployment
+    from towerflow.errors import TowerflowError
+    from towerflow.flows.backfill import backfill
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"), overwrite=True)
+        client.create_deployment(flow_id=client.create_flow(backfill), name="backfill", work_pool_name="nobody-polls",
+                                 entrypoint="towerflow.flows.backfill:backfill")
+    t0 = time.monotonic()
+    with pytest.raises(TowerflowError, match=r"is still Scheduled after \d+s: no worker has taken it\. Start one "
+                                             r"\('towerflow stack up'.*prefect flow-run cancel [0-9a-f-]{36}"):
+        _via_deployment({"start": "2026-01-03", "end": "2026-01-03", "retrain": False}, start_timeout_s=1.5)
+    assert time.monotonic() - t0 < 30  # gave up about 1.5 s after the run was created

@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_source_option(p)
     p.add_argument("--deployment", action="store_true",
                    help=f"trigger the '{DEPLOYMENT}' deployment (needs PREFECT_API_URL) and wait for it")
+    p.add_argument("--start-timeout-s", type=float, default=600.0,
+                   help="with --deployment: give up (exit 1, the run stays scheduled) when no worker has taken the "
+                        "run after this many seconds (default 600)")
+    p.add_argument("--timeout-s", type=float, default=86_400.0,
+                   help="with --deployment: stop following (exit 1, the run goes on) after this many seconds "
+                        "(default 86400, a day)")
     p.set_defaults(handler=_backfill)
 
 
@@ -50,7 +56,8 @@ def _backfill(args: argparse.Namespace) -> int:
         if args.deployment:
             if config is not None:
                 params["config"] = config.model_dump(mode="json")
-            return _via_deployment({k: v.isoformat() if isinstance(v, date) else v for k, v in params.items()})
+            return _via_deployment({k: v.isoformat() if isinstance(v, date) else v for k, v in params.items()},
+                                   args.start_timeout_s, args.timeout_s)
         from towerflow.flows.backfill import backfill
 
         summary = backfill(**params, **({"config": config} if config is not None else {}))
@@ -58,8 +65,11 @@ def _backfill(args: argparse.Namespace) -> int:
         return 0
 
 
-def _via_deployment(params: dict) -> int:
-    """Create a run of the backfill deployment, follow its state, print its summary artifact."""
+def _via_deployment(params: dict, start_timeout_s: float = 600.0, timeout_s: float = 86_400.0) -> int:
+    """Create a run of the backfill deployment, follow its state, print its summary artifact.
+
+    Unattended callers must not wait forever: TowerflowError when no worker has taken the run (still scheduled)
+    after ``start_timeout_s``, or when it has not finished after ``timeout_s``; each message says what to do."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.deployments import run_deployment
@@ -74,6 +84,7 @@ def _via_deployment(params: dict) -> int:
     ui = PREFECT_UI_URL.value()
     print(f"flow run {run.name} ({run.id}) created" + (f": {ui}/runs/flow-run/{run.id}" if ui else ""))
     last = None
+    t0 = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(run.id).state
@@ -82,7 +93,17 @@ def _via_deployment(params: dict) -> int:
                 print(f"  {time.strftime('%H:%M:%S')} {state.name}", file=sys.stderr, flush=True)
             if state is not None and state.type.value in FINAL:
                 break
-            time.sleep(2.0)
+            waited = time.monotonic() - t0
+            if (state is None or state.type.value == "SCHEDULED") and waited > start_timeout_s:
+                raise TowerflowError(
+                    f"flow run {run.name} ({run.id}) is still {last or 'unscheduled'} after {waited:.0f}s: no worker "
+                    f"has taken it. Start one ('towerflow stack up' runs a worker on the deployment's pool) or "
+                    f"raise --start-timeout-s; the run stays scheduled until a worker takes it or you cancel it "
+                    f"('prefect flow-run cancel {run.id}')")
+            if waited > timeout_s:
+                raise TowerflowError(f"stopped following flow run {run.name} ({run.id}) after {waited:.0f}s, still "
+                                     f"{last}: it goes on; follow it in the Prefect UI or raise --timeout-s")
+            time.sleep(min(2.0, max(0.1, min(start_timeout_s, timeout_s) / 10)))
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["backfill-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     if arts:

@@ -301,10 +301,12 @@ class RankerConfig(_Config):
                            "the DCN (models/ranker.py retrieval_features); its examples need a retriever "
                            "(tasks/request_vectors.py). A ranker saved before this field loads as False.")
     recency_feature: bool = Field(
-        True, description="With use_sequence: how long ago the latest action of the sequence was (log seconds) and "
+        False, description="With use_sequence: how long ago the latest action of the sequence was (log seconds) and "
                            "whether there is one, 2 numbers into the DCN (models/ranker.py recency_features): TransAct "
-                           "has no times, so it cannot tell an ongoing session from a new one. A ranker saved before "
-                           "this field loads as False.")
+                           "has no times, so it cannot tell an ongoing session from a new one. Off: /recommend's request "
+                           "time is the user's latest known action + 1 us (serving/service.py _user_actions), not the "
+                           "clock, so served ages are not training's (README, two-stage quality). A ranker saved "
+                           "before this field loads as False.")
     retrieval_weight: float = Field(
         0.0, ge=0, description="With retrieval_score: the blended score also adds this weight x u . v, the retriever's "
                                "own score (models/ranker.py Ranker.ranking_score). The heads learn P(engaged | shown); "

@@ -254,21 +254,35 @@ class BodyGuard:
             await _send_json(send, 413, f"request body of {declared} bytes refused: the limit is {self.max_bytes} "
                                         f"bytes (ServingConfig.max_body_bytes)")
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_json(send, 413, f"request body over {self.max_bytes} bytes refused: the limit is "
-                                            f"{self.max_bytes} bytes (ServingConfig.max_body_bytes)")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        try:
+            body = await _read_body(receive, self.max_bytes)
+        except _BodyTooLarge:
+            await _send_json(send, 413, f"request body over {self.max_bytes} bytes refused: the limit is "
+                                        f"{self.max_bytes} bytes (ServingConfig.max_body_bytes)")
+            return
+        if body is not None:  # None: the client went away
+            await self.app(scope, _replay(body, receive), send)
+
+
+class _BodyTooLarge(Exception):
+    """The body being read passed its limit (``_read_body``)."""
+
+
+async def _read_body(receive, max_bytes: int | None = None) -> bytes | None:
+    """The request body from ASGI ``receive``, chunk by chunk; None when the client disconnects first;
+    _BodyTooLarge as soon as it passes ``max_bytes`` (no more than that plus one chunk is ever held)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect: the client went away
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):
@@ -305,15 +319,9 @@ class DirectRoute:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await _read_body(receive)
+        if body is None:  # the client went away
+            return
         try:
             out = await self.handler(body)
         except Exception as exc:  # noqa: BLE001 - the app's route raises it again, for the app's error handlers

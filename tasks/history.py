@@ -158,23 +158,31 @@ def history_ranges(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request
     by_user = np.argsort(hist.user_id[keep], kind="stable")  # stable: time order kept inside each user
     user, item = hist.user_id[keep][by_user], item[keep][by_user]
     action, ts = hist.action[keep][by_user], hist.ts_us[keep][by_user]
-    n = len(user_id)
     if len(user) == 0:  # no history action at all (e.g. a log of impressions only)
-        zero = np.zeros(n, dtype=np.int64)
+        zero = np.zeros(len(user_id), dtype=np.int64)
         return item, action, ts, zero, zero.copy()
+    start, end, group, row_group = user_ranges_before(user, ts, user_id, request_us)
+    start = history_window(group, ts, start, end, row_group, request_us, max_history_days)
+    return item, action, ts, start, end
+
+
+def user_ranges_before(user: np.ndarray, ts_us: np.ndarray, user_id: np.ndarray, request_us: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For m actions grouped by user (``user`` sorted, each user's ``ts_us`` in time order; m >= 1) and n rows
+    (``user_id``, ``request_us``) -> (start, end, group, row_group): ``[start, end)`` (n,) indexes the row's user's
+    actions strictly before its request (empty for a user without actions); ``group`` (m,) and ``row_group`` (n,)
+    number the users, as ``history_window`` takes them."""
     users, group = np.unique(user, return_inverse=True)
     # key = (user group, rank of ts among all times): "before request t" is one binary search per row
-    times = np.unique(np.concatenate([ts, request_us]))
+    times = np.unique(np.concatenate([ts_us, request_us]))
     width = np.int64(len(times) + 1)
-    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
+    key = group.astype(np.int64) * width + np.searchsorted(times, ts_us)
     row_group = np.searchsorted(users, user_id)
     known = (row_group < len(users)) & (users[np.minimum(row_group, len(users) - 1)] == user_id)
     row_group = np.where(known, row_group, 0)
     start = np.searchsorted(key, row_group * width, side="left")
     end = np.searchsorted(key, row_group * width + np.searchsorted(times, request_us), side="left")  # strict
-    start, end = np.where(known, start, 0), np.where(known, end, 0)
-    start = history_window(group, ts, start, end, row_group, request_us, max_history_days)
-    return item, action, ts, start, end
+    return np.where(known, start, 0), np.where(known, end, 0), group, row_group
 
 
 def histories_at(hist: EventArrays, vocab: Vocab, user_id: np.ndarray, request_us: np.ndarray,

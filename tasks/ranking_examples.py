@@ -38,6 +38,7 @@ from towerflow.tasks.history import (
     action_codes,
     history_ranges,
     history_tokens,
+    user_ranges_before,
 )
 from towerflow.tasks.request_vectors import Retriever, request_user_vectors
 from towerflow.tasks.vocabulary import Vocab, value_codes
@@ -233,16 +234,9 @@ def user_profiles(events: pd.DataFrame, vocab: Vocab, item_vectors: np.ndarray, 
     user, item, ts = hist.user_id[keep][by_user], item[keep][by_user], hist.ts_us[keep][by_user]
     if len(user) == 0:
         return np.zeros((len(user_id), item_vectors.shape[1]), dtype=np.float32)
-    users, group = np.unique(user, return_inverse=True)
     cum = np.vstack([np.zeros((1, item_vectors.shape[1])), np.cumsum(item_vectors[item], axis=0)])  # (m + 1, D)
-    times = np.unique(np.concatenate([ts, as_of_us]))
-    width = np.int64(len(times) + 1)
-    key = group.astype(np.int64) * width + np.searchsorted(times, ts)
-    g = np.minimum(np.searchsorted(users, user_id), len(users) - 1)
-    known = users[g] == user_id
-    start = np.searchsorted(key, g * width, side="left")
-    end = np.searchsorted(key, g * width + np.searchsorted(times, as_of_us), side="left")
-    count = np.where(known, end - start, 0)
+    start, end, _, _ = user_ranges_before(user, ts, user_id, as_of_us)
+    count = end - start  # 0 for a user without positives
     total = cum[end] - cum[start]
     return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], 0.0).astype(np.float32)
 

@@ -205,15 +205,21 @@ class Ranker(nn.Module):
         return self.heads(self.dcn(torch.cat(parts, dim=-1)))
 
     def ranking_score(self, probs: torch.Tensor, cand_items: torch.Tensor,
-                      user_vector: torch.Tensor | None = None) -> torch.Tensor:
+                      user_vector: torch.Tensor | None = None,
+                      unknown_uv: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) what requests are ranked by: ``blended_score`` of the head probabilities ``probs`` (B, H) with
         ``cfg.score_weights``, plus ``cfg.retrieval_weight`` x the retriever's ``u . v`` of each candidate
-        (cand_items (B,), user_vector (B, D) or (1, D), as in ``RankerBatch``; needed only with that weight)."""
+        (cand_items (B,), user_vector (B, D) or (1, D), as in ``RankerBatch``; needed only with that weight).
+        ``unknown_uv`` (B,): the ``u . v`` the first stage found each candidate with, used where the ranker's item
+        table has no row for it (index 0: an item added to the served index after the release, whose table row
+        is zeros), so such an item is not ranked as if the retriever scored it 0."""
         uv = None
         if self.cfg.retrieval_weight:
             if user_vector is None:
                 raise ValueError("ranker: retrieval_weight needs the retriever's user vector of each request")
             uv = retrieval_features(self.item_vectors, cand_items, user_vector)[:, 0]
+            if unknown_uv is not None:
+                uv = torch.where(cand_items == 0, unknown_uv.to(uv.dtype), uv)
         return blended_score(probs, self.cfg.score_weights, uv, self.cfg.retrieval_weight)
 
 def ranker_loss(logits: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
@@ -242,11 +248,13 @@ def blended_score(probs: torch.Tensor, weights: dict[str, float], retrieval: tor
 @torch.no_grad()
 def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_items: np.ndarray,
                      hist_actions: np.ndarray, hist_age_s: np.ndarray, dense: np.ndarray | None = None,
-                     user_vector: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     user_vector: np.ndarray | None = None, unknown_uv: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Rank one request: C candidates against one user's sequence -> (probs (C, H), ranking scores (C,)).
 
     cand_items (C,) item indices; hist_* (S,) the user's sequence as in ``RankerBatch``; dense (dense_dim,);
-    user_vector (D,) the retriever's u of the request (zeros: none), for a ranker with ``retrieval_score``.
+    user_vector (D,) the retriever's u of the request (zeros: none), for a ranker with ``retrieval_score``;
+    unknown_uv (C,) the first stage's scores, for candidates the item table lacks (``Ranker.ranking_score``).
     """
     c = len(cand_items)
     batch = RankerBatch(
@@ -261,7 +269,8 @@ def score_candidates(model: Ranker, cand_items: np.ndarray, surface: int, hist_i
     )
     model.eval()
     probs = torch.sigmoid(model(batch))
-    return probs.numpy(), model.ranking_score(probs, batch.cand_items, batch.user_vector).numpy()
+    uv = None if unknown_uv is None else torch.as_tensor(unknown_uv, dtype=torch.float32)
+    return probs.numpy(), model.ranking_score(probs, batch.cand_items, batch.user_vector, uv).numpy()
 
 
 def save_ranker(model: Ranker, directory: str | Path, release_id: str) -> Path:

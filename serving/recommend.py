@@ -30,6 +30,8 @@ from towerflow.tasks.history import EventArrays
 from towerflow.tasks.ranking_examples import sequences_at
 from towerflow.tasks.vocabulary import Vocab
 
+TWO_TOWER = "two_tower"  # the learned retrieval generator's name in ``Candidates.sources``
+
 
 @dataclass(frozen=True)
 class Candidates:
@@ -94,8 +96,10 @@ def rank(model: Ranker, candidates: Candidates, rows: np.ndarray, surface: int, 
         raise ValueError(f"rank: k must be >= 1, got {k}")
     if len(candidates) == 0:
         return []
+    # a candidate the ranker's table lacks (a live item, row 0) keeps the score the index found it with
+    unknown_uv = np.array([src.get(TWO_TOWER, 0.0) for src in candidates.sources], dtype=np.float32)
     probs, score = score_candidates(model, np.asarray(rows, dtype=np.int64), surface, sequence.items,
-                                    sequence.actions, sequence.age_s, dense, user_vector)
+                                    sequence.actions, sequence.age_s, dense, user_vector, unknown_uv)
     top = np.argsort(-score, kind="stable")[:k]
     heads = probs[top].tolist()
     return [{"item_id": int(candidates.item_ids[j]), "score": float(score[j]),

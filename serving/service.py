@@ -41,7 +41,7 @@ from towerflow.serving.realtime.live import LiveEvents, merge, open_action_store
 from towerflow.serving.realtime.live_items import LiveItems
 from towerflow.serving.realtime.store import ActionStore
 from towerflow.serving.recent_events import RecentEvents
-from towerflow.serving.recommend import merge_candidates, rank, ranker_sequence
+from towerflow.serving.recommend import TWO_TOWER, merge_candidates, rank, ranker_sequence
 from towerflow.serving.retrieval import context_batch, encode_histories, search, user_vectors
 from towerflow.serving.state_store import SQLiteUserStateStore, UserState, UserStateStore
 from towerflow.serving.states import history_batch
@@ -413,7 +413,7 @@ class RetrievalService:
             raise found
         live = self.live.actions(user_id) if self.live is not None else EventArrays.empty()
         actions, as_of_us = self._user_actions(user_id, live)
-        generators = {"two_tower": found["items"]}
+        generators = {TWO_TOWER: found["items"]}
         if b.cooccurrence is not None and self.config.cooccurrence_candidates:
             hist = build_histories(actions, b.vocab, as_of_us, b.history, self.config.max_seen)
             row = (hist.hist_items[0], hist.hist_actions[0]) if len(hist) else (np.zeros(1, np.int64),) * 2

@@ -140,6 +140,10 @@ def test_the_blended_score_adds_the_weighted_retrieval_score_by_hand():
     p, score = score_candidates(weighted, np.array([2, 3]), 0, np.array([0, 0, 1, 2]), np.array([0, 0, CLICK, HIDE]),
                                 np.zeros(4, np.float32), user_vector=u[0].numpy())
     np.testing.assert_allclose(score, blended_score(torch.from_numpy(p), heads).numpy() + [16.0, 7.0], rtol=1e-6)
+    # a candidate the table lacks (row 0: a live item) keeps the score the index found it with, 0.75 -> 0.1 + 1.5
+    p_live, score = score_candidates(weighted, np.array([0, 3]), 0, np.array([0, 0, 1, 2]), np.array([0, 0, CLICK, HIDE]),
+                                np.zeros(4, np.float32), user_vector=u[0].numpy(), unknown_uv=np.array([0.75, 99.0]))
+    np.testing.assert_allclose(score, blended_score(torch.from_numpy(p_live), heads).numpy() + [1.5, 7.0], rtol=1e-6)
     # and the evaluation's (per row, each row's own u)
     ex = RankingExamples(request=np.array([0, 0]), user_id=np.ones(2, np.int64), ts_us=np.zeros(2, np.int64),
                          surface=np.zeros(2, np.int64), item=np.array([2, 3]), labels=np.zeros((2, 5), np.float32),

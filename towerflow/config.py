@@ -80,11 +80,13 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or f"sqlite:///{(self.data_root / 'mlflow.db').resolve()}"
 
 
-def _merged(base: dict, over: dict) -> dict:
-    """``base`` with ``over``'s keys put in, nested dicts merged key by key rather than replaced."""
-    out = dict(base)
+def _merged(default: BaseModel, over: dict) -> dict:
+    """``default`` dumped, with ``over``'s keys put in: a nested config model merged key by key, any other value
+    (a plain dict such as ``score_weights`` included) replaced whole, so a dump validates back to the same config."""
+    out = default.model_dump()
     for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        sub = getattr(default, key, None)
+        out[key] = _merged(sub, value) if isinstance(value, dict) and isinstance(sub, BaseModel) else value
     return out
 
 
@@ -350,7 +352,8 @@ class RankerConfig(_Config):
             raise ValueError(f"latest_k ({self.latest_k}) exceeds max_seq_len ({self.max_seq_len})")
         if self.retrieval_weight and not self.retrieval_score:
             raise ValueError(f"retrieval_weight ({self.retrieval_weight}) needs retrieval_score: the ranker gets u . v "
-                             "only with it")
+                             "only with it (the retrain's ranking stage defaults to retrieval_weight 2: set "
+                             "retrieval_weight: 0 as well)")
         return self
 
 
@@ -416,7 +419,7 @@ class RankerStageConfig(_Config):
         weight) for every key it does not name, not RankerTrainConfig's: they differ, and a silent swap would drop
         the retrieval score from a ranker whose config only meant to change its epochs."""
         if isinstance(value, dict):
-            return _merged(cls.model_fields["train"].default.model_dump(), value)
+            return _merged(cls.model_fields["train"].default, value)
         return value
 
 

@@ -160,5 +160,11 @@ def test_a_partial_ranker_train_keeps_the_stages_own_defaults():
     assert (stage.model.max_seq_len, stage.model.retrieval_score, stage.model.retrieval_weight) == (32, True, 2.0)
     stage = RetrainConfig.model_validate({"ranker": {"train": {"model": {"max_seq_len": 100}}}}).ranker.train
     assert (stage.epochs, stage.model.max_seq_len, stage.model.retrieval_weight) == (3, 100, 2.0)
+    # a plain dict value is replaced whole, not merged: click alone means click alone, and a dump validates back
+    config = RetrainConfig.model_validate({"ranker": {"train": {"model": {"score_weights": {"click": 1.0}}}}})
+    assert config.ranker.train.model.score_weights == {"click": 1.0}
+    assert RetrainConfig.model_validate(config.model_dump(mode="json")) == config
+    with pytest.raises(ValidationError, match="set retrieval_weight: 0 as well"):
+        RetrainConfig.model_validate({"ranker": {"train": {"model": {"retrieval_score": False}}}})
     with pytest.raises(ValidationError, match="ranker.train.model.max_seq_lenn"):
         RetrainConfig.model_validate({"ranker": {"train": {"model": {"max_seq_lenn": 100}}}})

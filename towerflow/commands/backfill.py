@@ -83,7 +83,7 @@ def _via_deployment(params: dict, start_timeout_s: float = 600.0, timeout_s: flo
     run = run_deployment(DEPLOYMENT, parameters=params, timeout=0, as_subflow=False)
     ui = PREFECT_UI_URL.value()
     print(f"flow run {run.name} ({run.id}) created" + (f": {ui}/runs/flow-run/{run.id}" if ui else ""))
-    last = None
+    last, taken = None, False
     t0 = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
@@ -93,8 +93,11 @@ def _via_deployment(params: dict, start_timeout_s: float = 600.0, timeout_s: flo
                 print(f"  {time.strftime('%H:%M:%S')} {state.name}", file=sys.stderr, flush=True)
             if state is not None and state.type.value in FINAL:
                 break
+            # only a run no worker has touched: AwaitingConcurrencySlot (another backfill holds the deployment's
+            # one slot) and AwaitingRetry are SCHEDULED too, but a worker has them
+            taken = taken or (state is not None and state.name not in ("Scheduled", "Late"))
             waited = time.monotonic() - t0
-            if (state is None or state.type.value == "SCHEDULED") and waited > start_timeout_s:
+            if not taken and waited > start_timeout_s:
                 raise TowerflowError(
                     f"flow run {run.name} ({run.id}) is still {last or 'unscheduled'} after {waited:.0f}s: no worker "
                     f"has taken it. Start one ('towerflow stack up' runs a worker on the deployment's pool) or "

@@ -363,8 +363,8 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
                 for out in service.retrieve_batch(queries)]
 
     # OpenMP's thread count is per thread: a new worker starts at one OpenMP thread per core, whatever `towerflow
-    # serve --torch-threads` set here, and a FAISS search from it then spins those on the cores the loop needs
-    # (measured: 8-60x the CPU of a 14-query search on 2 busy cores). Every thread that searches sets it first.
+    # serve --torch-threads` set here, and a FAISS search from it then spins those on the cores the loop needs.
+    # Every thread that searches sets it first.
     pin_omp_threads = functools.partial(faiss.omp_set_num_threads, faiss.omp_get_max_threads())
     batcher = MicroBatcher(answer, max_batch=config.batch_max_size, max_wait_s=config.batch_wait_ms / 1e3,
                            threads=config.batch_threads, initializer=pin_omp_threads)

@@ -13,7 +13,8 @@ Pure functions over one request (the service reads the release and the user's ac
   retrieval score}}``.
 
 A candidate the ranker's item table lacks (a live item added after the release was built: ranker row 0) is scored
-as the ranker's unknown item (row 0 holds no item vector), so new items are still ranked rather than dropped.
+as the ranker's unknown item (row 0 holds no item vector), so new items are still ranked rather than dropped; its
+retrieval term in the ranking score is the ``u . v`` the index found it with (``Ranker.ranking_score``).
 """
 
 from __future__ import annotations

@@ -9,13 +9,11 @@ history ``j`` engagements stale, which is also what hybrid serving does between 
 
 Why it helps on data such as MovieLens: a user rates dozens of films in one sitting, and the order inside the sitting
 says little, so "the very next rating" is a noisy label; the next few are a steadier one (MovieLens-100K, the public
-path's split, 3 seeds: README "The command line" and "Figures"). On the daily synthetic world the next action is sharply defined by the
-viewed item, so ``auto`` leaves it off there (``future_window``).
+path's split, 3 seeds: README "The command line" and "Figures"). On the daily synthetic world the next action is
+sharply defined by the viewed item, so ``auto`` leaves it off there (``future_window``).
 """
 
 from __future__ import annotations
-
-from dataclasses import fields
 
 import numpy as np
 
@@ -49,26 +47,18 @@ def with_future_targets(train: SequenceExamples, n: int) -> SequenceExamples:
         return train
     order = np.lexsort((np.arange(len(train)), train.ts, train.user_idx))  # (m,) user, then time, then row
     user = train.user_idx[order]
-    parts, requests = [train], [np.arange(len(train))]
+    requests, histories = [np.arange(len(train))], [np.arange(len(train))]  # row j of the output: their rows
     for j in range(1, n):
         same = (user[:-j] == user[j:]) & (user[j:] > 0)
-        source, dest = order[:-j][same], order[j:][same]  # history of source, request of dest
-        if not len(dest):
+        if not same.any():
             break
-        copy = train.take(dest)
-        for name in _HISTORY_FIELDS:
-            setattr(copy, name, getattr(train, name)[source])
-        parts.append(copy)
-        requests.append(dest)
-    if len(parts) == 1:
+        requests.append(order[j:][same])  # the later row keeps its request ...
+        histories.append(order[:-j][same])  # ... with the history of the row j before it
+    if len(requests) == 1:
         return train
-    return concat_examples(parts).take(np.argsort(np.concatenate(requests), kind="stable"))
-
-
-def concat_examples(parts: list[SequenceExamples]) -> SequenceExamples:
-    """Rows of ``parts`` one after another; query columns are right-padded with 0 to the widest part."""
-    width = max(p.query.shape[1] for p in parts)
-    queries = [np.pad(p.query, ((0, 0), (0, width - p.query.shape[1]))) for p in parts]
-    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(SequenceExamples)
-              if f.name != "query"}
-    return SequenceExamples(**arrays, query=np.concatenate(queries))
+    by_request = np.argsort(np.concatenate(requests), kind="stable")
+    out = train.take(np.concatenate(requests)[by_request])
+    history = np.concatenate(histories)[by_request]
+    for name in _HISTORY_FIELDS:
+        setattr(out, name, getattr(train, name)[history])
+    return out

@@ -7,7 +7,7 @@ import pytest
 
 from towerflow.config import TrainConfig
 from towerflow.tasks.build_examples import SequenceExamples
-from towerflow.tasks.future_targets import concat_examples, future_window, with_future_targets
+from towerflow.tasks.future_targets import future_window, with_future_targets
 
 # Rows in table order (time-sorted as build_examples writes them; users interleave). Each row's history is marked by
 # its own row number in hist_items[:, -1] (10 + row), so a copy's history says which row it came from.
@@ -57,15 +57,6 @@ def test_each_later_row_of_the_user_is_copied_with_an_earlier_history():
 
 def test_a_window_longer_than_any_sequence_stops_at_the_last_pair():
     assert len(with_future_targets(_train(), 10)) == 8 + 4 + 2 + 1  # j = 3: 0->7 only
-
-
-def test_concat_pads_queries_to_the_widest_part():
-    a = _train()
-    b = a.take(np.arange(2))
-    b.query = np.array([[1, 2, 3], [4, 0, 0]])
-    out = concat_examples([a, b])
-    assert out.query.shape == (10, 3)
-    assert out.query[0].tolist() == [1000, 0, 0] and out.query[8].tolist() == [1, 2, 3]
 
 
 def test_auto_is_three_on_leave_one_out_and_one_on_the_time_split():

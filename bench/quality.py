@@ -1,7 +1,7 @@
 """Benchmark: retrieval quality on the synthetic world (issue 3 targets), on a holdout large enough to read.
 
     python -m bench.quality [--seeds 0 1 2] [--users 10000] [--events-per-day 30000] [--days 7] [--stale-days 2]
-                            [--threads N] [--result-name quality]
+                            [--threads N] [--result-name quality] [--oracle-only [--reference quality_defaults]]
 
 For each seed a fresh world is generated, then (all with the default configs of towerflow/config.py):
 
@@ -11,7 +11,12 @@ For each seed a fresh world is generated, then (all with the default configs of 
 - ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split;
 - ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, with the catalog of
   that time, scored on the same newest-day holdout (remapped to its vocabulary, as the flow scores the champion:
-  items created since are misses).
+  items created since are misses);
+- ``oracle``: the Bayes-optimal scorer under the world's own generator (bench/oracle.py: it reads each user's true
+  interests, the items' weights and creation times, the query's topic), the ceiling no model can pass. It needs no
+  training: ``--oracle-only`` builds the worlds and scores only it and the baselines (a minute, not 15), and with
+  ``--reference NAME`` sets its search recall beside 3 x the no-query model's of ``bench/results/NAME.json`` (the same
+  seeds give the same worlds and holdout; the row counts are checked).
 
 Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface; the holdout is each user's first
 positive action on the last day. Seeds are pooled by concatenating their holdout rows (``pooled``); each seed is
@@ -34,7 +39,8 @@ import numpy as np
 from bench.common import command_line, print_table, write_result
 
 SLICES = ("all", "surface=homefeed", "surface=related", "surface=search")
-MODELS = ("contextual", "no-context", "no-query", "popularity", "co-occurrence", "stale")
+MODELS = ("contextual", "no-context", "no-query", "popularity", "co-occurrence", "stale", "oracle")
+TRAINED = ("contextual", "no-context", "no-query", "stale")
 
 
 def _examples(src, users, items, start: datetime, end: datetime):
@@ -61,6 +67,7 @@ def _train(ex, config, name: str) -> tuple[object, dict]:
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     """One world: every model's ranks on the newest-day holdout, and what it cost."""
+    from bench.oracle import oracle_ranks
     from towerflow.config import TrainConfig, WorldConfig
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
@@ -81,27 +88,31 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         fresh, aug = _examples(src, users, items, start, end)
         stale_end = end - timedelta(days=args.stale_days)
         # the catalog as it was then: items created since are unknown to the stale model, as in production
-        stale_ex, _ = _examples(src, users, items[items["created_ts"] < stale_end], start, stale_end)
+        stale_ex = None if args.oracle_only else _examples(src, users, items[items["created_ts"] < stale_end],
+                                                           start, stale_end)[0]
 
-    ranks, cost = {}, {}
+    ranks, cost = {"oracle": oracle_ranks(fresh, world)}, {}
+    base = baseline_ranks(fresh)
+    ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
+    common = {"seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
+              "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),
+              "surface": fresh.holdout.surface.tolist()}
+    if args.oracle_only:
+        return {**common, "seconds": round(time.perf_counter() - t0, 1), "ranks": {k: v.tolist() for k, v in ranks.items()}}
     model, cost["contextual"] = _train(fresh, config, "contextual")
     ranks["contextual"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
     model, cost["no-context"] = _train(fresh, no_context, "no-context")
     ranks["no-context"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
     model, cost["no-query"] = _train(fresh, no_query, "no-query")
     ranks["no-query"] = model_ranks(model, fresh.holdout, fresh.user_feats, fresh.holdout_seen)
-    base = baseline_ranks(fresh)
-    ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
     model, cost["stale"] = _train(stale_ex, config, f"stale (window ending {args.stale_days} days earlier)")
     seq, seen = remap_examples(fresh.holdout, fresh.holdout_seen, fresh.vocab, stale_ex.vocab)
     ranks["stale"] = model_ranks(model, seq, stale_ex.user_feats, seen)
     new_items = int((fresh.holdout.target_items > 0).sum() - (seq.target_items > 0).sum())
     return {
-        "seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
-        "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),
-        "n_train_stale": len(stale_ex.train), "holdout_targets_unknown_to_stale": new_items,
+        **common, "n_train_stale": len(stale_ex.train), "holdout_targets_unknown_to_stale": new_items,
         "pseudo_context_rate": round(aug.rate, 3), "pseudo_query_rows": aug.n_pseudo_query, "train": cost, "seconds": round(time.perf_counter() - t0, 1),
-        "ranks": {k: v.tolist() for k, v in ranks.items()}, "surface": fresh.holdout.surface.tolist(),
+        "ranks": {k: v.tolist() for k, v in ranks.items()},
     }
 
 
@@ -125,7 +136,7 @@ def _stderr(recall: float, n: float) -> float:
 
 def search_targets(pooled: dict) -> tuple[dict, dict]:
     """Issue 18: the search slice's ratios and the related / homefeed no-regression check -> (ratios, targets)."""
-    sr = {m: pooled[m]["surface=search"]["recall@10"] for m in MODELS if "surface=search" in pooled[m]}
+    sr = {m: pooled[m]["surface=search"]["recall@10"] for m in pooled if "surface=search" in pooled[m]}
     best_base = max(sr.get("popularity", 0.0), sr.get("co-occurrence", 0.0))
     ratios = {"search_contextual_over_no_query": _ratio(sr.get("contextual", 0.0), sr.get("no-query", 0.0)),
               "search_contextual_over_best_baseline": _ratio(sr.get("contextual", 0.0), best_base)}
@@ -142,14 +153,30 @@ def search_targets(pooled: dict) -> tuple[dict, dict]:
     return ratios, targets
 
 
+def search_ceiling(oracle: dict[str, float], no_query_recall: float) -> dict[str, float | bool]:
+    """Issue 18's 3x target against the world's Bayes ceiling: ``oracle`` is the oracle's search-slice metrics.
+
+    The target is out of reach of any model when the oracle itself is below it or within one standard error.
+    """
+    target, se = 3 * no_query_recall, _stderr(oracle["recall@10"], oracle["n"])
+    return {"oracle_recall10": oracle["recall@10"], "oracle_stderr": se, "target_3x_no_query": target,
+            "oracle_minus_target": oracle["recall@10"] - target,
+            "target_reachable": oracle["recall@10"] > target + se}
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Per-seed and pooled metrics, the target ratios and whether each target is met."""
+    """Per-seed and pooled metrics, the target ratios and whether each target is met (the models' targets only when
+    the run trained them; ``--oracle-only`` has the oracle and the baselines)."""
+    models = [m for m in MODELS if m in runs[0]["ranks"]]
+
     def table(sel: list[dict]) -> dict:
         surface = np.concatenate([np.asarray(r["surface"]) for r in sel])
-        return {m: _metrics(np.concatenate([np.asarray(r["ranks"][m]) for r in sel]), surface) for m in MODELS}
+        return {m: _metrics(np.concatenate([np.asarray(r["ranks"][m]) for r in sel]), surface) for m in models}
 
     pooled = table(runs)
-    rel = {m: pooled[m]["surface=related"]["recall@10"] for m in MODELS}
+    if "contextual" not in pooled:
+        return {"pooled": pooled}
+    rel = {m: pooled[m]["surface=related"]["recall@10"] for m in models}
     ratios = {
         "related_contextual_over_no_context": _ratio(rel["contextual"], rel["no-context"]),
         "related_contextual_over_popularity": _ratio(rel["contextual"], rel["popularity"]),
@@ -177,8 +204,29 @@ def summarize(runs: list[dict]) -> dict:
     search_ratios, search_checks = search_targets(pooled)
     ratios |= search_ratios
     targets |= search_checks
+    ceiling = search_ceiling(pooled["oracle"]["surface=search"], pooled["no-query"]["surface=search"]["recall@10"])
     return {"pooled": pooled, "ratios": ratios, "per_seed_related": per_seed, "per_seed_ratios": seed_ratios,
-            "targets": targets}
+            "targets": targets, "search_ceiling": ceiling}
+
+
+def _reference_ceiling(name: str, oracle: dict) -> dict:
+    """``search_ceiling`` against the no-query model of a committed result, which must hold the same holdout rows."""
+    import json
+
+    from bench.common import RESULTS_DIR
+
+    ref = json.loads((RESULTS_DIR / f"{name}.json").read_text())["pooled"]
+    counts = {s: ref["no-query"][s]["n"] for s in oracle}
+    if counts != {s: m["n"] for s, m in oracle.items()}:
+        raise SystemExit(f"--reference {name}: its holdout rows per slice {counts} are not this run's; "
+                         "run it with the same seeds and world sizes")
+    return {"reference": name, **search_ceiling(oracle["surface=search"], ref["no-query"]["surface=search"]["recall@10"])}
+
+
+def _print_ceiling(c: dict, against: str) -> None:
+    print(f"search ceiling: oracle R@10 {c['oracle_recall10']:.4f} (1 s.e. {c['oracle_stderr']:.4f}) vs 3 x {against} "
+          f"{c['target_3x_no_query']:.4f}: {c['oracle_minus_target']:+.4f}; the 3x target is "
+          f"{'within reach of a model' if c['target_reachable'] else 'NOT reachable by any model in this world'}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,27 +241,41 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
     p.add_argument("--result-name", default="quality", help="writes bench/results/<name>.json (a partial run, e.g. "
                                                             "one seed, need not replace the full one)")
+    p.add_argument("--oracle-only", action="store_true", help="no training: the worlds' Bayes-optimal oracle and "
+                                                                "the baselines only")
+    p.add_argument("--reference", default=None, help="with --oracle-only: the result (bench/results/<name>.json, "
+                                                     "same seeds) whose no-query search recall the ceiling is set against")
     args = p.parse_args(argv)
     if args.days - args.stale_days < 3:
         p.error("--days minus --stale-days must leave at least 3 days (train, validation, holdout)")
+    if args.reference and not args.oracle_only:
+        p.error("--reference goes with --oracle-only (a full run has its own no-query model)")
 
     t0 = time.perf_counter()
     runs = [run_seed(s, args) for s in args.seeds]
     summary = summarize(runs)
     pooled = summary["pooled"]
     rows = [{"model": m, **{s: pooled[m][s]["recall@10"] for s in SLICES if s in pooled[m]},
-             "ndcg": pooled[m]["all"]["ndcg@10"], "r50": pooled[m]["all"]["recall@50"]} for m in MODELS]
-    n = {s: int(pooled["contextual"][s]["n"]) for s in SLICES if s in pooled["contextual"]}
+             "ndcg": pooled[m]["all"]["ndcg@10"], "r50": pooled[m]["all"]["recall@50"]} for m in pooled]
+    n = {s: int(pooled["oracle"][s]["n"]) for s in SLICES if s in pooled["oracle"]}
     print_table(rows, [("model", "model", "")] + [(f"R@10 {s.split('=')[-1]} (n={n[s]})", s, ".4f") for s in n]
                 + [("NDCG@10 all", "ndcg", ".4f"), ("R@50 all", "r50", ".4f")],
                 title=f"holdout = newest day, {len(runs)} world(s) pooled (seeds {args.seeds}); "
                       f"stale = window ending {args.stale_days} days earlier")
+    wall = time.perf_counter() - t0
+    if args.oracle_only:
+        if args.reference:
+            summary["search_ceiling"] = _reference_ceiling(args.reference, pooled["oracle"])
+            _print_ceiling(summary["search_ceiling"], f"no-query of {args.reference}.json")
+        result = {"args": vars(args), "wall_seconds": round(wall, 1), **summary,
+                  "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface")} for run in runs]}
+        write_result(args.result_name, result, command_line("bench.quality", argv))
+        return result
     print_table(summary["per_seed_ratios"], [("seed", "seed", ""), ("related ctx/no-ctx", "ctx_over_noctx", ".2f"),
                                              ("related ctx/pop", "ctx_over_pop", ".2f"),
                                              ("fresh - stale R@10", "fresh_minus_stale", "+.4f"),
                                              ("search ctx/no-query", "search_over_no_query", ".2f")], title="per seed")
     r = summary["ratios"]
-    wall = time.perf_counter() - t0
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"\nrelated R@10: contextual / no-context = {fmt(r['related_contextual_over_no_context'])} (target >= 2), "
           f"contextual / popularity = {fmt(r['related_contextual_over_popularity'])} (target >= 3); "
@@ -226,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.days} days; train {runs[0]['n_train']:,} examples; wall time {wall:.0f}s")
     for k, ok in summary["targets"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+    _print_ceiling(summary["search_ceiling"], "no-query")
     result = {
         "args": vars(args), "wall_seconds": round(wall, 1),
         "configs": {"examples": ExamplesConfig(validation=True, max_holdout_users=None).model_dump(mode="json"),

@@ -18,7 +18,8 @@ For each seed a fresh world is generated, then (all with the default configs of 
   ``--reference NAME`` sets its search recall beside 3 x the no-query model's of ``bench/results/NAME.json`` (the same
   seeds give the same worlds and holdout; the row counts are checked).
 
-Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface; the holdout is each user's first
+Metrics are exact full-corpus Recall/NDCG@10 with seen items excluded, per surface, and on ``search`` by the target's
+age at the request (at most ``FRESH_TARGET_DAYS`` old, when the world's fresh boost lifts it, or older); the holdout is each user's first
 positive action on the last day. Seeds are pooled by concatenating their holdout rows (``pooled``); each seed is
 reported too. Targets (issue 3): on ``related``, contextual Recall@10 >= 2 x no-context and >= 3 x popularity; the
 fresh model beats the stale one on the newest day. Issue 18: on ``search``, contextual Recall@10 >= 3 x no-query and
@@ -38,7 +39,9 @@ import numpy as np
 
 from bench.common import command_line, print_table, write_result
 
-SLICES = ("all", "surface=homefeed", "surface=related", "surface=search")
+SLICES = ("all", "surface=homefeed", "surface=related", "surface=search", "search, target <= 2 days old",
+          "search, older target")
+FRESH_TARGET_DAYS = 2  # the world boosts an item's popularity up to 21x in its first days (synthetic.py FRESH_BOOST)
 MODELS = ("contextual", "no-context", "no-query", "popularity", "co-occurrence", "stale", "oracle")
 TRAINED = ("contextual", "no-context", "no-query", "stale")
 
@@ -96,7 +99,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
     common = {"seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
               "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),
-              "surface": fresh.holdout.surface.tolist()}
+              "surface": fresh.holdout.surface.tolist(), "target_age_days": _target_age_days(fresh, items).tolist()}
     if args.oracle_only:
         return {**common, "seconds": round(time.perf_counter() - t0, 1), "ranks": {k: v.tolist() for k, v in ranks.items()}}
     model, cost["contextual"] = _train(fresh, config, "contextual")
@@ -116,12 +119,24 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     }
 
 
-def _metrics(ranks: np.ndarray, surface: np.ndarray) -> dict[str, dict[str, float]]:
+def _target_age_days(ex, items) -> np.ndarray:
+    """(n,) each holdout target's age in days at its request (from the items table's ``created_ts``)."""
+    import pandas as pd
+
+    created = pd.Series(pd.DatetimeIndex(items["created_ts"]).as_unit("s").asi8, index=items["item_id"].to_numpy())
+    target_ids = ex.vocab.item_ids[ex.holdout.target_items - 1]
+    return (ex.holdout.ts - created.loc[target_ids].to_numpy()) / 86_400
+
+
+def _metrics(ranks: np.ndarray, surface: np.ndarray, age: np.ndarray) -> dict[str, dict[str, float]]:
     from towerflow.contract import SURFACES
     from towerflow.tasks.evaluate import metrics_from_ranks
 
     masks = {"all": np.ones(len(ranks), dtype=bool)}
     masks |= {f"surface={s}": surface == i for i, s in enumerate(SURFACES)}
+    # what a model without the item's age misses: the world's fresh boost (issue 18's ceiling, README)
+    search = surface == SURFACES.index("search")
+    masks |= {SLICES[4]: search & (age <= FRESH_TARGET_DAYS), SLICES[5]: search & (age > FRESH_TARGET_DAYS)}
     return {k: metrics_from_ranks(ranks[m], ks=(10, 50)) for k, m in masks.items() if m.any()}
 
 
@@ -171,7 +186,8 @@ def summarize(runs: list[dict]) -> dict:
 
     def table(sel: list[dict]) -> dict:
         surface = np.concatenate([np.asarray(r["surface"]) for r in sel])
-        return {m: _metrics(np.concatenate([np.asarray(r["ranks"][m]) for r in sel]), surface) for m in models}
+        age = np.concatenate([np.asarray(r["target_age_days"]) for r in sel])
+        return {m: _metrics(np.concatenate([np.asarray(r["ranks"][m]) for r in sel]), surface, age) for m in models}
 
     pooled = table(runs)
     if "contextual" not in pooled:
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"model": m, **{s: pooled[m][s]["recall@10"] for s in SLICES if s in pooled[m]},
              "ndcg": pooled[m]["all"]["ndcg@10"], "r50": pooled[m]["all"]["recall@50"]} for m in pooled]
     n = {s: int(pooled["oracle"][s]["n"]) for s in SLICES if s in pooled["oracle"]}
-    print_table(rows, [("model", "model", "")] + [(f"R@10 {s.split('=')[-1]} (n={n[s]})", s, ".4f") for s in n]
+    print_table(rows, [("model", "model", "")] + [(f"R@10 {s.removeprefix('surface=')} (n={n[s]})", s, ".4f") for s in n]
                 + [("NDCG@10 all", "ndcg", ".4f"), ("R@50 all", "r50", ".4f")],
                 title=f"holdout = newest day, {len(runs)} world(s) pooled (seeds {args.seeds}); "
                       f"stale = window ending {args.stale_days} days earlier")
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             summary["search_ceiling"] = _reference_ceiling(args.reference, pooled["oracle"])
             _print_ceiling(summary["search_ceiling"], f"no-query of {args.reference}.json")
         result = {"args": vars(args), "wall_seconds": round(wall, 1), **summary,
-                  "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface")} for run in runs]}
+                  "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface", "target_age_days")} for run in runs]}
         write_result(args.result_name, result, command_line("bench.quality", argv))
         return result
     print_table(summary["per_seed_ratios"], [("seed", "seed", ""), ("related ctx/no-ctx", "ctx_over_noctx", ".2f"),
@@ -295,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "augment": AugmentConfig().model_dump(mode="json"),
                     "train": TrainConfig(num_threads=args.threads).model_dump(mode="json")},
         **summary,
-        "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface")} for run in runs],
+        "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface", "target_age_days")} for run in runs],
     }
     write_result(args.result_name, result, command_line("bench.quality", argv))
     return result

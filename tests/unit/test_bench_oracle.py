@@ -97,3 +97,20 @@ def test_the_3x_target_is_reachable_only_above_the_oracle_by_more_than_one_stand
     assert c["oracle_stderr"] == pytest.approx(0.012649, abs=1e-6)
     assert c["oracle_minus_target"] == pytest.approx(0.039) and c["target_reachable"]
     assert not search_ceiling({"recall@10": 0.57, "n": 1500.0}, 0.187)["target_reachable"]  # 0.009 < 1 s.e.
+
+
+def test_age_adjusted_popularity_divides_counts_by_the_fresh_boost_they_were_counted_under():
+    from bench.search_ceiling import age_adjusted_popularity
+
+    day = 86_400 * 10**6
+    created = np.array([-100 * day, day, 2 * day + 1000, day // 2, 2 * day + 1000])
+    topic = np.array([0, 0, 0, 1, 2])
+    positives = np.array([0] * 4 + [1] * 21)  # counted over days 0 and 1; the request day is day 2
+    w = age_adjusted_popularity(positives, created, topic, first_day_us=0, day_us=2 * day)
+    # row 0: old (boost 1), 4 over 2 days -> 2 a day, x 1.
+    # row 1: created at day 1's start: exposure 21 (boost 1 + 20 on day 1), 21 / 21 = 1; on day 2 it is 1 day old:
+    #   x (1 + 20 e^-0.5) = 13.130613.
+    # row 2: created on day 2, never counted: its topic's mean over items created in the window (row 1: 1) x 21.
+    # row 3: created mid day 0 (half of it at 21, then 1 + 20 e^-0.25 on day 1), no positives -> 0.
+    # row 4: a topic with no window item: the mean over all window items (rows 1, 3: 0.5) x 21.
+    np.testing.assert_allclose(w, [2.0, 13.130613, 21.0, 0.0, 10.5], rtol=1e-6)

@@ -245,14 +245,19 @@ def _print_ceiling(c: dict, against: str) -> None:
           f"{'within reach of a model' if c['target_reachable'] else 'NOT reachable by any model in this world'}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from towerflow.config import AugmentConfig, ExamplesConfig, TrainConfig
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_world_arguments(p: argparse.ArgumentParser) -> None:
+    """The worlds this benchmark scores (bench/search_ceiling.py takes the same, so its rows are these)."""
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--events-per-day", type=int, default=30_000)
     p.add_argument("--days", type=int, default=7)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from towerflow.config import AugmentConfig, ExamplesConfig, TrainConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_world_arguments(p)
     p.add_argument("--stale-days", type=int, default=2, help="the stale model's window ends this many days earlier")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
     p.add_argument("--result-name", default="quality", help="writes bench/results/<name>.json (a partial run, e.g. "

@@ -134,6 +134,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """{scorer: {age bucket: {"recall@10", "n", "stderr"}}} pooled over the runs."""
+    from bench.quality import _stderr
+
     age = np.concatenate([r["target_age_days"] for r in runs])
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name in SCORERS:
@@ -142,17 +144,15 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         for bucket, (lo, hi) in AGES.items():
             m = (age > lo) & (age <= hi)
             r = float(hit[m].mean()) if m.any() else float("nan")
-            out[name][bucket] = {"recall@10": r, "n": int(m.sum()),
-                                 "stderr": float(np.sqrt(r * (1 - r) / m.sum())) if m.any() else float("nan")}
+            out[name][bucket] = {"recall@10": r, "n": int(m.sum()), "stderr": _stderr(r, m.sum())}
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from bench.quality import add_world_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--events-per-day", type=int, default=30_000)
-    p.add_argument("--days", type=int, default=7)
+    add_world_arguments(p)
     p.add_argument("--result-name", default="search_ceiling")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

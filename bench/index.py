@@ -1,13 +1,15 @@
 """Benchmark: FAISS index build time, search latency and ANN recall against exact search, for Flat, HNSW and
 IVF-PQ, at 100k and 1M items.
 
-    python -m bench.index [--sizes 100000 1000000] [--kinds flat hnsw ivfpq] [--dim 64] [--queries 1000]
+    python -m bench.index [--sizes 100000 1000000] [--kinds flat ivfflat hnsw ivfpq] [--dim 64] [--queries 1000]
+    python -m bench.index --served DATA_ROOT   (a served release's own vectors and searches: bench/index_served.py)
 
 The vectors are clustered like trained item embeddings: ``n / 1000`` random unit centres (at least 10), each item a
 centre plus isotropic noise of the same norm, L2-normalised (cosine to its own centre about 0.7). Queries are fresh
 draws from the same mixture: user vectors land near the items they like, not on them. Each index is built and
 measured with the product's own ``build_index`` / ``measure`` and ``IndexConfig`` defaults (HNSW32 efSearch 128,
-IVF-PQ with ~4 sqrt(n) lists, PQ16x8, nprobe 32, SQ8 re-ranking of 8k candidates). Latency is one query at a time
+IVF-Flat with ~4 sqrt(n) lists and nprobe 32, IVF-PQ with as many lists, PQ16x8, nprobe 32, SQ8 re-ranking of 8k
+candidates). Latency is one query at a time
 (the serving path); ``batch qps`` is all queries in one call. Builds use every core; searches use one FAISS thread
 (``--search-threads``), as a serving process does per request: OpenMP threads on a busy machine spin-wait and
 inflate single-query latency several times. Each size runs in a fresh process so its peak RSS is its own. Prints a
@@ -21,6 +23,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from bench.common import command_line, peak_rss_mib, print_table, run_in_child, write_result
 
@@ -98,13 +101,23 @@ COLUMNS = [("items", "n", ","), ("index", "kind", ""), ("build s", "build_s", ".
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--kinds", nargs="+", choices=("flat", "hnsw", "ivfpq"), default=["flat", "hnsw", "ivfpq"])
+    p.add_argument("--kinds", nargs="+", choices=("flat", "ivfflat", "hnsw", "ivfpq"),
+                   default=["flat", "ivfflat", "hnsw", "ivfpq"])
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--queries", type=int, default=1000, help="recall queries (the first 200 also time latency)")
     p.add_argument("--build-threads", type=int, help="FAISS threads while building (default: all cores)")
     p.add_argument("--search-threads", type=int, default=1, help="FAISS threads while searching (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--served", type=Path, metavar="DATA_ROOT",
+                   help="instead: every index on DATA_ROOT's champion release's item vectors, replaying the searches "
+                        "its service makes (bench/index_served.py)")
+    p.add_argument("--requests", type=int, default=1200, help="--served: requests answered and recorded")
+    p.add_argument("--batch", type=int, default=24, help="--served: requests per batch, as the batch worker gets them")
+    p.add_argument("--hnsw-ef", type=int, nargs="+", default=[128, 256], help="--served: HNSW efSearch values")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64], help="--served: IVF-Flat nprobe values")
     args = p.parse_args(argv)
+    if args.served:
+        return _served(args, argv)
 
     runs = []
     for n in args.sizes:
@@ -120,6 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"n={run['n']:,}: peak RSS {run['peak_rss_mib']:,.0f} MiB")
     result = {"dim": args.dim, "queries": args.queries, "noise": NOISE, "runs": runs}
     write_result("index", result, command_line("bench.index", argv))
+    return result
+
+
+def _served(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    from bench import index_served
+
+    result = index_served.run(args.served.resolve(), args.requests, args.batch, args.hnsw_ef, args.nprobe)
+    print_table(result["rows"], index_served.COLUMNS,
+                title=f"{result['n_items']:,} items, d={result['dim']}: {result['searched_queries']} served queries "
+                      f"replayed on 1 thread; recall against exact search (ties counted as the index gate does)")
+    write_result("index_served", result, command_line("bench.index", argv))
     return result
 
 

@@ -61,7 +61,10 @@ import numpy as np
 
 from towerflow.config import Settings
 from towerflow.errors import TowerflowError
-from towerflow.tasks.build_index import file_sha256  # one checksum for index sidecars and release manifests
+from towerflow.tasks.build_index import (  # checksum and search as IndexArtifact
+    deep_search_params,
+    file_sha256,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -474,8 +477,12 @@ class LoadedRelease:
         return ranker_rows(self.item_ids, item_ids, self._item_order)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries (b, d) float32 -> (scores (b, k), item ids (b, k) int64; -1 where fewer than k items)."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        """queries (b, d) float32 -> (scores (b, k), item ids (b, k) int64; -1 where fewer than k items).
+        A deep search of an IVF index probes more lists (``deep_search_params``), as ``IndexArtifact.search`` does."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        meta = self.index_meta
+        params = deep_search_params(meta["kind"], meta["params"], meta["n_items"], k) if meta else None
+        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
 
 
 def _default_load_model(path: Path) -> Any:

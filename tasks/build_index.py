@@ -4,7 +4,9 @@ Every index answers with real item ids (``add_with_ids``), uses inner product (t
 cosine), and is chosen by catalog size and config:
 
 - ``flat``: exact ``IDMap2,Flat``; ``auto`` picks it up to ``flat_max_items``.
-- ``hnsw``: ``IDMap2,HNSW{m}`` (HNSW cannot ``add_with_ids`` itself); ``auto`` beyond ``flat_max_items``.
+- ``ivfflat``: ``IVF{nlist},Flat`` (exact scores over the ``nprobe`` lists nearest the query); ``auto`` beyond
+  ``flat_max_items`` up to ``ivf_flat_max_items``. Trained (k-means) on a sample of the vectors.
+- ``hnsw``: ``IDMap2,HNSW{m}`` (HNSW cannot ``add_with_ids`` itself); ``auto`` beyond ``ivf_flat_max_items``.
 - ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}``, optionally re-ranked (``Refine(SQ8)`` / ``RFlat``, wrapped in
   ``IDMap2`` because the refine stage cannot take ids); only on request. Trained on a sample of the vectors.
 
@@ -55,7 +57,7 @@ class IndexArtifact:
     index: faiss.Index
     release_id: str
     model_version: str
-    kind: str  # "flat" | "hnsw" | "ivfpq"
+    kind: str  # "flat" | "ivfflat" | "hnsw" | "ivfpq"
     factory: str  # the faiss.index_factory string
     params: dict[str, Any]
     n_items: int
@@ -69,7 +71,8 @@ class IndexArtifact:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise IndexBuildError(f"queries must be (batch, {self.dim}), got {q.shape}")
-        return self.index.search(q, k)
+        params = deep_search_params(self.kind, self.params, self.n_items, k)
+        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
 
     def metadata(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it would deep-copy the FAISS index.
@@ -106,10 +109,20 @@ class IndexArtifact:
 
 
 def choose_kind(n_items: int, config: IndexConfig) -> str:
-    """``auto`` is exact up to ``flat_max_items`` (exact search is cheap there and recall is 1), HNSW beyond."""
+    """``auto`` is exact up to ``flat_max_items`` (exact search is cheap there and recall is 1), IVF-Flat up to
+    ``ivf_flat_max_items``, HNSW beyond.
+
+    Why IVF-Flat in the middle: on a 100k-item release's own item vectors and its served requests' user vectors,
+    IVF-Flat (4 sqrt(n) lists, nprobe 32) searched serving's depths in half the CPU of HNSW32 (efSearch 128) at
+    recall@10 0.99 against HNSW's 0.89 (``python -m bench.index --served DIR``), and on clustered synthetic vectors
+    it was faster at 1M items too (``python -m bench.index``). Its cost grows with sqrt(n) (lists and list lengths
+    both do), HNSW's about with log(n): beyond what was measured, HNSW.
+    """
     if config.kind != "auto":
         return config.kind
-    return "flat" if n_items <= config.flat_max_items else "hnsw"
+    if n_items <= config.flat_max_items:
+        return "flat"
+    return "ivfflat" if n_items <= config.ivf_flat_max_items else "hnsw"
 
 
 def _factory(kind: str, n: int, d: int, config: IndexConfig) -> tuple[str, dict[str, Any]]:
@@ -118,11 +131,13 @@ def _factory(kind: str, n: int, d: int, config: IndexConfig) -> tuple[str, dict[
     if kind == "hnsw":
         return f"IDMap2,HNSW{config.hnsw_m}", {
             "hnsw_m": config.hnsw_m, "ef_construction": config.hnsw_ef_construction, "ef_search": config.hnsw_ef_search}
+    if kind == "ivfflat":
+        nlist = _nlist(n, config)
+        return f"IVF{nlist},Flat", {"nlist": nlist, "nprobe": min(config.nprobe, nlist)}
     if kind == "ivfpq":
         if d % config.pq_m:
             raise IndexBuildError(f"pq_m={config.pq_m} must divide the embedding dim {d}")
-        nlist = config.ivf_nlist or max(1, round(4 * math.sqrt(n)))
-        nlist = min(nlist, n)  # k-means cannot make more centroids than points
+        nlist = _nlist(n, config)
         params = {"nlist": nlist, "pq_m": config.pq_m, "pq_nbits": config.pq_nbits,
                   "nprobe": min(config.nprobe, nlist), "refine": config.refine}
         base = f"IVF{nlist},PQ{config.pq_m}x{config.pq_nbits}"
@@ -130,26 +145,34 @@ def _factory(kind: str, n: int, d: int, config: IndexConfig) -> tuple[str, dict[
             return base, params
         params["refine_k_factor"] = config.refine_k_factor
         return f"IDMap2,{base},{'Refine(SQ8)' if config.refine == 'sq8' else 'RFlat'}", params
-    raise IndexBuildError(f"unknown index kind {kind!r}; expected auto, flat, hnsw or ivfpq")
+    raise IndexBuildError(f"unknown index kind {kind!r}; expected auto, flat, ivfflat, hnsw or ivfpq")
+
+
+def _nlist(n: int, config: IndexConfig) -> int:
+    """IVF lists: ``config.ivf_nlist`` or about 4 sqrt(n), at most n (k-means cannot make more centroids than points)."""
+    return min(config.ivf_nlist or max(1, round(4 * math.sqrt(n))), n)
 
 
 # FAISS k-means wants at least 39 training points per centroid (it warns and trains poorly below that)
 MIN_TRAIN_PER_CENTROID = 39
 
 
-def train_ivfpq(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, params: dict[str, Any]) -> None:
-    """Train an empty IVF-PQ ``index`` on a seeded sample of ``vectors`` and record its size in ``params``.
+def train_ivf(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, params: dict[str, Any]) -> None:
+    """Train an empty IVF-Flat or IVF-PQ ``index`` on a seeded sample of ``vectors``; record its size in ``params``.
 
-    Both quantizers are k-means: the coarse one has ``nlist`` centroids, each PQ codebook ``2 ** pq_nbits``. The
-    sample is ``config.train_sample`` vectors, or ``MIN_TRAIN_PER_CENTROID`` per centroid of the larger of the two
-    when that needs more (4,000 lists at 1M items: 156,000), or all of them when there are fewer. ``build_index``
-    and the sharded build both train here, so their quantizers are identical.
+    The quantizers are k-means: the coarse one has ``nlist`` centroids, each PQ codebook (IVF-PQ) ``2 ** pq_nbits``.
+    The sample is ``config.train_sample`` vectors, or ``MIN_TRAIN_PER_CENTROID`` per centroid of the larger of the
+    two when that needs more (4,000 lists at 1M items: 156,000), or all of them when there are fewer.
+    ``build_index`` and the sharded build both train here, so their quantizers are identical.
     """
-    # Polysemous training (on by default for PQ) serves Hamming-filtered search, which we do not use, and costs
-    # tens of seconds even on a few thousand vectors.
-    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    centroids = int(params["nlist"])
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # Polysemous training (on by default for PQ) serves Hamming-filtered search, which we do not use, and costs
+        # tens of seconds even on a few thousand vectors.
+        ivf.do_polysemous_training = False
+        centroids = max(centroids, 2 ** int(params["pq_nbits"]))
     n = len(vectors)
-    centroids = max(int(params["nlist"]), 2 ** int(params["pq_nbits"]))
     size = max(config.train_sample, MIN_TRAIN_PER_CENTROID * centroids)
     rng = np.random.default_rng(config.seed)
     sample = vectors if n <= size else vectors[np.sort(rng.choice(n, size, replace=False))]
@@ -165,10 +188,25 @@ def _apply_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) 
     """Search-time knobs; FAISS serialises them too, but the sidecar is the record we trust and show."""
     if kind == "hnsw":
         _hnsw(index).efSearch = int(params["ef_search"])
-    elif kind == "ivfpq":
+    elif kind in ("ivfflat", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
         if params.get("refine", "none") != "none":
             faiss.downcast_index(index.index).k_factor = float(params["refine_k_factor"])
+
+
+def deep_search_params(kind: str, params: dict[str, Any], n_items: int, k: int) -> Any:
+    """FAISS search parameters for a search of depth ``k``, or None for the index's own.
+
+    An IVF-Flat index's ``nprobe`` lists hold about ``nprobe * n_items / nlist`` vectors, and FAISS pads what they
+    lack with -1: a deep search (k + |seen| for a user with hundreds of seen items, up to 2,048) could come back
+    short. Such a search probes enough lists to hold twice ``k`` on average (at most all of them). A function of the
+    index and ``k`` alone, so a request gets the same answer in any batch.
+    """
+    if kind != "ivfflat":
+        return None
+    nlist, nprobe = int(params["nlist"]), int(params["nprobe"])
+    needed = min(nlist, math.ceil(2 * k * nlist / max(n_items, 1)))
+    return None if needed <= nprobe else faiss.SearchParametersIVF(nprobe=needed)
 
 
 def build_index(emb: ItemEmbeddings, config: IndexConfig) -> IndexArtifact:
@@ -189,8 +227,8 @@ def build_index(emb: ItemEmbeddings, config: IndexConfig) -> IndexArtifact:
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         _hnsw(index).efConstruction = config.hnsw_ef_construction
-    if kind == "ivfpq":
-        train_ivfpq(index, vectors, config, params)
+    if kind in ("ivfflat", "ivfpq"):
+        train_ivf(index, vectors, config, params)
     index.add_with_ids(vectors, ids)
     _apply_search_params(index, kind, params)
     build_seconds = time.perf_counter() - t0

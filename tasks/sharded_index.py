@@ -32,7 +32,7 @@ from towerflow.tasks.build_index import (
     _apply_search_params,
     _factory,
     choose_kind,
-    train_ivfpq,
+    train_ivf,
 )
 from towerflow.tasks.embed_items import EmbeddingError, ItemEmbeddings
 
@@ -76,7 +76,7 @@ def train_empty_index(emb: ItemEmbeddings, config: IndexConfig) -> tuple[np.ndar
     factory, params = _factory(kind, n, d, config)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if kind == "ivfpq":
-        train_ivfpq(index, emb.vectors, config, params)
+        train_ivf(index, emb.vectors, config, params)
     return faiss.serialize_index(index), kind, factory, params
 
 

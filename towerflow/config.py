@@ -466,8 +466,11 @@ class GateConfig(_Config):
 
 
 class IndexConfig(_Config):
-    kind: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
-    flat_max_items: int = Field(50_000, description="auto: exact Flat up to this many items, HNSW beyond.")
+    kind: Literal["auto", "flat", "ivfflat", "hnsw", "ivfpq"] = "auto"
+    flat_max_items: int = Field(50_000, description="auto: exact Flat up to this many items.")
+    ivf_flat_max_items: int = Field(
+        1_000_000, description="auto: IVF-Flat beyond flat_max_items up to this many items, HNSW beyond (on a 100k "
+        "release's served user vectors IVF-Flat took half HNSW's CPU at higher recall: python -m bench.index --served).")
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     hnsw_ef_construction: int = Field(80, ge=1)
@@ -481,7 +484,7 @@ class IndexConfig(_Config):
         "(python -m bench.index).")
     train_sample: int = Field(
         100_000, ge=1, description="ivfpq: vectors sampled to train the quantizers (at least 39 per k-means centroid).")
-    nprobe: int = 32
+    nprobe: int = Field(32, ge=1, description="ivfflat, ivfpq: IVF lists searched per query.")
     seed: int = 0
     recall_k: int = 100
     recall_sample: int = 500

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -104,10 +105,11 @@ def test_flat_index_scores_by_inner_product_and_answers_real_ids():
     assert ids[0, 4:].tolist() == [-1, -1]
 
 
-def test_auto_picks_flat_then_hnsw_and_checks_pq_shape():
-    config = IndexConfig(flat_max_items=1000)
-    assert choose_kind(1000, config) == "flat"
-    assert choose_kind(1001, config) == "hnsw"
+def test_auto_picks_flat_then_ivfflat_then_hnsw_and_checks_pq_shape():
+    config = IndexConfig(flat_max_items=1000, ivf_flat_max_items=2000)
+    assert [choose_kind(n, config) for n in (1000, 1001, 2000, 2001)] == ["flat", "ivfflat", "ivfflat", "hnsw"]
+    assert choose_kind(1_000_000, IndexConfig()) == "ivfflat"  # the defaults: Flat to 50k, IVF-Flat to 1M
+    assert choose_kind(1_000_001, IndexConfig()) == "hnsw"
     assert choose_kind(10, IndexConfig(kind="ivfpq")) == "ivfpq"
     emb = ItemEmbeddings(RID, np.arange(300), clustered(300, 30, 5, seed=2))
     with pytest.raises(IndexBuildError, match="pq_m=16 must divide the embedding dim 30"):
@@ -128,13 +130,14 @@ def test_flat_recall_is_exactly_one(catalog, queries):
 @pytest.mark.parametrize(
     ("config", "factory", "k", "min_recall"),
     [
-        (IndexConfig(flat_max_items=1000), "IDMap2,HNSW32", 10, GateConfig().min_index_recall),
+        (IndexConfig(kind="hnsw"), "IDMap2,HNSW32", 10, GateConfig().min_index_recall),
+        (IndexConfig(flat_max_items=1000), "IVF219,Flat", 10, GateConfig().min_index_recall),
         (IndexConfig(kind="ivfpq", pq_m=8), "IDMap2,IVF219,PQ8x8,Refine(SQ8)", 10, GateConfig().min_index_recall),
         # PQ codes alone (no re-ranking) lose precision: a lower bar, but ids must still be mapped.
         (IndexConfig(kind="ivfpq", pq_m=16, pq_nbits=4, refine="none", ivf_nlist=64, nprobe=16),
          "IVF64,PQ16x4", 50, 0.70),
     ],
-    ids=["hnsw", "ivfpq-refine", "ivfpq"],
+    ids=["hnsw", "ivfflat", "ivfpq-refine", "ivfpq"],
 )
 def test_ann_reaches_recall_with_real_ids(catalog, queries, config, factory, k, min_recall):
     art = build_index(catalog, config)
@@ -144,7 +147,8 @@ def test_ann_reaches_recall_with_real_ids(catalog, queries, config, factory, k, 
     # ids are the catalog's ids, not positions: an item's own vector finds the item itself at the top
     _, ids = art.search(catalog.vectors[[0, 1234, 2999]], k)
     assert set(ids.ravel().tolist()) <= set(catalog.item_ids.tolist())
-    if art.kind == "hnsw" or "Refine" in art.factory:  # exact re-ranking / graph: the item itself ranks first
+    # graph, exact scores in the item's own list, exact re-ranking: the item itself ranks first
+    if art.kind in ("hnsw", "ivfflat") or "Refine" in art.factory:
         assert ids[:, 0].tolist() == [10_000, 10_000 + 7 * 1234, 10_000 + 7 * 2999]
     truth = exact_search(catalog, queries[:1], k)
     assert truth.min() >= 10_000
@@ -161,7 +165,7 @@ def test_ivfpq_trains_on_at_least_39_vectors_per_list(catalog):
 
 
 def test_index_save_load_keeps_sidecar_params_and_refuses_changed_file(tmp_path, catalog, queries):
-    art = build_index(catalog, IndexConfig(flat_max_items=1000, hnsw_ef_search=77))
+    art = build_index(catalog, IndexConfig(kind="hnsw", hnsw_ef_search=77))
     art.save(tmp_path)
     meta = json.loads((tmp_path / "index.json").read_text())
     assert {k: meta[k] for k in ("release_id", "model_version", "n_items", "dim", "kind")} == {
@@ -171,14 +175,42 @@ def test_index_save_load_keeps_sidecar_params_and_refuses_changed_file(tmp_path,
     assert meta["metric"] == "inner_product" and meta["build_seconds"] > 0
     back = IndexArtifact.load(tmp_path)
     assert np.array_equal(back.search(queries, 10)[1], art.search(queries, 10)[1])
-    import faiss
-
     assert faiss.downcast_index(back.index.index).hnsw.efSearch == 77
     raw = bytearray((tmp_path / "index.faiss").read_bytes())
     raw[-5] ^= 0xFF
     (tmp_path / "index.faiss").write_bytes(bytes(raw))
     with pytest.raises(IndexBuildError, match="does not match the sha256"):
         IndexArtifact.load(tmp_path)
+
+
+def test_ivfflat_searches_nprobe_lists_with_exact_scores_and_keeps_nprobe_on_load(tmp_path):
+    # Two clusters of 40 items in 2-d: A_i = (1, i/100) and B_i = (i/100, 1), normalised, ids 100 + i and 200 + i.
+    # k-means with 2 lists puts each cluster in its own list; query (1, 0) scores A_i = 1 / sqrt(1 + (i/100)^2),
+    # highest for A_0, A_1, A_2, ..., and B_i = (i/100) / sqrt(1 + (i/100)^2), below every A item, highest for B_39.
+    steps = np.arange(40) / 100
+    a = np.stack([np.ones(40), steps], axis=1)
+    b = np.stack([steps, np.ones(40)], axis=1)
+    vectors = np.concatenate([a, b]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = ItemEmbeddings(RID, np.concatenate([100 + np.arange(40), 200 + np.arange(40)]), vectors)
+    art = build_index(emb, IndexConfig(kind="ivfflat", ivf_nlist=2, nprobe=1))
+    assert (art.factory, art.params) == ("IVF2,Flat", {"nlist": 2, "nprobe": 1, "train_sample": 80})
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    scores, ids = art.search(query, 10)
+    assert ids[0].tolist() == list(range(100, 110))
+    np.testing.assert_allclose(scores[0, :3], 1 / np.sqrt(1 + np.array([0.0, 1e-4, 4e-4])), rtol=1e-6)
+    # nprobe 1 at depth 50: the one list holds A's 40 items, then FAISS's "no result"
+    _, raw = art.index.search(query, 50)
+    assert sorted(raw[0, :40].tolist()) == list(range(100, 140)) and raw[0, 40:].tolist() == [-1] * 10
+    # a deep search probes ceil(2 * 50 * 2 lists / 80 items) = 3, at most the 2 lists there are: B's best follow A
+    _, deep = art.search(query, 50)
+    assert deep[0, :40].tolist() == raw[0, :40].tolist() and deep[0, 40:].tolist() == list(range(239, 229, -1))
+    art.save(tmp_path)
+    assert faiss.extract_index_ivf(IndexArtifact.load(tmp_path).index).nprobe == 1
+    meta = json.loads((tmp_path / "index.json").read_text())
+    meta["params"]["nprobe"] = 2  # the sidecar's nprobe is what a loaded index searches with
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    assert faiss.extract_index_ivf(IndexArtifact.load(tmp_path).index).nprobe == 2
 
 
 def test_measure_refuses_embeddings_of_another_release(catalog, queries):

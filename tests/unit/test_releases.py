@@ -75,8 +75,10 @@ def load_tower(directory: Path) -> TinyTower:
     return m
 
 
-def make_release(releases_dir: Path, work: Path, k: int, rid: str | None = None) -> str:
-    """Release k: items 1000k .. 1000k+39 embedded by a real nn.Embedding, a flat index, tower weights = k."""
+def make_release(releases_dir: Path, work: Path, k: int, rid: str | None = None,
+                 index: IndexConfig | None = None) -> str:
+    """Release k: items 1000k .. 1000k+39 embedded by a real nn.Embedding, a flat index (or ``index``'s), tower
+    weights = k."""
     rid = rid or new_release_id()
     torch.manual_seed(k)
     table = nn.Embedding(N_ITEMS + 1, DIM)
@@ -85,7 +87,7 @@ def make_release(releases_dir: Path, work: Path, k: int, rid: str | None = None)
     vocab = work / f"vocab-{k}.json"
     vocab.write_text(json.dumps({"items": (1000 * k + np.arange(N_ITEMS)).tolist()}))
     write_release(releases_dir, release_id=rid, user_tower_dir=save_tower(work / f"tower-{k}", float(k)),
-                  embeddings=emb, index=build_index(emb, IndexConfig()), config={"k": k},
+                  embeddings=emb, index=build_index(emb, index or IndexConfig()), config={"k": k},
                   snapshot_id=f"snap-{k}", metrics={"recall@10": 0.1 * k}, q_table=np.full(N_ITEMS + 1, 1 / N_ITEMS),
                   vocab=vocab)
     return rid
@@ -149,6 +151,21 @@ def test_written_release_lists_every_file_and_loads_whole(releases):
         assert json.loads((path / sidecar).read_text())["release_id"] == manifest.release_id == path.name
     assert manifest.metrics == {"recall@10": 0.2} and manifest.index["kind"] == "flat"
     assert_whole(load_release_dir(path, load_tower), 2)
+
+
+def test_a_deep_search_of_a_loaded_ivf_release_probes_enough_lists(tmp_path):
+    path = tmp_path / make_release(tmp_path, tmp_path, 4, index=IndexConfig(kind="ivfflat", ivf_nlist=4, nprobe=1))
+    loaded = load_release_dir(path, load_tower)
+    assert loaded.index_meta["kind"] == "ivfflat" and loaded.index_meta["params"]["nprobe"] == 1
+    query = np.asarray(loaded.item_vectors[:1])
+    _, raw = loaded.index.search(query, N_ITEMS)  # one of 4 non-empty lists: fewer than 40 items, -1 after them
+    assert (raw < 0).any()
+    # depth 40 probes min(4, ceil(2 * 40 * 4 lists / 40 items)) = 4 lists: the whole catalog, as exact search
+    scores, ids = loaded.search(query, N_ITEMS)
+    assert sorted(ids[0].tolist()) == (4000 + np.arange(N_ITEMS)).tolist() and ids[0, 0] == 4000
+    exact = np.sort(np.asarray(loaded.item_vectors) @ query[0])[::-1]
+    np.testing.assert_allclose(scores[0], exact, rtol=1e-5, atol=1e-6)
+    assert loaded.search(query, 5)[1].tolist() == raw[:, :5].tolist()  # a shallow one: the index's own nprobe
 
 
 @pytest.fixture

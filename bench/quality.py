@@ -50,9 +50,11 @@ def _examples(src, users, items, start: datetime, end: datetime):
     from towerflow.config import AugmentConfig, ExamplesConfig
     from towerflow.tasks.augment_context import augment_context
     from towerflow.tasks.build_examples import build_examples
+    from towerflow.tasks.refit import augment_refit_rows
 
     ex = build_examples(src.read_events(start, end), users, items, end,
                         ExamplesConfig(validation=True, max_holdout_users=None))
+    ex.refit_extra = augment_refit_rows(ex.train, ex.refit_extra, ex.item_feats, AugmentConfig(), ex.item_text)
     ex.train, stats = augment_context(ex.train, ex.item_feats, AugmentConfig(), ex.item_text)
     return ex, stats
 
@@ -65,7 +67,8 @@ def _train(ex, config, name: str) -> tuple[object, dict]:
     t0 = time.perf_counter()
     result = train(ex, config)
     return result.model, {"seconds": round(time.perf_counter() - t0, 1), "epochs_run": len(result.history),
-                          "best_epoch": result.best_epoch, "examples_per_s": round(result.examples_per_s)}
+                          "best_epoch": result.best_epoch, "refit_epochs": result.refit_epochs,
+                          "examples_per_s": round(result.examples_per_s)}
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:

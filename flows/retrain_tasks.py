@@ -176,7 +176,11 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
 @stage("augment_context")
 def augment_context(examples, config: AugmentConfig):
     from towerflow.tasks.augment_context import augment_context as augment
+    from towerflow.tasks.refit import augment_refit_rows
 
+    if examples.refit_extra is not None:  # before examples.train is replaced: the refit augments train + these rows
+        examples.refit_extra = augment_refit_rows(examples.train, examples.refit_extra, examples.item_feats, config,
+                                                  examples.item_text)
     augmented, stats = augment(examples.train, examples.item_feats, config, examples.item_text)
     get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
                           f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,}); "
@@ -200,16 +204,24 @@ def train(settings: Settings, examples, config: TrainConfig, tracking: Tracking)
 
     fresh = []
 
+    def on_refit_epoch(stats) -> None:
+        tracking.log_metrics({"refit.loss": stats.loss, "refit.examples_per_s": stats.examples_per_s}, step=stats.epoch)
+
     def compute(tmp: Path) -> None:
         fresh.append(True)
-        fit(examples, config, checkpoint_dir=directory.with_name(key + ".ckpt"), on_epoch=on_epoch).save(tmp)
+        fit(examples, config, checkpoint_dir=directory.with_name(key + ".ckpt"), on_epoch=on_epoch,
+            on_refit_epoch=on_refit_epoch).save(tmp)
 
     result = cached(directory, compute, TrainResult.load, "train")
     if not fresh:  # resumed: the epochs were logged by the run that trained; copy them into this run
         for stats in result.history:
             on_epoch(stats)
-    tracking.set_tags({"towerflow.train_key": key, "towerflow.best_epoch": result.best_epoch})
-    tracking.log_metrics({"train_seconds": result.seconds, "train_examples_per_s": result.examples_per_s})
+        for stats in result.refit_history:
+            on_refit_epoch(stats)
+    tracking.set_tags({"towerflow.train_key": key, "towerflow.best_epoch": result.best_epoch,
+                       "towerflow.refit_epochs": result.refit_epochs})
+    tracking.log_metrics({"train_seconds": result.seconds, "train_examples_per_s": result.examples_per_s,
+                          "refit_epochs": result.refit_epochs})
     return result
 
 

@@ -25,7 +25,8 @@ Splits:
 
 With ``validation=True`` (the default) a validation split for early stopping is cut the same way just before the
 holdout (the ``holdout_days`` before it, or each user's second-to-last positive), so the holdout stays untouched by
-model selection. The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
+model selection. ``Examples.refit_extra`` holds the validation window's positives as training rows (every one, not one
+per user; uncapped): what a refit (tasks/refit.py) adds to ``train`` once early stopping has picked the epochs. The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
 
 Events at or after ``as_of`` and events on items missing from the catalog are dropped; users missing from the users
 table get user index 0 (unknown demographics).
@@ -48,7 +49,7 @@ from towerflow.config import ExamplesConfig
 from towerflow.contract import POSITIVE_ACTIONS, SURFACES, ContractError, check_columns
 from towerflow.errors import TowerflowError
 from towerflow.models.batch import Batch, FeatureSizes, ItemFeatures
-from towerflow.models.query import encode_texts
+from towerflow.models.query import encode_texts, pad_columns
 from towerflow.tasks.history import (
     ACTION_INDEX,
     HISTORY_ACTIONS,
@@ -128,6 +129,18 @@ class SequenceExamples:
         """The rows ``idx`` (an index array or boolean mask) as a new object."""
         return SequenceExamples(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def concat(self, other: SequenceExamples) -> SequenceExamples:
+        """These rows followed by ``other``'s (same history length L; queries padded to the wider T)."""
+        if other.max_seq_len != self.max_seq_len:
+            raise ExamplesError(f"SequenceExamples.concat: history lengths differ ({self.max_seq_len} vs "
+                                f"{other.max_seq_len})")
+        width = max(self.query.shape[1], other.query.shape[1])
+        return SequenceExamples(**{f.name: np.concatenate([pad_columns(getattr(self, f.name), width),
+                                                           pad_columns(getattr(other, f.name), width)])
+                                   if f.name == "query" else np.concatenate([getattr(self, f.name),
+                                                                             getattr(other, f.name)])
+                                   for f in fields(self)})
+
     def to_batch(self, idx, user_feats: np.ndarray) -> Batch:
         """A models.batch.Batch of the rows ``idx``; ``user_feats`` (n_users + 1, F) from ``user_features``."""
         t = {f.name: torch.from_numpy(np.ascontiguousarray(getattr(self, f.name)[idx])) for f in fields(self)}
@@ -172,6 +185,7 @@ class Examples:
     valid_seen: SeenItems | None = None
     meta: dict = field(default_factory=dict)  # split, as_of, gap_buckets, counts
     item_text: list[str] | None = None  # row i = item index i's title + category (pseudo-queries), "" for row 0
+    refit_extra: SequenceExamples | None = None  # the validation window's positives as training rows (refit)
 
     @property
     def sizes(self) -> FeatureSizes:
@@ -187,6 +201,8 @@ class Examples:
             self.holdout.save(tmp / "holdout.npz")
             if self.valid is not None:
                 self.valid.save(tmp / "valid.npz")
+            if self.refit_extra is not None:
+                self.refit_extra.save(tmp / "refit_extra.npz")
             seen = {"holdout_indptr": self.holdout_seen.indptr, "holdout_indices": self.holdout_seen.indices}
             if self.valid_seen is not None:
                 seen |= {"valid_indptr": self.valid_seen.indptr, "valid_indices": self.valid_seen.indices}
@@ -229,7 +245,7 @@ class Examples:
                 dense=torch.from_numpy(z["dense"]) if "dense" in z else None,
                 text=torch.from_numpy(z["text"]) if "text" in z else None,
             )
-        valid_path = directory / "valid.npz"
+        valid_path, refit_path = directory / "valid.npz", directory / "refit_extra.npz"
         text_path = directory / "item_text.json"
         return cls(
             train=SequenceExamples.load(directory / "train.npz"),
@@ -242,6 +258,7 @@ class Examples:
             valid_seen=valid_seen,
             meta=meta,
             item_text=json.loads(text_path.read_text()) if text_path.exists() else None,
+            refit_extra=SequenceExamples.load(refit_path) if refit_path.exists() else None,
         )
 
 
@@ -394,7 +411,7 @@ def build_examples(
     ev = _prepare_events(events, vocab, as_of_us)
     positive = np.flatnonzero(np.isin(ev.action, [ACTION_INDEX[a] for a in POSITIVE_ACTIONS]))
     split, reason = choose_split(ev.user, ev.ts_us, positive, as_of_us, config)
-    valid_t = None
+    valid_t = refit_t = None
 
     if split == "time":
         span = np.int64(config.holdout_days) * 86_400_000_000
@@ -405,12 +422,13 @@ def build_examples(
             train_end = boundary - span
             in_valid = (ev.ts_us[positive] >= train_end) & (ev.ts_us[positive] < boundary)
             valid_t = _first_per_user(ev.user, positive[in_valid])
+            refit_t = positive[in_valid]
         train_t = positive[ev.ts_us[positive] < train_end]
     else:
         holdout_t = _last_per_user(ev.user, positive)
         rest = np.setdiff1d(positive, holdout_t)
         if config.validation:
-            valid_t = _last_per_user(ev.user, rest)
+            valid_t = refit_t = _last_per_user(ev.user, rest)
             rest = np.setdiff1d(rest, valid_t)
         train_t = rest
 
@@ -441,6 +459,7 @@ def build_examples(
         "n_train": len(train),
         "n_holdout": len(holdout),
         "n_valid": 0 if valid is None else len(valid),
+        "n_refit_extra": 0 if refit_t is None else len(refit_t),
     }
     return Examples(
         train=train,
@@ -453,6 +472,7 @@ def build_examples(
         valid_seen=index.seen(valid_t) if valid_t is not None else None,
         meta=meta,
         item_text=_item_text_rows(items, vocab),
+        refit_extra=index.sequences(refit_t) if refit_t is not None else None,
     )
 
 

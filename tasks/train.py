@@ -55,8 +55,10 @@ class TrainResult:
     model: TwoTower
     history: list[EpochStats]
     best_epoch: int
-    seconds: float
+    seconds: float  # both runs when refit
     early_stopping_split: str
+    refit_epochs: int = 0  # > 0: the model is the refit on train + validation for that many epochs (tasks/refit.py)
+    refit_history: list[EpochStats] = field(default_factory=list)
 
     @property
     def examples_per_s(self) -> float:
@@ -66,7 +68,8 @@ class TrainResult:
         directory = Path(directory)
         save_model(self.model, directory / "model")
         meta = {"history": [asdict(e) for e in self.history], "best_epoch": self.best_epoch,
-                "seconds": self.seconds, "early_stopping_split": self.early_stopping_split}
+                "seconds": self.seconds, "early_stopping_split": self.early_stopping_split,
+                "refit_epochs": self.refit_epochs, "refit_history": [asdict(e) for e in self.refit_history]}
         (directory / "train.json").write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -76,7 +79,8 @@ class TrainResult:
         meta = json.loads((directory / "train.json").read_text())
         return cls(model=load_model(directory / "model"), history=[EpochStats(**e) for e in meta["history"]],
                    best_epoch=meta["best_epoch"], seconds=meta["seconds"],
-                   early_stopping_split=meta["early_stopping_split"])
+                   early_stopping_split=meta["early_stopping_split"], refit_epochs=meta.get("refit_epochs", 0),
+                   refit_history=[EpochStats(**e) for e in meta.get("refit_history", [])])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,15 +153,28 @@ def train(
     config: TrainConfig,
     checkpoint_dir: str | Path | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_refit_epoch: Callable[[EpochStats], None] | None = None,
 ) -> TrainResult:
     """Fit a TwoTower on ``examples.train``; early-stop on ``examples.valid`` (or the holdout when there is none).
 
     Each step: a batch of b examples -> u (b, d), v (b, d) -> softmax over the b in-batch positives (plus
-    ``mixed_negatives`` uniform items) with ``logit - log q``, accidental hits masked. Keeps the best epoch's weights.
+    ``mixed_negatives`` uniform items) with ``logit - log q``, accidental hits masked. Keeps the best epoch's weights,
+    or, when ``config.refit`` resolves on (tasks/refit.py), the model refit from scratch on train + validation rows
+    for the best epoch count (its epochs go to ``on_refit_epoch``; the refit is not checkpointed: a restart redoes it).
     ``config.num_threads`` (when set) is torch's intra-op thread count for the call, restored afterwards.
     """
+    from towerflow.tasks.refit import refit, refit_wanted  # refit builds on this module's pieces
+
     with torch_threads(config.num_threads):
-        return _train(examples, config, checkpoint_dir, on_epoch)
+        result = _train(examples, config, checkpoint_dir, on_epoch)
+        wanted, why = refit_wanted(config, examples)
+        say(why)
+        if wanted and result.best_epoch > 0:
+            t0 = time.perf_counter()
+            result.model, result.refit_history = refit(examples, config, result.best_epoch, on_refit_epoch)
+            result.refit_epochs = result.best_epoch
+            result.seconds += time.perf_counter() - t0
+        return result
 
 
 @contextmanager

@@ -260,6 +260,13 @@ class TrainConfig(_Config):
                             "leave-one-out split (MovieLens-style sittings, whose order says little), 1 on a time "
                             "split; the retrain says which. README.")
     early_stopping_metric: str = Field("recall@10", description="Watched on the validation split (or holdout).")
+    refit: Literal["auto"] | bool = Field(
+        "auto", description="After early stopping picked the epoch count on the validation split, train again from "
+                            "scratch on train + validation rows for that many epochs (same seed, schedule and weight "
+                            "averaging; logQ counts the validation rows) and keep that model (tasks/refit.py): the "
+                            "validation day's items and engagements reach the release. The holdout is never trained "
+                            "on. Costs about one more training run. auto: on for a time split (the validation day "
+                            "holds the freshest items), off for leave-one-out; the retrain says which. README.")
     q_estimator: Literal["exact", "streaming"] = Field(
         "exact", description="log q from exact target counts, or the streaming estimator of Yi et al. (2019)."
     )

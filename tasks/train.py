@@ -34,6 +34,7 @@ from towerflow.progress import say
 from towerflow.tasks.build_examples import Examples, SequenceExamples
 from towerflow.tasks.future_targets import future_window, with_future_targets
 from towerflow.tasks.history import SeenItems
+from towerflow.tasks.refit import refit_examples, refit_wanted
 from towerflow.tasks.scoring import model_metrics
 
 
@@ -163,8 +164,6 @@ def train(
     for the best epoch count (its epochs go to ``on_refit_epoch``; the refit is not checkpointed: a restart redoes it).
     ``config.num_threads`` (when set) is torch's intra-op thread count for the call, restored afterwards.
     """
-    from towerflow.tasks.refit import refit, refit_wanted  # refit builds on this module's pieces
-
     with torch_threads(config.num_threads):
         result = _train(examples, config, checkpoint_dir, on_epoch)
         wanted, why = refit_wanted(config, examples)
@@ -507,6 +506,44 @@ def _train(
         if on_epoch:
             on_epoch(stats)
     return finish(model, progress, t_start, stopping_split(examples)[0])
+
+
+def refit(
+    examples: Examples, config: TrainConfig, epochs: int, on_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[TwoTower, list[EpochStats]]:
+    """A fresh model trained ``epochs`` epochs on ``refit_examples(examples)`` -> (model in eval mode on CPU, its
+    per-epoch stats). Same seed, schedule (over ``config.epochs``) and weight averaging as ``train``; tasks/refit.py
+    says why and on which rows."""
+    examples = training_rows(refit_examples(examples), config, main=False)
+    n_train = len(examples.train)
+    rng = np.random.default_rng(config.seed)
+    device = resolve_device(config.device)
+    model = init_model(examples, config, device)
+    n_batches = max(1, n_train // config.batch_size)
+    opt, sched = make_optimizer(model, config, n_batches)
+    average = run_average(model, examples, config, n_batches, None, main=False)
+    say(f"refit on train + validation: {epochs} epochs, {n_train:,} rows")
+
+    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        return batch_loss(model, u, v, target_items, config, config.batch_size)
+
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        total = run_epoch(examples, rng.permutation(n_train), config.batch_size, n_batches, model, loss_fn, opt,
+                          sched, device, f"refit epoch {epoch}", average)
+        seconds = time.perf_counter() - t0
+        stats = EpochStats(epoch=epoch, loss=float(total) / n_batches, seconds=seconds,
+                           examples_per_s=n_batches * config.batch_size / seconds)
+        history.append(stats)
+        say(f"refit epoch {epoch}/{epochs}: loss {stats.loss:.4f}  {stats.examples_per_s:,.0f} ex/s  {seconds:.1f}s")
+        if on_epoch:
+            on_epoch(stats)
+    with averaged(average):  # the weights an epoch is judged with in the first run: the average when there is one
+        final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(final)
+    return model.eval().cpu(), history
 
 
 def finish(model: TwoTower, progress: Progress, t_start: float, split: str) -> TrainResult:

@@ -67,6 +67,11 @@ def test_promotes_one_release_whose_tower_and_index_share_its_id(world: Settings
     assert run.data.tags["towerflow.snapshot_id"] == champion.snapshot_id
     assert "holdout.recall_at_10" in run.data.metrics and "loss" in run.data.metrics
     assert run.data.params["train.epochs"] == "3"
+    # the tiny world's split is time: the release is the refit on train + validation for the best epoch count
+    assert run.data.params["train.refit"] == "auto" and run.data.tags["towerflow.best_epoch"] != "0"
+    assert run.data.tags["towerflow.refit_epochs"] == run.data.tags["towerflow.best_epoch"]
+    assert run.data.metrics["refit_epochs"] == int(run.data.tags["towerflow.best_epoch"])
+    assert "refit.loss" in run.data.metrics
     assert 0.0 <= champion.metrics["recall@10"] <= 1.0
     assert {"candidate", "popularity", "cooccurrence"} <= set(champion.comparison)
 

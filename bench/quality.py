@@ -48,15 +48,12 @@ TRAINED = ("contextual", "no-context", "no-query", "stale")
 
 def _examples(src, users, items, start: datetime, end: datetime):
     from towerflow.config import AugmentConfig, ExamplesConfig
-    from towerflow.tasks.augment_context import augment_context
     from towerflow.tasks.build_examples import build_examples
-    from towerflow.tasks.refit import augment_refit_rows
+    from towerflow.tasks.refit import augment_examples
 
     ex = build_examples(src.read_events(start, end), users, items, end,
                         ExamplesConfig(validation=True, max_holdout_users=None))
-    ex.refit_extra = augment_refit_rows(ex.train, ex.refit_extra, ex.item_feats, AugmentConfig(), ex.item_text)
-    ex.train, stats = augment_context(ex.train, ex.item_feats, AugmentConfig(), ex.item_text)
-    return ex, stats
+    return augment_examples(ex, AugmentConfig())
 
 
 def _train(ex, config, name: str) -> tuple[object, dict]:

@@ -48,11 +48,11 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     from towerflow.infra.promote import promote, register_release
     from towerflow.infra.releases import assemble, embed_release_items, load_release_dir
     from towerflow.serving.retrieval import answer
-    from towerflow.tasks.augment_context import augment_context
     from towerflow.tasks.build_examples import build_examples
     from towerflow.tasks.build_index import build_index
     from towerflow.tasks.compare import evaluate_candidate
     from towerflow.tasks.extract import extract
+    from towerflow.tasks.refit import augment_examples
     from towerflow.tasks.train import train
     from towerflow.validation.data import validate_extracted
     from towerflow.validation.embeddings import check_embeddings
@@ -73,8 +73,7 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     stage("validate_data", lambda: validate_extracted(snapshot, None, config.gates).raise_if_failed())
     examples = stage("build_examples", lambda: build_examples(snapshot.events(), snapshot.users(), snapshot.items(),
                                                               stop, config.examples))
-    examples.train = stage("augment_context", lambda: augment_context(examples.train, examples.item_feats,
-                                                                      config.augment, examples.item_text)[0])
+    examples = stage("augment_context", lambda: augment_examples(examples, config.augment)[0])
     trained = stage("train", lambda: train(examples, config.train))
     ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval))
     stage("gate_model", lambda: gate_model(ev.candidate, None, ev.baselines,

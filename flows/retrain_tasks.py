@@ -175,17 +175,13 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
 
 @stage("augment_context")
 def augment_context(examples, config: AugmentConfig):
-    from towerflow.tasks.augment_context import augment_context as augment
-    from towerflow.tasks.refit import augment_refit_rows
+    from towerflow.tasks.refit import augment_examples
 
-    if examples.refit_extra is not None:  # before examples.train is replaced: the refit augments train + these rows
-        examples.refit_extra = augment_refit_rows(examples.train, examples.refit_extra, examples.item_feats, config,
-                                                  examples.item_text)
-    augmented, stats = augment(examples.train, examples.item_feats, config, examples.item_text)
+    augmented, stats = augment_examples(examples, config)
     get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
                           f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,}); "
                           f"pseudo-query on {stats.n_pseudo_query:,}")
-    examples.train = augmented
+    examples.train, examples.refit_extra = augmented.train, augmented.refit_extra
     return examples
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from towerflow.config import AugmentConfig, TrainConfig
 from towerflow.models.batch import ItemFeatures
-from towerflow.tasks.augment_context import augment_context
+from towerflow.tasks.augment_context import AugmentStats, augment_context
 from towerflow.tasks.build_examples import Examples, SequenceExamples
 
 
@@ -54,3 +54,13 @@ def refit_examples(examples: Examples) -> Examples:
     """``examples`` whose ``train`` is train + ``refit_extra`` and which have no validation split left."""
     return replace(examples, train=examples.train.concat(examples.refit_extra), valid=None, valid_seen=None,
                    refit_extra=None, meta={**examples.meta, "n_train": len(examples.train) + len(examples.refit_extra)})
+
+
+def augment_examples(examples: Examples, config: AugmentConfig | None = None) -> tuple[Examples, AugmentStats]:
+    """``examples`` with ``augment_context`` applied to ``train`` (its stats returned) and ``augment_refit_rows`` to
+    ``refit_extra``: the retrain's augmentation, one call for both training sets."""
+    extra = examples.refit_extra
+    if extra is not None:
+        extra = augment_refit_rows(examples.train, extra, examples.item_feats, config, examples.item_text)
+    train, stats = augment_context(examples.train, examples.item_feats, config, examples.item_text)
+    return replace(examples, train=train, refit_extra=extra), stats

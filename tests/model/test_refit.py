@@ -12,7 +12,7 @@ import torch
 from towerflow.config import AugmentConfig, ExamplesConfig, ModelConfig, TrainConfig
 from towerflow.tasks.augment_context import augment_context
 from towerflow.tasks.build_examples import Examples, SequenceExamples, build_examples
-from towerflow.tasks.refit import augment_refit_rows, refit_examples, refit_wanted
+from towerflow.tasks.refit import augment_examples, augment_refit_rows, refit_examples, refit_wanted
 from towerflow.tasks.train import train
 
 START = pd.Timestamp("2026-01-01", tz="UTC")
@@ -112,6 +112,12 @@ def test_refit_rows_are_augmented_among_train_and_themselves(time_examples):
     assert len(extra) == 6
     assert extra.context_items.tolist() == whole.context_items[6:].tolist()
     assert (extra.context_items > 0).all() and (extra.target_items == ex.refit_extra.target_items).all()
+    # the retrain's one call: train augmented on its own (as without a refit), the refit rows as above
+    both, stats = augment_examples(ex, config)
+    alone, _ = augment_context(ex.train, ex.item_feats, config, ex.item_text)
+    assert stats.n_rows == 6 and both.train.context_items.tolist() == alone.context_items.tolist()
+    assert both.refit_extra.context_items.tolist() == extra.context_items.tolist()
+    assert (ex.train.context_items == 0).all()  # the built examples are left as they were
 
 
 def test_train_keeps_the_refit_for_the_best_epoch_count_with_logq_over_train_and_validation(time_examples):

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== 2/3 retrain flow on [{world.start}, {as_of}) (Prefect ephemeral API, MLflow {settings.tracking_uri})",
           flush=True)
     retrain = ["retrain", "--as-of", as_of.isoformat(), "--lookback-days", str(world.days)]
-    code = cli(retrain + (["--epochs", str(args.epochs)] if args.epochs else []))
+    # no refit: it would train the two-tower a second time (about a minute more) for the validation day's items
+    code = cli(retrain + ["--no-refit"] + (["--epochs", str(args.epochs)] if args.epochs else []))
     if code:
         return code
 

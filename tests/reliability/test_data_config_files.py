@@ -122,8 +122,12 @@ def test_retrain_overrides_are_validated_like_the_file(tmp_path, capsys):
         load_config(None, epochs=-2)
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 5\n  batch_size: 64\n")
-    config = load_config(str(f), epochs=3, promote=False, promote_wait_s=7.5)
+    config = load_config(str(f), epochs=3, promote=False, promote_wait_s=7.5, refit=False)
     assert (config.train.epochs, config.train.batch_size, config.promote, config.promotion.wait_s) == (3, 64, False, 7.5)
+    assert config.train.refit is False and load_config(str(f)).train.refit == "auto"
+    from towerflow.cli import build_parser
+
+    assert build_parser().parse_args(["retrain", "--no-refit"]).no_refit
 
 
 def test_backfill_config_errors_are_one_line_too(tmp_path, data_root):
@@ -141,6 +145,9 @@ def test_good_config_loads_and_strictness_keeps_what_is_meant(tmp_path):
     config = RetrainConfig.from_file(f)
     assert (config.train.epochs, config.train.lr, config.train.num_threads) == (3, 0.003, None)
     assert config.train.future_targets == "auto"  # a named choice beside a whole number survives the strict check
+    assert RetrainConfig.model_validate({"train": {"refit": True}}).train.refit is True
+    with pytest.raises(ValidationError, match="must be true or false, got 1"):  # refit is auto, true or false
+        RetrainConfig.model_validate({"train": {"refit": 1}})
     assert RetrainConfig.model_validate({"train": {"future_targets": 2}}).train.future_targets == 2
     from towerflow.commands.retrain import load_config
 

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="RetrainConfig as YAML or JSON (see towerflow/config.py)")
     add_source_option(p)
     p.add_argument("--epochs", type=positive_int, help="override train.epochs (at least 1)")
+    p.add_argument("--no-refit", action="store_true",
+                   help="train.refit false: release the early-stopped model, without the refit on train + validation "
+                        "(about half the training time; make demo uses it)")
     p.add_argument("--no-promote", action="store_true", help="register the release but leave the champion as is")
     p.add_argument("--no-refresh-states", action="store_true",
                    help="after a promotion, leave the new champion's user states to the hourly refresh")
@@ -71,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_config(path: str | None, epochs: int | None = None, promote: bool = True, refresh_states: bool = True,
-                promote_wait_s: float | None = None):
+                promote_wait_s: float | None = None, refit: bool = True):
     """The RetrainConfig of ``path`` (defaults without one) with the command line's overrides, validated whole
     (``model_copy(update=...)`` would skip validation: ``epochs=-2`` would pass)."""
     from towerflow.config import RetrainConfig, validate_config
@@ -81,6 +84,8 @@ def load_config(path: str | None, epochs: int | None = None, promote: bool = Tru
         data["promotion"]["wait_s"] = promote_wait_s
     if epochs is not None:
         data["train"]["epochs"] = epochs
+    if not refit:
+        data["train"]["refit"] = False
     if not promote:
         data["promote"] = False
     if not refresh_states:
@@ -96,7 +101,8 @@ def _retrain(args: argparse.Namespace) -> int:
 
     settings = Settings()
     config = load_config(args.config, args.epochs, promote=not args.no_promote,
-                         refresh_states=not args.no_refresh_states, promote_wait_s=args.promote_wait_s)
+                         refresh_states=not args.no_refresh_states, promote_wait_s=args.promote_wait_s,
+                         refit=not args.no_refit)
     as_of, lookback_days = args.as_of, args.lookback_days
     if as_of is None or lookback_days == "all":
         from towerflow.data.source import ParquetSource

@@ -57,7 +57,7 @@ def retrain(
     try:
         snapshot = validated_snapshot(settings, source_uri, end, lookback_days, config, run)
         examples = t.build_examples(settings, snapshot, config.examples)
-        examples = t.augment_context(examples, config.augment)
+        examples = t.augment_context(examples, config.augment, config.train)
         trained = t.train(settings, examples, config.train, run)
         evaluation = t.evaluate(settings, snapshot, examples, trained, config.eval, run)
         t.gate_model(evaluation, config.gates, run)

@@ -174,10 +174,11 @@ def build_examples(settings: Settings, snapshot, config: ExamplesConfig):
 
 
 @stage("augment_context")
-def augment_context(examples, config: AugmentConfig):
-    from towerflow.tasks.refit import augment_examples
+def augment_context(examples, config: AugmentConfig, train: TrainConfig | None = None):
+    from towerflow.tasks.refit import augment_examples, refit_wanted
 
-    augmented, stats = augment_examples(examples, config)
+    # the refit's rows are augmented only when a refit will train on them (train: None, as if it will)
+    augmented, stats = augment_examples(examples, config, train is None or refit_wanted(train, examples)[0])
     get_run_logger().info(f"pseudo-context on {stats.n_augmented:,} of {stats.n_eligible:,} context-less rows "
                           f"(session {stats.n_session:,}, co-engaged {stats.n_cooccur:,}, content {stats.n_content:,}); "
                           f"pseudo-query on {stats.n_pseudo_query:,}")

@@ -29,9 +29,11 @@ def refit_wanted(config: TrainConfig, examples: Examples) -> tuple[bool, str]:
     second-to-last positive, no fresher than the rest). Never without validation rows to add.
     """
     split = examples.meta.get("split")
+    if config.refit is False:
+        return False, "refit off"
     if examples.valid is None or examples.refit_extra is None or not len(examples.refit_extra):
         why = "no validation split" if examples.valid is None else "the examples hold no validation rows to add"
-        return False, f"no refit ({why})" if config.refit is not False else "refit off"
+        return False, f"no refit ({why})"
     if config.refit == "auto":
         if split == "time":
             return True, "refit auto -> on (time split: the validation day holds the freshest items)"
@@ -56,10 +58,13 @@ def refit_examples(examples: Examples) -> Examples:
                    refit_extra=None, meta={**examples.meta, "n_train": len(examples.train) + len(examples.refit_extra)})
 
 
-def augment_examples(examples: Examples, config: AugmentConfig | None = None) -> tuple[Examples, AugmentStats]:
+def augment_examples(
+    examples: Examples, config: AugmentConfig | None = None, refit: bool = True
+) -> tuple[Examples, AugmentStats]:
     """``examples`` with ``augment_context`` applied to ``train`` (its stats returned) and ``augment_refit_rows`` to
-    ``refit_extra``: the retrain's augmentation, one call for both training sets."""
-    extra = examples.refit_extra
+    ``refit_extra``: the retrain's augmentation, one call for both training sets. ``refit=False`` (no refit will
+    train on them, ``refit_wanted``) drops ``refit_extra`` instead of paying for its augmentation."""
+    extra = examples.refit_extra if refit else None
     if extra is not None:
         extra = augment_refit_rows(examples.train, extra, examples.item_feats, config, examples.item_text)
     train, stats = augment_context(examples.train, examples.item_feats, config, examples.item_text)

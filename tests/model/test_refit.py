@@ -118,6 +118,8 @@ def test_refit_rows_are_augmented_among_train_and_themselves(time_examples):
     assert stats.n_rows == 6 and both.train.context_items.tolist() == alone.context_items.tolist()
     assert both.refit_extra.context_items.tolist() == extra.context_items.tolist()
     assert (ex.train.context_items == 0).all()  # the built examples are left as they were
+    without, _ = augment_examples(ex, config, refit=False)  # no refit will train on them: dropped, not augmented
+    assert without.refit_extra is None and without.train.context_items.tolist() == alone.context_items.tolist()
 
 
 def test_train_keeps_the_refit_for_the_best_epoch_count_with_logq_over_train_and_validation(time_examples):

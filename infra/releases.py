@@ -62,8 +62,8 @@ import numpy as np
 from towerflow.config import Settings
 from towerflow.errors import TowerflowError
 from towerflow.tasks.build_index import (  # checksum and search as IndexArtifact
-    deep_search_params,
     file_sha256,
+    search_index,
 )
 
 if TYPE_CHECKING:
@@ -478,11 +478,12 @@ class LoadedRelease:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (b, d) float32 -> (scores (b, k), item ids (b, k) int64; -1 where fewer than k items).
-        A deep search of an IVF index probes more lists (``deep_search_params``), as ``IndexArtifact.search`` does."""
+        An IVF-Flat index is searched deep enough for k items (``search_index``), as ``IndexArtifact.search`` is."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         meta = self.index_meta
-        params = deep_search_params(meta["kind"], meta["params"], meta["n_items"], k) if meta else None
-        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
+        if not meta:
+            return self.index.search(q, k)
+        return search_index(self.index, meta["kind"], meta["params"], meta["n_items"], q, k)
 
 
 def _default_load_model(path: Path) -> Any:

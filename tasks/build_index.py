@@ -71,8 +71,7 @@ class IndexArtifact:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise IndexBuildError(f"queries must be (batch, {self.dim}), got {q.shape}")
-        params = deep_search_params(self.kind, self.params, self.n_items, k)
-        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
+        return search_index(self.index, self.kind, self.params, self.n_items, q, k)
 
     def metadata(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it would deep-copy the FAISS index.
@@ -199,14 +198,40 @@ def deep_search_params(kind: str, params: dict[str, Any], n_items: int, k: int) 
 
     An IVF-Flat index's ``nprobe`` lists hold about ``nprobe * n_items / nlist`` vectors, and FAISS pads what they
     lack with -1: a deep search (k + |seen| for a user with hundreds of seen items, up to 2,048) could come back
-    short. Such a search probes enough lists to hold twice ``k`` on average (at most all of them). A function of the
-    index and ``k`` alone, so a request gets the same answer in any batch.
+    short. Such a search probes enough lists to hold twice ``k`` on average (at most all of them); ``search_index``
+    widens it for a row whose lists were smaller than average. A function of the index and ``k`` alone, so a request
+    gets the same answer in any batch.
     """
     if kind != "ivfflat":
         return None
     nlist, nprobe = int(params["nlist"]), int(params["nprobe"])
     needed = min(nlist, math.ceil(2 * k * nlist / max(n_items, 1)))
     return None if needed <= nprobe else faiss.SearchParametersIVF(nprobe=needed)
+
+
+def search_index(index: faiss.Index, kind: str, params: dict[str, Any], n_items: int, q: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """q (b, d) float32 -> (scores (b, k), ids (b, k) int64; -1 only where the index holds fewer than k items).
+
+    What ``IndexArtifact.search`` and a loaded release search with: ``deep_search_params``, and then, for IVF-Flat,
+    each row whose probed lists still held fewer than min(k, n_items) items (k-means lists differ in size: the
+    lists nearest a query can be the small ones) searched again with twice the lists, up to all of them. A row's
+    answer depends on its own query and ``k`` alone, never on the rest of the batch.
+    """
+    deep = deep_search_params(kind, params, n_items, k)
+    scores, ids = index.search(q, k) if deep is None else index.search(q, k, params=deep)
+    if kind != "ivfflat":
+        return scores, ids
+    nlist = int(params["nlist"])
+    nprobe = int(deep.nprobe) if deep is not None else int(params["nprobe"])
+    want = min(k, n_items)
+    short = np.flatnonzero((ids[:, :want] < 0).any(axis=1))
+    while len(short) and nprobe < nlist:
+        nprobe = min(nlist, 2 * nprobe)
+        s, i = index.search(np.ascontiguousarray(q[short]), k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        scores[short], ids[short] = s, i
+        short = short[(i[:, :want] < 0).any(axis=1)]
+    return scores, ids
 
 
 def build_index(emb: ItemEmbeddings, config: IndexConfig) -> IndexArtifact:

@@ -213,6 +213,50 @@ def test_ivfflat_searches_nprobe_lists_with_exact_scores_and_keeps_nprobe_on_loa
     assert faiss.extract_index_ivf(IndexArtifact.load(tmp_path).index).nprobe == 2
 
 
+def uneven_ivf(nprobe: int = 1) -> IndexArtifact:
+    """An IVF-Flat index over 4 lists of uneven size, its centroids set by hand (the 4 axes of 4-d space): list e1
+    holds A_j = e1 + j/1000 e2 (370 items, ids 1000 + j), lists e2, e3, e4 hold B_i = e2 + i/100 e1 (ids 2000 + i),
+    C_i = e3 + i/100 e4 and D_i = e4 + i/100 e3 (10 items each), all normalised."""
+    e = np.eye(4, dtype=np.float32)
+    j, i = np.arange(370)[:, None] / 1000, np.arange(10)[:, None] / 100
+    vectors = np.concatenate([e[0] + j * e[1], e[1] + i * e[0], e[2] + i * e[3], e[3] + i * e[2]]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.concatenate([1000 + np.arange(370), 2000 + np.arange(10), 3000 + np.arange(10), 4000 + np.arange(10)])
+    index = faiss.index_factory(4, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.quantizer.add(e)
+    ivf.is_trained = True
+    index.add_with_ids(vectors, ids.astype(np.int64))
+    ivf.nprobe = nprobe
+    return IndexArtifact(index, RID, "", "ivfflat", "IVF4,Flat", {"nlist": 4, "nprobe": nprobe}, 400, 4, "", 0.0)
+
+
+def test_an_ivfflat_search_whose_nearest_lists_are_small_still_answers_k_items():
+    art = uneven_ivf()
+    # q = e2 + e1 / 10: nearest centroid e2 (list B, 10 items), then e1 (list A); depth 16 over 400 items in 4 lists
+    # asks ceil(2 * 16 * 4 / 400) = 1 list, which holds 10: FAISS pads with -1
+    q = np.array([[0.1, 1.0, 0.0, 0.0]], dtype=np.float32)
+    _, raw = art.index.search(q, 16)
+    assert sorted(raw[0, :10].tolist()) == list(range(2000, 2010)) and raw[0, 10:].tolist() == [-1] * 6
+    # searched again with 2 lists (B, then A): B's 10 items, then A's best for q, A_369 .. A_364 (q.A_j grows with j)
+    scores, ids = art.search(q, 16)
+    assert sorted(ids[0, :10].tolist()) == list(range(2000, 2010))
+    assert ids[0, 10:].tolist() == [1369, 1368, 1367, 1366, 1365, 1364]
+    # a row of the batch that was whole keeps its nprobe-1 answer; each row answers as it does alone
+    both = np.vstack([q, [[1.0, 0.0, 0.0, 0.0]]]).astype(np.float32)
+    s2, i2 = art.search(both, 16)
+    assert i2[0].tolist() == ids[0].tolist() and np.allclose(s2[0], scores[0])
+    assert i2[1].tolist() == art.index.search(both[1:], 16)[1][0].tolist() == list(range(1000, 1016))
+    # q = e3: list C (10 items), then 2 lists (C and one of the others), never short again
+    _, i3 = art.search(np.array([[0.0, 0.0, 1.0, 0.0]], dtype=np.float32), 16)
+    assert (i3 >= 0).all() and set(range(3000, 3010)) <= set(i3[0].tolist())
+    # a catalog smaller than k: -1 only beyond its 400 items, after every list was searched
+    _, all_ids = art.search(q, 410)
+    assert sorted(all_ids[0, :400].tolist()) == sorted(
+        [*range(1000, 1370), *range(2000, 2010), *range(3000, 3010), *range(4000, 4010)])
+    assert all_ids[0, 400:].tolist() == [-1] * 10
+
+
 def test_measure_refuses_embeddings_of_another_release(catalog, queries):
     art = build_index(catalog, IndexConfig())
     other = ItemEmbeddings("r-20260102T000000-000000", catalog.item_ids, catalog.vectors)

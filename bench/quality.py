@@ -78,7 +78,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     from towerflow.tasks.scoring import model_ranks, remap_examples
 
     world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
-    config = TrainConfig(num_threads=args.threads)
+    config = TrainConfig(num_threads=args.threads, refit={"auto": "auto", "true": True, "false": False}[args.refit])
     no_context = config.model_copy(update={"model": config.model.model_copy(update={"use_context": False})})
     no_query = config.model_copy(update={"model": config.model.model_copy(update={"use_query": False})})
     t0 = time.perf_counter()
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_world_arguments(p)
     p.add_argument("--stale-days", type=int, default=2, help="the stale model's window ends this many days earlier")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: the config's)")
+    p.add_argument("--refit", choices=("auto", "true", "false"), default="auto",
+                   help="train.refit of every trained model (auto: on, this world's split is time)")
     p.add_argument("--result-name", default="quality", help="writes bench/results/<name>.json (a partial run, e.g. "
                                                             "one seed, need not replace the full one)")
     p.add_argument("--oracle-only", action="store_true", help="no training: the worlds' Bayes-optimal oracle and "
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args), "wall_seconds": round(wall, 1),
         "configs": {"examples": ExamplesConfig(validation=True, max_holdout_users=None).model_dump(mode="json"),
                     "augment": AugmentConfig().model_dump(mode="json"),
-                    "train": TrainConfig(num_threads=args.threads).model_dump(mode="json")},
+                    "train": TrainConfig(num_threads=args.threads, refit={"auto": "auto", "true": True, "false": False}[args.refit]).model_dump(mode="json")},
         **summary,
         "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface", "target_age_days")} for run in runs],
     }

@@ -44,6 +44,7 @@ SLICES = ("all", "surface=homefeed", "surface=related", "surface=search", "searc
 FRESH_TARGET_DAYS = 2  # the world boosts an item's popularity up to 21x in its first days (synthetic.py FRESH_BOOST)
 MODELS = ("contextual", "no-context", "no-query", "popularity", "co-occurrence", "stale", "oracle")
 TRAINED = ("contextual", "no-context", "no-query", "stale")
+REFIT = {"auto": "auto", "true": True, "false": False}  # --refit -> train.refit
 
 
 def _examples(src, users, items, start: datetime, end: datetime):
@@ -78,7 +79,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     from towerflow.tasks.scoring import model_ranks, remap_examples
 
     world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
-    config = TrainConfig(num_threads=args.threads, refit={"auto": "auto", "true": True, "false": False}[args.refit])
+    config = TrainConfig(num_threads=args.threads, refit=REFIT[args.refit])
     no_context = config.model_copy(update={"model": config.model.model_copy(update={"use_context": False})})
     no_query = config.model_copy(update={"model": config.model.model_copy(update={"use_query": False})})
     t0 = time.perf_counter()
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args), "wall_seconds": round(wall, 1),
         "configs": {"examples": ExamplesConfig(validation=True, max_holdout_users=None).model_dump(mode="json"),
                     "augment": AugmentConfig().model_dump(mode="json"),
-                    "train": TrainConfig(num_threads=args.threads, refit={"auto": "auto", "true": True, "false": False}[args.refit]).model_dump(mode="json")},
+                    "train": TrainConfig(num_threads=args.threads, refit=REFIT[args.refit]).model_dump(mode="json")},
         **summary,
         "runs": [{k: v for k, v in run.items() if k not in ("ranks", "surface", "target_age_days")} for run in runs],
     }

@@ -38,6 +38,7 @@ from towerflow.config import TrainConfig
 from towerflow.models.two_tower import TwoTower
 from towerflow.progress import say
 from towerflow.tasks.build_examples import Examples
+from towerflow.tasks.refit import refit_wanted
 from towerflow.tasks.train import (
     EpochStats,
     Progress,
@@ -152,8 +153,11 @@ def train_ddp(
     the same steps of the same size as ``tasks.train.train`` on one. Every rank returns the same TrainResult (the
     best epoch's weights, on CPU); ``on_epoch`` and the checkpoint (``checkpoint_dir``, on storage every rank can
     read) are handled by rank 0, and a restarted job resumes after the last finished epoch. The optimizer step,
-    learning-rate schedule, early stopping and ``config.num_threads`` are ``tasks.train``'s own code.
+    learning-rate schedule, early stopping and ``config.num_threads`` are ``tasks.train``'s own code. No refit
+    (``config.refit``, tasks/refit.py) on this path: the early-stopped model is returned, and rank 0 says so.
     """
+    if env.is_main and refit_wanted(config, examples)[0]:
+        say("refit skipped: train_ddp returns the early-stopped model (the refit runs in tasks.train.train)")
     with torch_threads(config.num_threads):
         return _train_ddp(examples, config, env, device or torch.device("cpu"), checkpoint_dir, on_epoch)
 

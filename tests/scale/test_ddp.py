@@ -143,7 +143,8 @@ def test_global_batch_gradient_equals_single_process_gradient(examples_dir: Path
 
 
 def test_torchrun_two_cpu_processes_reach_single_process_quality(examples_dir: Path, tmp_path: Path):
-    config = TrainConfig(model=SMALL, epochs=3, batch_size=256, lr=3e-3, patience=3, device="cpu")
+    # like for like: train_ddp does no refit (tasks/distributed.py), so the single process does none either
+    config = TrainConfig(model=SMALL, epochs=3, batch_size=256, lr=3e-3, patience=3, device="cpu", refit=False)
     examples = Examples.load(examples_dir)
     single = train(examples, config)
 

@@ -19,7 +19,6 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from bench.public_path import DEFAULT_DATA, last_after_ties, leave_last_out
 from towerflow.config import AugmentConfig, ExamplesConfig, TrainConfig
 from towerflow.data.interactions import import_interactions
 from towerflow.data.source import ParquetSource
-from towerflow.tasks.augment_context import augment_context
 from towerflow.tasks.build_examples import Examples, build_examples
+from towerflow.tasks.refit import augment_examples, refit_wanted
 from towerflow.tasks.scoring import model_metrics
 from towerflow.tasks.train import train
 
@@ -100,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             base = split_examples(args.data, Path(tmp), config)
         per_seed = []
         for seed in args.seeds:
-            # the retrain's augmentation (a new train split; base keeps the un-augmented rows)
-            ex = replace(base, train=augment_context(base.train, base.item_feats, AugmentConfig(), base.item_text)[0])
+            # the retrain's augmentation (new train and refit rows; base keeps the un-augmented ones)
+            train_config = variant_config(sets, seed, args.threads)
+            ex, _ = augment_examples(base, AugmentConfig(), refit=refit_wanted(train_config, base)[0])
             t0 = time.perf_counter()
-            result = train(ex, variant_config(sets, seed, args.threads))
+            result = train(ex, train_config)
             m = model_metrics(result.model, ex.holdout, ex.user_feats, ex.holdout_seen, ks=(10,))
             per_seed.append({"seed": seed, "hr@10": m["recall@10"], "ndcg@10": m["ndcg@10"],
                              "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - t0, 1)})

@@ -75,7 +75,8 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
                                                               stop, config.examples))
     examples = stage("augment_context", lambda: augment_examples(examples, config.augment)[0])
     trained = stage("train", lambda: train(examples, config.train))
-    ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval))
+    ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval,
+                                                      refit=trained.refit_epochs > 0))
     stage("gate_model", lambda: gate_model(ev.candidate, None, ev.baselines,
                                            slices_by_name(ev.slices, None, ev.baseline_slices),
                                            config.gates).raise_if_failed())

@@ -237,7 +237,7 @@ def evaluate(settings: Settings, snapshot, examples, trained, config: EvalConfig
     from towerflow.tasks.compare import evaluate_candidate, score_champion
     from towerflow.tasks.vocabulary import Vocab
 
-    ev = evaluate_candidate(trained.model, examples, config)
+    ev = evaluate_candidate(trained.model, examples, config, refit=trained.refit_epochs > 0)
     champion = _champion(settings)
     if champion is not None:  # the champion scored on the SAME holdout, through its own vocabulary
         vocab = Vocab.from_json((champion.vocab_dir / "vocab.json").read_text())

@@ -37,11 +37,13 @@ class Evaluation:
     champion_release: str | None = None
 
 
-def evaluate_candidate(model: TwoTower, examples: Examples, config: EvalConfig) -> Evaluation:
-    """The candidate and the popularity / co-occurrence baselines on ``examples.holdout`` (seen items excluded)."""
+def evaluate_candidate(model: TwoTower, examples: Examples, config: EvalConfig, refit: bool = False) -> Evaluation:
+    """The candidate and the popularity / co-occurrence baselines on ``examples.holdout`` (seen items excluded).
+
+    ``refit``: the candidate was refit on train + validation rows; the baselines are fitted on the same rows."""
     ks, short = config.ks, config.short_history_max
     ranks = model_ranks(model, examples.holdout, examples.user_feats, examples.holdout_seen)
-    base = baseline_ranks(examples)
+    base = baseline_ranks(examples, refit_rows=refit)
     return Evaluation(
         candidate=metrics_from_ranks(ranks, ks), slices=evaluate_slices(ranks, examples.holdout, ks, short),
         baselines={n: metrics_from_ranks(r, ks) for n, r in base.items()},

@@ -257,14 +257,25 @@ class CooccurrenceBaseline:
         return out.reshape(n_rows, m)
 
 
-def baseline_ranks(examples: Examples, on: str = "holdout") -> dict[str, np.ndarray]:
-    """Ranks of the holdout (or "valid") targets under each baseline, fitted on the train split."""
+def baseline_ranks(examples: Examples, on: str = "holdout", refit_rows: bool = False) -> dict[str, np.ndarray]:
+    """Ranks of the holdout (or "valid") targets under each baseline, fitted on the train split.
+
+    ``refit_rows``: the model they are compared with was refit on train + the validation window's rows
+    (tasks/refit.py), so the baselines are fitted on those rows too: both sides learn from the same data (fresh
+    items on the validation day would otherwise count for the model alone). Only against the holdout: the
+    validation targets are among those rows.
+    """
     ex, seen = (examples.holdout, examples.holdout_seen) if on == "holdout" else (examples.valid, examples.valid_seen)
     if ex is None:
         raise EvaluationError(f"no {on} split in these examples")
+    if refit_rows and on != "holdout":
+        raise EvaluationError("baselines fitted on the refit's rows can only be scored on the holdout")
+    train = examples.train
+    if refit_rows and examples.refit_extra is not None:
+        train = train.concat(examples.refit_extra)
     n_items = examples.vocab.n_items
-    pop = PopularityBaseline.fit(examples.train, n_items)
-    cooc = CooccurrenceBaseline.fit(examples.train, n_items)
+    pop = PopularityBaseline.fit(train, n_items)
+    cooc = CooccurrenceBaseline.fit(train, n_items)
     return {
         "popularity": target_ranks(pop.score_rows, ex.target_items, n_items, seen),
         "cooccurrence": target_ranks(cooc.scorer(ex), ex.target_items, n_items, seen),

@@ -15,6 +15,7 @@ from towerflow.tasks.evaluate import (
     EvaluationError,
     PopularityBaseline,
     baseline_metrics,
+    baseline_ranks,
     evaluate_slices,
     metrics_from_ranks,
     retrieval_metrics,
@@ -142,3 +143,33 @@ def test_baseline_metrics_use_the_holdout_and_its_exclusions():
     assert out["popularity"]["hr@1"] == pytest.approx(1 / 3) and out["popularity"]["hr@2"] == pytest.approx(1 / 3)
     assert out["cooccurrence"]["hr@2"] == pytest.approx(2 / 3)
     assert out["cooccurrence"]["ndcg@2"] == pytest.approx((1 / math.log2(3) + 1) / 3)
+
+
+def test_baselines_compared_with_a_refit_model_learn_from_its_validation_rows_too():
+    """Users 1-3 click 10u+1, 10u+2 on day 0 (train), item 99 on day 1 (validation) and 10u+3 on day 2 (holdout);
+    user 4 clicks 41, 42 on day 0, 43 on day 1, and 99 on day 2 (holdout). Fitted on train only, 99 has no count:
+    user 4's target ties with the 9 items it has not seen (11-13, 21-23, 31-33) -> rank 10. Fitted also on the
+    refit's rows (the validation day: 99 three times, 43 once), 99 is the most popular item -> rank 1."""
+    import pandas as pd
+
+    from towerflow.config import ExamplesConfig
+    from towerflow.tasks.build_examples import build_examples
+
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    clicks = [(u, 10 * u + j, day) for u in (1, 2, 3) for j, day in ((1, 0), (2, 0), (3, 2))]
+    clicks += [(u, 99, 1) for u in (1, 2, 3)] + [(4, 41, 0), (4, 42, 0), (4, 43, 1), (4, 99, 2)]
+    events = pd.DataFrame([(f"e{i}", u, it, "click", start + pd.Timedelta(days=d, minutes=i), "homefeed", None, None)
+                           for i, (u, it, d) in enumerate(clicks)],
+                          columns=["event_id", "user_id", "item_id", "action", "ts", "surface", "context_item_id",
+                                   "query"])
+    item_ids = sorted({it for _, it, _ in clicks})
+    items = pd.DataFrame({"item_id": item_ids, "category": "c", "genres": None, "title": None,
+                          "created_ts": start - pd.Timedelta(days=30)})
+    users = pd.DataFrame({"user_id": [1, 2, 3, 4], "signup_ts": start - pd.Timedelta(days=30), "country": "xx"})
+    ex = build_examples(events, users, items, start + pd.Timedelta(days=3), ExamplesConfig(max_seq_len=8))
+    assert ex.meta["split"] == "time"
+    user4 = int(np.flatnonzero(ex.vocab.user_ids[ex.holdout.user_idx - 1] == 4)[0])
+    assert baseline_ranks(ex)["popularity"][user4] == 10
+    assert baseline_ranks(ex, refit_rows=True)["popularity"][user4] == 1
+    with pytest.raises(EvaluationError, match="only be scored on the holdout"):
+        baseline_ranks(ex, on="valid", refit_rows=True)

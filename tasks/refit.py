@@ -31,14 +31,14 @@ def refit_wanted(config: TrainConfig, examples: Examples) -> tuple[bool, str]:
     split = examples.meta.get("split")
     if config.refit is False:
         return False, "refit off"
+    if config.refit == "auto" and split != "time":  # before the rows: the augment stage drops them in this case
+        return False, f"refit auto -> off ({split or 'unknown'} split)"
     if examples.valid is None or examples.refit_extra is None or not len(examples.refit_extra):
         why = "no validation split" if examples.valid is None else "the examples hold no validation rows to add"
         return False, f"no refit ({why})"
     if config.refit == "auto":
-        if split == "time":
-            return True, "refit auto -> on (time split: the validation day holds the freshest items)"
-        return False, f"refit auto -> off ({split or 'unknown'} split)"
-    return bool(config.refit), "refit on" if config.refit else "refit off"
+        return True, "refit auto -> on (time split: the validation day holds the freshest items)"
+    return True, "refit on"
 
 
 def augment_refit_rows(

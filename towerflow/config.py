@@ -529,6 +529,10 @@ class RetrainConfig(_Config):
     @model_validator(mode="after")
     def _history_fits_model(self) -> RetrainConfig:
         check_history_fits_model(self.examples.max_seq_len, self.examples.gap_buckets, self.train.model)
+        if self.train.refit is True and not self.examples.validation:
+            # refused rather than ignored: the release would record a refit that never ran
+            raise ValueError("train.refit true needs examples.validation true: the refit trains again on train + "
+                             "the validation split's rows, and without a validation split there are none")
         return self
 
     @classmethod

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from towerflow.config import AugmentConfig, ExamplesConfig, ModelConfig, TrainConfig
+from towerflow.config import AugmentConfig, ExamplesConfig, ModelConfig, RetrainConfig, TrainConfig
 from towerflow.tasks.augment_context import augment_context
 from towerflow.tasks.build_examples import Examples, SequenceExamples, build_examples
 from towerflow.tasks.refit import augment_examples, augment_refit_rows, refit_examples, refit_wanted
@@ -87,8 +87,15 @@ def test_auto_refits_a_time_split_and_not_leave_one_out(time_examples):
     assert refit_wanted(TrainConfig(refit=False), time_examples) == (False, "refit off")
     no_valid = Examples(**{**time_examples.__dict__, "valid": None, "valid_seen": None})
     assert refit_wanted(TrainConfig(refit=True), no_valid) == (False, "no refit (no validation split)")
+    # the augment stage drops a leave-one-out split's refit rows under auto: the reason is still the split
+    dropped = Examples(**{**as_loo.__dict__, "refit_extra": None})
+    assert refit_wanted(TrainConfig(), dropped) == (False, "refit auto -> off (leave_one_out split)")
     with pytest.raises(ValueError, match="refit"):
         TrainConfig(refit="sometimes")
+    # a refit asked for without a validation split would be recorded in the release and never run: refused
+    with pytest.raises(ValueError, match="train.refit true needs examples.validation true"):
+        RetrainConfig(examples=ExamplesConfig(validation=False), train=TrainConfig(refit=True))
+    assert RetrainConfig(examples=ExamplesConfig(validation=False)).train.refit == "auto"
 
 
 def test_concat_pads_the_narrower_query():

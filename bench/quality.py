@@ -8,7 +8,8 @@ For each seed a fresh world is generated, then (all with the default configs of 
 - ``contextual``: the model trained on the whole window (last day held out, the day before it for early stopping);
 - ``no-context``: the same model and data with ``use_context=False``;
 - ``no-query``: the same model and data with ``use_query=False`` (no query in the context layer, no item text);
-- ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split;
+- ``popularity`` and ``co-occurrence``: the baselines of tasks/evaluate.py, fitted on the same train split (and,
+  when the trained models refit, on the validation day's rows as they do);
 - ``stale``: the contextual model trained on the window ending ``--stale-days`` days earlier, with the catalog of
   that time, scored on the same newest-day holdout (remapped to its vocabulary, as the flow scores the champion:
   items created since are misses);
@@ -76,6 +77,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     from towerflow.data.source import ParquetSource
     from towerflow.data.synthetic import generate_world
     from towerflow.tasks.evaluate import baseline_ranks
+    from towerflow.tasks.refit import refit_wanted
     from towerflow.tasks.scoring import model_ranks, remap_examples
 
     world = WorldConfig(n_users=args.users, events_per_day=args.events_per_day, days=args.days, seed=seed)
@@ -96,7 +98,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                                                            start, stale_end)[0]
 
     ranks, cost = {"oracle": oracle_ranks(fresh, world)}, {}
-    base = baseline_ranks(fresh)
+    # fitted on the rows the trained models learn from: with the refit, the validation day's too
+    base = baseline_ranks(fresh, refit_rows=refit_wanted(config, fresh)[0])
     ranks["popularity"], ranks["co-occurrence"] = base["popularity"], base["cooccurrence"]
     common = {"seed": seed, "world": world.model_dump(mode="json"), "events": summary.events, "items": summary.items,
               "n_train": len(fresh.train), "n_valid": len(fresh.valid), "n_holdout": len(fresh.holdout),

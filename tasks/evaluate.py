@@ -271,7 +271,10 @@ def baseline_ranks(examples: Examples, on: str = "holdout", refit_rows: bool = F
     if refit_rows and on != "holdout":
         raise EvaluationError("baselines fitted on the refit's rows can only be scored on the holdout")
     train = examples.train
-    if refit_rows and examples.refit_extra is not None:
+    if refit_rows:
+        if examples.refit_extra is None:  # silently train-only would judge a refit model against weaker baselines
+            raise EvaluationError("baselines for a refit model need the refit's rows, and these examples hold none "
+                                  "(augment_examples(refit=False) drops them)")
         train = train.concat(examples.refit_extra)
     n_items = examples.vocab.n_items
     pop = PopularityBaseline.fit(train, n_items)

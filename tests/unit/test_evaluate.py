@@ -150,6 +150,8 @@ def test_baselines_compared_with_a_refit_model_learn_from_its_validation_rows_to
     user 4 clicks 41, 42 on day 0, 43 on day 1, and 99 on day 2 (holdout). Fitted on train only, 99 has no count:
     user 4's target ties with the 9 items it has not seen (11-13, 21-23, 31-33) -> rank 10. Fitted also on the
     refit's rows (the validation day: 99 three times, 43 once), 99 is the most popular item -> rank 1."""
+    from dataclasses import replace
+
     import pandas as pd
 
     from towerflow.config import ExamplesConfig
@@ -173,3 +175,6 @@ def test_baselines_compared_with_a_refit_model_learn_from_its_validation_rows_to
     assert baseline_ranks(ex, refit_rows=True)["popularity"][user4] == 1
     with pytest.raises(EvaluationError, match="only be scored on the holdout"):
         baseline_ranks(ex, on="valid", refit_rows=True)
+    # examples whose refit rows were dropped (augment_examples(refit=False)) cannot stand in: refused, not train-only
+    with pytest.raises(EvaluationError, match="need the refit's rows"):
+        baseline_ranks(replace(ex, refit_extra=None), refit_rows=True)

@@ -52,7 +52,7 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     from towerflow.tasks.build_index import build_index
     from towerflow.tasks.compare import evaluate_candidate
     from towerflow.tasks.extract import extract
-    from towerflow.tasks.refit import augment_examples
+    from towerflow.tasks.refit import augment_examples, refit_wanted
     from towerflow.tasks.train import train
     from towerflow.validation.data import validate_extracted
     from towerflow.validation.embeddings import check_embeddings
@@ -73,7 +73,9 @@ def run_plain(settings, source_uri: str, end: datetime, lookback_days: int, conf
     stage("validate_data", lambda: validate_extracted(snapshot, None, config.gates).raise_if_failed())
     examples = stage("build_examples", lambda: build_examples(snapshot.events(), snapshot.users(), snapshot.items(),
                                                               stop, config.examples))
-    examples = stage("augment_context", lambda: augment_examples(examples, config.augment)[0])
+    # as the flow's stage: the refit's rows augmented only when a refit will train on them (the stage's time)
+    examples = stage("augment_context", lambda: augment_examples(
+        examples, config.augment, refit_wanted(config.train, examples)[0])[0])
     trained = stage("train", lambda: train(examples, config.train))
     ev = stage("evaluate", lambda: evaluate_candidate(trained.model, examples, config.eval,
                                                       refit=trained.refit_epochs > 0))

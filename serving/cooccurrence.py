@@ -5,7 +5,7 @@ as on Pinterest's Homefeed).
 The release does not store it (yet): ``fit_for_release`` fits it when a release is loaded, on the training split of
 the release's OWN snapshot, rebuilt with the release's examples config (``tasks/build_examples.build_examples``), so
 it counts what the evaluation counted (less the flow's pseudo-contexts, which ``augment_context`` adds to the training
-rows before evaluating). A ranker-only release (its snapshot newer than the retriever it serves) is fitted on its own
+rows before evaluating), the validation day's rows included when the release's model was refit on them. A ranker-only release (its snapshot newer than the retriever it serves) is fitted on its own
 snapshot re-expressed in the retriever's vocabulary (``tasks/scoring.remap_examples``: items the retriever does not
 know drop out). A release whose snapshot is gone from this machine is served by the two-tower generator alone (logged).
 
@@ -48,6 +48,8 @@ def fit_for_release(release, vocab: Vocab, settings: Settings) -> CooccurrenceBa
         log.warning("release %s: no co-occurrence generator (snapshot %s: %s)", release.release_id, snapshot_id, exc)
         return None
     train = examples.train
+    if _refit(release, examples):  # the released model also learned the validation day's rows: count them too
+        train = train.concat(examples.refit_extra)
     if not np.array_equal(examples.vocab.item_ids, vocab.item_ids):
         # e.g. a ranker-only release: its snapshot is newer than the retriever's vocabulary. Through the raw ids;
         # items the served release does not know leave the sources, and rows with such a target go
@@ -58,6 +60,17 @@ def fit_for_release(release, vocab: Vocab, settings: Settings) -> CooccurrenceBa
     log.info("release %s: co-occurrence generator from snapshot %s (%d pairs, %.1fs)", release.release_id,
              snapshot_id, len(base.vals), time.perf_counter() - t0)
     return CooccurrenceBaseline(base.indptr, base.cols, base.vals, base.popularity, dense_max_items=0)
+
+
+def _refit(release, examples) -> bool:
+    """Whether the release's model was refit on train + validation rows (tasks/refit.py): its recorded ``train``
+    config resolved for these examples, as the retrain resolved it. A release from before the refit records no
+    ``train.refit`` and was not refit."""
+    from towerflow.config import TrainConfig
+    from towerflow.tasks.refit import refit_wanted
+
+    train = (release.config or {}).get("train") or {}
+    return "refit" in train and refit_wanted(TrainConfig.model_validate(train), examples)[0]
 
 
 def candidates(base: CooccurrenceBaseline, vocab: Vocab, hist_items: np.ndarray, hist_actions: np.ndarray,

@@ -185,9 +185,13 @@ def test_the_cooccurrence_generator_is_fitted_on_the_releases_own_snapshot(app_u
     _, svc = app_url
     release = svc.bundle.release
     snap = Snapshot.load(served.settings.snapshots_dir / release.manifest.snapshot_id)
-    train = build_examples(snap.events(), snap.users(), snap.items(), snap.window[1],
-                           ExamplesConfig.model_validate(release.config["examples"])).train
-    fitted = CooccurrenceBaseline.fit(train, svc.bundle.vocab.n_items)
+    ex = build_examples(snap.events(), snap.users(), snap.items(), snap.window[1],
+                        ExamplesConfig.model_validate(release.config["examples"]))
+    # this world's retrain refit its model (time split, train.refit auto): the validation day's rows count too
+    assert ex.meta["split"] == "time" and release.config["train"]["refit"] == "auto" and len(ex.refit_extra) > 0
+    fitted = CooccurrenceBaseline.fit(ex.train.concat(ex.refit_extra), svc.bundle.vocab.n_items)
+    train_only = CooccurrenceBaseline.fit(ex.train, svc.bundle.vocab.n_items)
+    assert len(fitted.vals) != len(train_only.vals) or not np.array_equal(fitted.vals, train_only.vals)
     got = svc.bundle.cooccurrence
     assert len(got.vals) > 0
     for name in ("indptr", "cols", "vals", "popularity"):

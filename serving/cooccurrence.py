@@ -4,10 +4,11 @@ as on Pinterest's Homefeed).
 
 The release does not store it (yet): ``fit_for_release`` fits it when a release is loaded, on the training split of
 the release's OWN snapshot, rebuilt with the release's examples config (``tasks/build_examples.build_examples``), so
-it counts what the evaluation counted (less the flow's pseudo-contexts, which ``augment_context`` adds to the training
-rows before evaluating), the validation day's rows included when the release's model was refit on them. A ranker-only release (its snapshot newer than the retriever it serves) is fitted on its own
-snapshot re-expressed in the retriever's vocabulary (``tasks/scoring.remap_examples``: items the retriever does not
-know drop out). A release whose snapshot is gone from this machine is served by the two-tower generator alone (logged).
+it counts what the evaluation counted (less the flow's pseudo-contexts, which ``augment_context`` adds to the
+training rows before evaluating), the validation day's rows included when the release's model was refit on them. A
+ranker-only release (its snapshot newer than the retriever it serves) is fitted on its own snapshot re-expressed in
+the retriever's vocabulary (``tasks/scoring.remap_examples``: items the retriever does not know drop out). A release
+whose snapshot is gone from this machine is served by the two-tower generator alone (logged).
 
 ``candidates``: a user's sources are their distinct positive history items (the release's history definition) and the
 context item; an item's score is the sum over sources of C[source, item] plus the baseline's popularity tie-break

@@ -25,8 +25,9 @@ Splits:
 
 With ``validation=True`` (the default) a validation split for early stopping is cut the same way just before the
 holdout (the ``holdout_days`` before it, or each user's second-to-last positive), so the holdout stays untouched by
-model selection. ``Examples.refit_extra`` holds the validation window's positives as training rows (every one, not one
-per user; uncapped): what a refit (tasks/refit.py) adds to ``train`` once early stopping has picked the epochs. The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
+model selection. ``Examples.refit_extra`` holds the validation window's positives as training rows (every one, not
+one per user; uncapped): what a refit (tasks/refit.py) adds to ``train`` once early stopping has picked the epochs.
+The holdout is capped at ``max_holdout_users`` users, sampled with ``seed``.
 
 Events at or after ``as_of`` and events on items missing from the catalog are dropped; users missing from the users
 table get user index 0 (unknown demographics).

@@ -452,6 +452,25 @@ def run_epoch(
     return total
 
 
+def _fresh_run(examples: Examples, config: TrainConfig) -> tuple[
+    np.random.Generator, torch.device, TwoTower, int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+    Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+]:
+    """What a training run starts from, the same for ``_train`` and ``refit``: (the batch-order rng, device, a freshly
+    initialised model, batches per epoch, optimizer, schedule, the batch loss)."""
+    rng = np.random.default_rng(config.seed)
+    device = resolve_device(config.device)
+    model = init_model(examples, config, device)
+    # drop the ragged last batch: one tiny batch gives a noisy in-batch softmax
+    n_batches = max(1, len(examples.train) // config.batch_size)
+    opt, sched = make_optimizer(model, config, n_batches)
+
+    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        return batch_loss(model, u, v, target_items, config, config.batch_size)
+
+    return rng, device, model, n_batches, opt, sched, loss_fn
+
+
 def _train(
     examples: Examples,
     config: TrainConfig,
@@ -462,16 +481,8 @@ def _train(
     n_train = len(examples.train)
     if n_train < 2:
         raise TrainError(f"need at least 2 training examples, got {n_train}")
-    rng = np.random.default_rng(config.seed)
-    device = resolve_device(config.device)
-    model = init_model(examples, config, device)
-    # drop the ragged last batch: one tiny batch gives a noisy in-batch softmax
-    n_batches = max(1, n_train // config.batch_size)
-    opt, sched = make_optimizer(model, config, n_batches)
+    rng, device, model, n_batches, opt, sched, loss_fn = _fresh_run(examples, config)
     progress = Progress(config.early_stopping_metric, config.patience)
-
-    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
-        return batch_loss(model, u, v, target_items, config, config.batch_size)
 
     start_epoch = 1
     ckpt, state = resume(checkpoint_dir, device, model, opt, sched, progress, on_epoch)
@@ -516,16 +527,9 @@ def refit(
     says why and on which rows."""
     examples = training_rows(refit_examples(examples), config, main=False)
     n_train = len(examples.train)
-    rng = np.random.default_rng(config.seed)
-    device = resolve_device(config.device)
-    model = init_model(examples, config, device)
-    n_batches = max(1, n_train // config.batch_size)
-    opt, sched = make_optimizer(model, config, n_batches)
+    rng, device, model, n_batches, opt, sched, loss_fn = _fresh_run(examples, config)
     average = run_average(model, examples, config, n_batches, None, main=False)
     say(f"refit on train + validation: {epochs} epochs, {n_train:,} rows")
-
-    def loss_fn(u: torch.Tensor, v: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
-        return batch_loss(model, u, v, target_items, config, config.batch_size)
 
     history = []
     for epoch in range(1, epochs + 1):
